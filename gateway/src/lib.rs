@@ -1,0 +1,12 @@
+//! IronSAN's iSCSI target gateway.
+//!
+//! - [`device`]: the block-device trait a LUN serves from, and its file and memory backends.
+//! - [`scsi`]: the SPC-4/SBC-3 command set of one logical unit.
+//! - [`iscsi`]: RFC 7143: PDUs, login and negotiation, sessions, the portal.
+//! - [`target`]: targets (one per volume) and the portal server that ties the rest together.
+
+pub mod device;
+pub mod iscsi;
+pub mod metrics;
+pub mod scsi;
+pub mod target;
