@@ -86,8 +86,85 @@ pub struct Lun {
     identity: LunIdentity,
 }
 
+/// Sense keys (SPC-4).
+pub mod key {
+    pub const NO_SENSE: u8 = 0x00;
+    pub const MEDIUM_ERROR: u8 = 0x03;
+    pub const ILLEGAL_REQUEST: u8 = 0x05;
+    pub const UNIT_ATTENTION: u8 = 0x06;
+}
+
+/// Fixed-format sense data.
+pub fn sense(key: u8, asc: u8, ascq: u8) -> Bytes {
+    let mut s = vec![0u8; 18];
+    s[0] = 0x70;
+    s[2] = key;
+    s[7] = 10;
+    s[12] = asc;
+    s[13] = ascq;
+    Bytes::from(s)
+}
+
+// TEMPORARY transport-test stub; replaced by the full command set.
 impl Lun {
     pub fn new(device: Arc<dyn BlockDevice>, identity: LunIdentity) -> Self {
         Self { device, identity }
     }
+    pub fn device(&self) -> &Arc<dyn BlockDevice> {
+        &self.device
+    }
+    pub fn identity(&self) -> &LunIdentity {
+        &self.identity
+    }
+    pub fn reset(&self, _kind: ResetKind, _by: Option<&Nexus>) {}
+    pub fn nexus_gone(&self, _nexus: &Nexus) {}
+    pub async fn execute(&self, cmd: Command<'_>) -> Response {
+        let c = cmd.cdb;
+        let good = |data: Vec<u8>| Response { status: Status::Good, sense: None, data: Bytes::from(data) };
+        let bad = || Response { status: Status::CheckCondition, sense: Some(sense(key::ILLEGAL_REQUEST, 0x20, 0)), data: Bytes::new() };
+        let blocks = self.device.size() / LOGICAL_BLOCK;
+        let be32 = |i: usize| c.get(i..i + 4).map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as u64).unwrap_or(0);
+        let be16 = |i: usize| c.get(i..i + 2).map(|b| u16::from_be_bytes([b[0], b[1]]) as u64).unwrap_or(0);
+        let be64 = |i: usize| (be32(i) << 32) | be32(i + 4);
+        match c.first() {
+            Some(0x00) => good(vec![]),
+            Some(0x12) => {
+                let mut d = vec![0u8; 36];
+                d[2] = 6; d[3] = 2; d[4] = 31; d[7] = 0x02;
+                d[8..16].copy_from_slice(b"IRONSAN ");
+                d[16..32].copy_from_slice(b"VOLUME          ");
+                d.truncate(be16(3) as usize);
+                good(d)
+            }
+            Some(0x25) => {
+                let mut d = vec![0u8; 8];
+                d[0..4].copy_from_slice(&((blocks - 1).min(0xffff_ffff) as u32).to_be_bytes());
+                d[4..8].copy_from_slice(&512u32.to_be_bytes());
+                good(d)
+            }
+            Some(0x9e) => {
+                let mut d = vec![0u8; 32];
+                d[0..8].copy_from_slice(&(blocks - 1).to_be_bytes());
+                d[8..12].copy_from_slice(&512u32.to_be_bytes());
+                d[13] = 3;
+                d.truncate(be32(10) as usize);
+                good(d)
+            }
+            Some(0xa0) => { let mut d = vec![0u8; 16]; d[3] = 8; good(d) }
+            Some(0x35) | Some(0x91) => match self.device.flush().await { Ok(()) => good(vec![]), Err(_) => bad() },
+            Some(op @ (0x28 | 0x88 | 0x2a | 0x8a)) => {
+                let (lba, n) = if matches!(op, 0x28 | 0x2a) { (be32(2), be16(7)) } else { (be64(2), be32(10)) };
+                if lba + n > blocks { return Response { status: Status::CheckCondition, sense: Some(sense(key::ILLEGAL_REQUEST, 0x21, 0)), data: Bytes::new() }; }
+                if matches!(op, 0x28 | 0x88) {
+                    match self.device.read(lba * 512, (n * 512) as usize).await { Ok(d) => Response { status: Status::Good, sense: None, data: d }, Err(_) => bad() }
+                } else {
+                    match self.device.write(lba * 512, cmd.data_out, false).await { Ok(()) => good(vec![]), Err(_) => bad() }
+                }
+            }
+            _ => bad(),
+        }
+    }
 }
+
+#[doc(hidden)]
+pub fn fuzz_execute(_data: &[u8]) {}
