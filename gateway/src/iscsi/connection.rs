@@ -346,7 +346,7 @@ impl Conn {
             if write && !bhs.final_bit() {
                 self.discard.insert(itt);
             }
-            let sense = scsi::sense(scsi::key::ILLEGAL_REQUEST, 0x24, 0x00);
+            let sense = scsi::sense(scsi::sense::key::ILLEGAL_REQUEST, 0x24, 0x00);
             let resp = Response { status: Status::CheckCondition, sense: Some(sense), data: Bytes::new() };
             self.responder(bhs.lun(), itt).respond(resp, edtl, flags, None);
             return Ok(());
@@ -803,7 +803,7 @@ async fn execute(
             let edtl = edtl as u64;
             if edtl < spdtl {
                 // SAM-5: the command transfers no data and reports the overflow.
-                let sense = scsi::sense(scsi::key::ILLEGAL_REQUEST, 0x0e, 0x03);
+                let sense = scsi::sense(scsi::sense::key::ILLEGAL_REQUEST, 0x0e, 0x03);
                 let resp = Response { status: Status::CheckCondition, sense: Some(sense), data: Bytes::new() };
                 return (resp, Some((true, (spdtl - edtl).min(u32::MAX as u64) as u32)));
             }
@@ -829,7 +829,7 @@ async fn execute(
         }
         _ => Response {
             status: Status::CheckCondition,
-            sense: Some(scsi::sense(scsi::key::ILLEGAL_REQUEST, 0x25, 0x00)),
+            sense: Some(scsi::sense(scsi::sense::key::ILLEGAL_REQUEST, 0x25, 0x00)),
             data: Bytes::new(),
         },
     };

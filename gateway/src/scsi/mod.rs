@@ -5,14 +5,41 @@
 //! buffer. Transport concerns (Expected Data Transfer Length, residuals, R2T, digests) stay
 //! in `crate::iscsi`; this module never sees a PDU.
 //!
-//! INTERFACE NOTE (to be replaced by the module's own docs): everything below the types
-//! in this file is implemented in sibling modules.
+//! Layout: [`opcodes`] is the table of supported commands (dispatch and REPORT SUPPORTED
+//! OPERATION CODES both read it), [`sense`] the sense data and error type, [`cdb`] bounded
+//! field access, `inquiry`, `mode`, `capacity` the SPC/SBC informational commands, `rw` the
+//! data path, `provisioning` UNMAP / WRITE SAME / GET LBA STATUS, [`reservation`] SPC-2 and
+//! persistent reservations, `attention` unit attentions.
+//!
+//! Concurrency: LUN state (unit attentions, reservations) sits behind a `std` mutex that is
+//! never held across an `.await`. Data-path ordering uses one async `RwLock`: writes take it
+//! shared, COMPARE AND WRITE and ORWRITE exclusively, so their read-compare-write is atomic
+//! with respect to every other writer.
 
-use std::sync::Arc;
+mod attention;
+mod capacity;
+pub mod cdb;
+mod inquiry;
+mod mode;
+pub mod opcodes;
+mod provisioning;
+pub mod reservation;
+mod rw;
+pub mod sense;
+#[cfg(test)]
+mod tests;
 
-use bytes::Bytes;
+use std::sync::{Arc, Mutex, MutexGuard};
 
-use crate::device::BlockDevice;
+use bytes::{BufMut, Bytes, BytesMut};
+
+use crate::device::{BlockDevice, DeviceError, MemDevice};
+use attention::UnitAttentions;
+use cdb::Fields;
+use opcodes::Lookup;
+use reservation::{ItKey, Reservations};
+pub use sense::{sense, ScsiError, ScsiResult, Sense};
+use sense::{INVALID_FIELD_IN_CDB, INVALID_OPCODE};
 
 /// Logical block size reported to initiators.
 pub const LOGICAL_BLOCK: u64 = 512;
@@ -79,92 +106,270 @@ pub enum ResetKind {
     TargetWarm,
 }
 
-/// A logical unit: the device plus the SCSI state around it (mode pages, reservations,
-/// unit attentions).
+/// A logical unit: the device plus the SCSI state around it (reservations, unit
+/// attentions).
 pub struct Lun {
     device: Arc<dyn BlockDevice>,
     identity: LunIdentity,
+    state: Mutex<State>,
+    /// Write ordering: shared for ordinary writes, exclusive for read-modify-write commands
+    /// (COMPARE AND WRITE, ORWRITE). The one lock deliberately held across device awaits.
+    io_order: tokio::sync::RwLock<()>,
 }
 
-/// Sense keys (SPC-4).
-pub mod key {
-    pub const NO_SENSE: u8 = 0x00;
-    pub const MEDIUM_ERROR: u8 = 0x03;
-    pub const ILLEGAL_REQUEST: u8 = 0x05;
-    pub const UNIT_ATTENTION: u8 = 0x06;
+#[derive(Default)]
+struct State {
+    attention: UnitAttentions,
+    reservations: Reservations,
 }
 
-/// Fixed-format sense data.
-pub fn sense(key: u8, asc: u8, ascq: u8) -> Bytes {
-    let mut s = vec![0u8; 18];
-    s[0] = 0x70;
-    s[2] = key;
-    s[7] = 10;
-    s[12] = asc;
-    s[13] = ascq;
-    Bytes::from(s)
+/// ASC/ASCQ of the unit attentions established by this module.
+mod ua {
+    pub const BUS_DEVICE_RESET: (u8, u8) = (0x29, 0x03);
+    pub const SCSI_BUS_RESET: (u8, u8) = (0x29, 0x02);
+    pub const CAPACITY_CHANGED: (u8, u8) = (0x2a, 0x09);
 }
 
-// TEMPORARY transport-test stub; replaced by the full command set.
+/// What a successful handler hands back: data-in (possibly empty).
+type Done = ScsiResult<Bytes>;
+
 impl Lun {
     pub fn new(device: Arc<dyn BlockDevice>, identity: LunIdentity) -> Self {
-        Self { device, identity }
+        Self {
+            device,
+            identity,
+            state: Mutex::new(State::default()),
+            io_order: tokio::sync::RwLock::new(()),
+        }
     }
+
     pub fn device(&self) -> &Arc<dyn BlockDevice> {
         &self.device
     }
+
     pub fn identity(&self) -> &LunIdentity {
         &self.identity
     }
-    pub fn reset(&self, _kind: ResetKind, _by: Option<&Nexus>) {}
-    pub fn nexus_gone(&self, _nexus: &Nexus) {}
+
+    /// The state lock; a panic elsewhere while holding it leaves consistent data (every
+    /// mutation is a single step), so poisoning is ignored.
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Capacity in logical blocks.
+    fn blocks(&self) -> u64 {
+        self.device.size() / LOGICAL_BLOCK
+    }
+
+    /// LUN RESET / TARGET WARM RESET: drops SPC-2 reservations (persistent ones stay) and
+    /// establishes a reset unit attention for every nexus seen so far.
+    pub fn reset(&self, kind: ResetKind, by: Option<&Nexus>) {
+        let _ = by; // SAM-5: the nexus that asked for the reset gets the unit attention too.
+        let (asc, ascq) = match kind {
+            ResetKind::Lun => ua::BUS_DEVICE_RESET,
+            ResetKind::TargetWarm => ua::SCSI_BUS_RESET,
+        };
+        let mut st = self.state();
+        st.reservations.clear_spc2();
+        st.attention.broadcast(asc, ascq);
+    }
+
+    /// I_T nexus loss: its SPC-2 reservation goes; persistent registrations stay.
+    pub fn nexus_gone(&self, nexus: &Nexus) {
+        self.state().reservations.release_spc2(&ItKey::from(nexus));
+    }
+
+    /// The device was resized: CAPACITY DATA HAS CHANGED for every nexus.
+    pub fn capacity_changed(&self) {
+        let (asc, ascq) = ua::CAPACITY_CHANGED;
+        self.state().attention.broadcast(asc, ascq);
+    }
+
+    /// Executes one command. Never panics on any CDB or data-out.
     pub async fn execute(&self, cmd: Command<'_>) -> Response {
-        let c = cmd.cdb;
-        let good = |data: Vec<u8>| Response { status: Status::Good, sense: None, data: Bytes::from(data) };
-        let bad = || Response { status: Status::CheckCondition, sense: Some(sense(key::ILLEGAL_REQUEST, 0x20, 0)), data: Bytes::new() };
-        let blocks = self.device.size() / LOGICAL_BLOCK;
-        let be32 = |i: usize| c.get(i..i + 4).map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as u64).unwrap_or(0);
-        let be16 = |i: usize| c.get(i..i + 2).map(|b| u16::from_be_bytes([b[0], b[1]]) as u64).unwrap_or(0);
-        let be64 = |i: usize| (be32(i) << 32) | be32(i + 4);
-        match c.first() {
-            Some(0x00) => good(vec![]),
-            Some(0x12) => {
-                let mut d = vec![0u8; 36];
-                d[2] = 6; d[3] = 2; d[4] = 31; d[7] = 0x02;
-                d[8..16].copy_from_slice(b"IRONSAN ");
-                d[16..32].copy_from_slice(b"VOLUME          ");
-                d.truncate(be16(3) as usize);
-                good(d)
-            }
-            Some(0x25) => {
-                let mut d = vec![0u8; 8];
-                d[0..4].copy_from_slice(&((blocks - 1).min(0xffff_ffff) as u32).to_be_bytes());
-                d[4..8].copy_from_slice(&512u32.to_be_bytes());
-                good(d)
-            }
-            Some(0x9e) => {
-                let mut d = vec![0u8; 32];
-                d[0..8].copy_from_slice(&(blocks - 1).to_be_bytes());
-                d[8..12].copy_from_slice(&512u32.to_be_bytes());
-                d[13] = 3;
-                d.truncate(be32(10) as usize);
-                good(d)
-            }
-            Some(0xa0) => { let mut d = vec![0u8; 16]; d[3] = 8; good(d) }
-            Some(0x35) | Some(0x91) => match self.device.flush().await { Ok(()) => good(vec![]), Err(_) => bad() },
-            Some(op @ (0x28 | 0x88 | 0x2a | 0x8a)) => {
-                let (lba, n) = if matches!(op, 0x28 | 0x2a) { (be32(2), be16(7)) } else { (be64(2), be32(10)) };
-                if lba + n > blocks { return Response { status: Status::CheckCondition, sense: Some(sense(key::ILLEGAL_REQUEST, 0x21, 0)), data: Bytes::new() }; }
-                if matches!(op, 0x28 | 0x88) {
-                    match self.device.read(lba * 512, (n * 512) as usize).await { Ok(d) => Response { status: Status::Good, sense: None, data: d }, Err(_) => bad() }
-                } else {
-                    match self.device.write(lba * 512, cmd.data_out, false).await { Ok(()) => good(vec![]), Err(_) => bad() }
+        match self.run(&cmd).await {
+            Ok(data) => Response {
+                status: Status::Good,
+                sense: None,
+                data,
+            },
+            Err(ScsiError::Check(s)) => Response {
+                status: Status::CheckCondition,
+                sense: Some(s.to_bytes()),
+                data: Bytes::new(),
+            },
+            Err(ScsiError::ReservationConflict) => Response {
+                status: Status::ReservationConflict,
+                sense: None,
+                data: Bytes::new(),
+            },
+        }
+    }
+
+    async fn run(&self, cmd: &Command<'_>) -> Done {
+        let who = ItKey::from(cmd.nexus);
+        let lookup = opcodes::lookup(cmd.cdb);
+        let opcode = Fields(cmd.cdb).u8(0);
+        {
+            let mut st = self.state();
+            st.attention.seen(&who);
+            // SAM-5 5.14: a pending unit attention preempts every command but these.
+            if !matches!(opcode, 0x12 | 0xa0 | 0x03) {
+                if let Some(s) = st.attention.take(&who) {
+                    return Err(s.into());
                 }
             }
-            _ => bad(),
+            let info = match lookup {
+                Lookup::Found(info) => info,
+                Lookup::BadServiceAction => return Err(INVALID_FIELD_IN_CDB.into()),
+                Lookup::Unknown => return Err(INVALID_OPCODE.into()),
+            };
+            st.reservations.check(&who, info.access)?;
         }
+        let Lookup::Found(info) = lookup else {
+            return Err(INVALID_OPCODE.into());
+        };
+        // The transport may pass the whole 16-byte BHS CDB field: cut to the command's size.
+        let cdb = cmd
+            .cdb
+            .get(..info.usage.len())
+            .ok_or(INVALID_FIELD_IN_CDB)?;
+        let data = &cmd.data_out;
+        let f = Fields(cdb);
+        match (info.opcode, info.service_action) {
+            (0x00, _) => Ok(Bytes::new()),
+            (0x03, _) => self.request_sense(&who, cdb),
+            (0x08 | 0x28 | 0xa8 | 0x88, _) => self.read(cdb).await,
+            (0x0a | 0x2a | 0xaa | 0x8a, _) => self.write(cdb, data).await,
+            (0x2e | 0xae | 0x8e, _) => self.write_and_verify(cdb, data).await,
+            (0x2f | 0xaf | 0x8f, _) => self.verify(cdb, data).await,
+            (0x89, _) => self.compare_and_write(cdb, data).await,
+            (0x8b, _) => self.orwrite(cdb, data).await,
+            (0x34 | 0x90, _) => self.prefetch(cdb),
+            (0x35 | 0x91, _) => self.synchronize_cache(cdb).await,
+            (0x41 | 0x93, _) => self.write_same(cdb, data).await,
+            (0x42, _) => self.unmap(cdb, data).await,
+            (0x9e, Some(0x12)) => self.get_lba_status(cdb).await,
+            (0x9e, _) => Ok(capacity::read_capacity16(self.blocks(), cdb)),
+            (0x25, _) => Ok(capacity::read_capacity10(self.blocks())),
+            (0x12, _) => inquiry::inquiry(cdb, &self.identity),
+            (0x1a, _) => mode::mode_sense(cdb, false, self.blocks()),
+            (0x5a, _) => mode::mode_sense(cdb, true, self.blocks()),
+            (0x15, _) => mode::mode_select(cdb, false, data).map(|()| Bytes::new()),
+            (0x55, _) => mode::mode_select(cdb, true, data).map(|()| Bytes::new()),
+            (0xa0, _) => report_luns(cdb),
+            (0xa3, _) => opcodes::report_supported(cdb),
+            (0x16 | 0x56, _) => {
+                // RESERVE(10) third-party and long-id forms are not supported.
+                if info.opcode == 0x56 && f.u8(1) & 0x12 != 0 {
+                    return Err(INVALID_FIELD_IN_CDB.into());
+                }
+                self.state().reservations.reserve_spc2(&who);
+                Ok(Bytes::new())
+            }
+            (0x17 | 0x57, _) => {
+                self.state().reservations.release_spc2(&who);
+                Ok(Bytes::new())
+            }
+            (0x5e, _) => self.state().reservations.pr_in(cdb),
+            (0x5f, _) => {
+                let mut st = self.state();
+                let notices = st.reservations.pr_out(&who, cdb, data)?;
+                for (k, asc, ascq) in notices {
+                    st.attention.establish(&k, asc, ascq);
+                }
+                Ok(Bytes::new())
+            }
+            // START STOP UNIT: nothing to spin; accepted, including LOEJ (libiscsi's
+            // StartStopUnit tests accept GOOD on a non-removable unit).
+            (0x1b, _) => Ok(Bytes::new()),
+            // PREVENT ALLOW MEDIUM REMOVAL: non-removable medium, nothing to lock.
+            (0x1e, _) => Ok(Bytes::new()),
+            _ => Err(INVALID_OPCODE.into()),
+        }
+    }
+
+    /// REQUEST SENSE: the pending unit attention (now cleared), else NO SENSE.
+    fn request_sense(&self, who: &ItKey, cdb: &[u8]) -> Done {
+        let alloc = usize::from(Fields(cdb).u8(4));
+        let s = self
+            .state()
+            .attention
+            .take(who)
+            .unwrap_or(sense::NO_ADDITIONAL_SENSE);
+        let mut b = s.to_bytes();
+        b.truncate(alloc);
+        Ok(b)
     }
 }
 
+/// REPORT LUNS: LUN 0 only (one target per volume).
+fn report_luns(cdb: &[u8]) -> Done {
+    let f = Fields(cdb);
+    let alloc = f.u32(6) as usize;
+    if alloc < 16 {
+        return Err(INVALID_FIELD_IN_CDB.into());
+    }
+    let luns: usize = match f.u8(2) {
+        0 | 2 => 1,
+        1 => 0, // well-known logical units only: none
+        _ => return Err(INVALID_FIELD_IN_CDB.into()),
+    };
+    let mut b = BytesMut::with_capacity(16);
+    b.put_u32((luns * 8) as u32);
+    b.put_u32(0);
+    b.put_bytes(0, luns * 8);
+    b.truncate(alloc);
+    Ok(b.freeze())
+}
+
+/// Maps a device failure on a read path to sense data.
+fn read_error(e: DeviceError) -> ScsiError {
+    match e {
+        DeviceError::OutOfRange { .. } => sense::LBA_OUT_OF_RANGE.into(),
+        DeviceError::Task(_) => sense::INTERNAL_TARGET_FAILURE.into(),
+        _ => sense::READ_ERROR.into(),
+    }
+}
+
+/// Maps a device failure on a write path to sense data.
+fn write_error(e: DeviceError) -> ScsiError {
+    match e {
+        DeviceError::OutOfRange { .. } => sense::LBA_OUT_OF_RANGE.into(),
+        DeviceError::Task(_) => sense::INTERNAL_TARGET_FAILURE.into(),
+        _ => sense::WRITE_ERROR.into(),
+    }
+}
+
+/// Fuzzing entry point: `data[0]` selects the CDB length (6/10/12/16/32), then the CDB,
+/// then data-out. Runs against a 1 MiB memory device; must never panic.
 #[doc(hidden)]
-pub fn fuzz_execute(_data: &[u8]) {}
+pub fn fuzz_execute(data: &[u8]) {
+    let Some((&sel, rest)) = data.split_first() else {
+        return;
+    };
+    let len = [6usize, 10, 12, 16, 32][usize::from(sel) % 5].min(rest.len());
+    let (cdb, data_out) = rest.split_at(len);
+    let Ok(rt) = tokio::runtime::Builder::new_current_thread().build() else {
+        return;
+    };
+    let lun = Lun::new(
+        Arc::new(MemDevice::new(1 << 20)),
+        LunIdentity {
+            name: "fuzz".into(),
+            naa: 1,
+        },
+    );
+    let nexus = Nexus {
+        id: 1,
+        initiator: "iqn.fuzz".into(),
+        isid: [0; 6],
+        tpgt: 1,
+    };
+    rt.block_on(lun.execute(Command {
+        cdb,
+        data_out: Bytes::copy_from_slice(data_out),
+        nexus: &nexus,
+    }));
+}
