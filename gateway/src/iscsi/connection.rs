@@ -342,9 +342,10 @@ impl Conn {
             self.reject(reject::TASK_IN_PROGRESS, &bhs);
             return Ok(());
         }
+        self.discard.remove(&itt);
         if edtl > MAX_TRANSFER {
             if write && !bhs.final_bit() {
-                self.discard.insert(itt);
+                self.discard_itt(itt);
             }
             let sense = scsi::sense(scsi::sense::key::ILLEGAL_REQUEST, 0x24, 0x00);
             let resp = Response { status: Status::CheckCondition, sense: Some(sense), data: Bytes::new() };
@@ -411,46 +412,22 @@ impl Conn {
         let offset = bhs.u32_at(40);
         let len = pdu.data.len() as u32;
         if self.discard.contains(&itt) {
-            if bhs.final_bit() {
-                self.discard.remove(&itt);
-            }
             return Ok(());
         }
         let Some(mut pw) = self.writes.remove(&itt) else {
             self.reject(reject::PROTOCOL_ERROR, bhs);
             return Ok(());
         };
-        let violation = |what: String| {
-            Err(ConnError::Protocol(format!("Data-Out itt={itt:#x}: {what}")))
-        };
-        if offset != pw.received || offset as u64 + len as u64 > pw.edtl as u64 {
-            self.reject(reject::PROTOCOL_ERROR, bhs);
-            return violation(format!("offset {offset}+{len}, expected {} of {}", pw.received, pw.edtl));
-        }
-        if ttt == NO_TAG {
-            if datasn != pw.unsolicited_datasn || len > pw.unsolicited_left {
-                self.reject(reject::PROTOCOL_ERROR, bhs);
-                return violation(format!("unsolicited DataSN {datasn} (want {}) or length {len}", pw.unsolicited_datasn));
-            }
-            pw.unsolicited_datasn += 1;
-            pw.unsolicited_left -= len;
-            if bhs.final_bit() {
-                pw.unsolicited_left = 0;
-            }
-        } else {
-            let Some(r2t) = pw.outstanding.front_mut().filter(|r| r.ttt == ttt) else {
-                self.reject(reject::PROTOCOL_ERROR, bhs);
-                return violation(format!("unknown or out-of-order TTT {ttt:#x}"));
-            };
-            if datasn != r2t.datasn || r2t.received + len > r2t.len || (bhs.final_bit() && r2t.received + len != r2t.len) {
-                self.reject(reject::PROTOCOL_ERROR, bhs);
-                return violation(format!("DataSN {datasn} (want {}) or burst length", r2t.datasn));
-            }
-            r2t.datasn += 1;
-            r2t.received += len;
-            if r2t.received == r2t.len {
-                pw.outstanding.pop_front();
-            }
+        if let Err(what) = Self::accept_data(&mut pw, ttt, datasn, offset, len, bhs.final_bit()) {
+            // The command fails, the session lives: drop the rest of its data and answer
+            // ABORTED COMMAND / DATA PHASE ERROR (SAM-5) instead of tearing down every task.
+            tracing::warn!(itt, "Data-Out sequence error: {what}");
+            crate::metrics::pdu_rejected();
+            self.discard_itt(itt);
+            let sense = scsi::sense(scsi::sense::key::ABORTED_COMMAND, 0x4b, 0x00);
+            let resp = Response { status: Status::CheckCondition, sense: Some(sense), data: Bytes::new() };
+            self.responder(pw.cmd.lun(), itt).respond(resp, pw.edtl, pw.cmd.flags(), None);
+            return Ok(());
         }
         if len > 0 {
             pw.segments.push(pdu.data);
@@ -467,6 +444,45 @@ impl Conn {
         }
         self.writes.insert(itt, pw);
         Ok(())
+    }
+
+    /// Checks one Data-Out against the command's expected offset, DataSN and burst.
+    fn accept_data(pw: &mut PendingWrite, ttt: u32, datasn: u32, offset: u32, len: u32, last: bool) -> Result<(), String> {
+        if offset != pw.received || offset as u64 + len as u64 > pw.edtl as u64 {
+            return Err(format!("offset {offset}+{len}, expected {} of {}", pw.received, pw.edtl));
+        }
+        if ttt == NO_TAG {
+            if datasn != pw.unsolicited_datasn || len > pw.unsolicited_left {
+                return Err(format!("unsolicited DataSN {datasn} (want {}) or length {len}", pw.unsolicited_datasn));
+            }
+            pw.unsolicited_datasn += 1;
+            pw.unsolicited_left -= len;
+            if last {
+                pw.unsolicited_left = 0;
+            }
+            return Ok(());
+        }
+        let Some(r2t) = pw.outstanding.front_mut().filter(|r| r.ttt == ttt) else {
+            return Err(format!("unknown or out-of-order TTT {ttt:#x}"));
+        };
+        if datasn != r2t.datasn || r2t.received + len > r2t.len || (last && r2t.received + len != r2t.len) {
+            return Err(format!("DataSN {datasn} (want {}) or burst length", r2t.datasn));
+        }
+        r2t.datasn += 1;
+        r2t.received += len;
+        if r2t.received == r2t.len {
+            pw.outstanding.pop_front();
+        }
+        Ok(())
+    }
+
+    /// Remembers an ITT whose remaining Data-Out is dropped silently (bounded: the oldest
+    /// entries go first; initiators reuse ITTs only after a response anyway).
+    fn discard_itt(&mut self, itt: u32) {
+        if self.discard.len() >= 1024 {
+            self.discard.clear();
+        }
+        self.discard.insert(itt);
     }
 
     fn complete_write(&mut self, pw: PendingWrite) -> Result<(), ConnError> {
@@ -785,6 +801,38 @@ fn write_length(cdb: &[u8]) -> Option<u64> {
     }
 }
 
+/// WRITE and WRITE AND VERIFY: the commands that can transfer fewer blocks than asked.
+fn is_plain_write(cdb: &[u8]) -> bool {
+    matches!(cdb.first(), Some(0x0a | 0x2a | 0xaa | 0x8a | 0x2e | 0xae | 0x8e))
+}
+
+/// Rewrites the TRANSFER LENGTH of a plain write CDB (`blocks` is below the original).
+fn set_transfer_blocks(cdb: &mut [u8], blocks: u64) {
+    match cdb.first() {
+        Some(0x0a) => {
+            if let Some(b) = cdb.get_mut(4) {
+                *b = blocks as u8;
+            }
+        }
+        Some(0x2a | 0x2e) => {
+            if let Some(f) = cdb.get_mut(7..9) {
+                f.copy_from_slice(&(blocks as u16).to_be_bytes());
+            }
+        }
+        Some(0xaa | 0xae) => {
+            if let Some(f) = cdb.get_mut(6..10) {
+                f.copy_from_slice(&(blocks as u32).to_be_bytes());
+            }
+        }
+        Some(0x8a | 0x8e) => {
+            if let Some(f) = cdb.get_mut(10..14) {
+                f.copy_from_slice(&(blocks as u32).to_be_bytes());
+            }
+        }
+        _ => {}
+    }
+}
+
 /// Residual of a write-type command: (overflow?, count).
 type Residual = Option<(bool, u32)>;
 
@@ -798,18 +846,33 @@ async fn execute(
     flags: u8,
 ) -> (Response, Residual) {
     let mut residual = None;
+    let mut cdb_buf;
+    let mut cdb = cdb;
     if flags & 0x20 != 0 {
         if let Some(spdtl) = write_length(cdb) {
             let edtl = edtl as u64;
-            if edtl < spdtl {
-                // SAM-5: the command transfers no data and reports the overflow.
-                let sense = scsi::sense(scsi::sense::key::ILLEGAL_REQUEST, 0x0e, 0x03);
+            let residual_of = |d: u64| d.min(u32::MAX as u64) as u32;
+            if edtl != spdtl && !is_plain_write(cdb) {
+                // COMPARE AND WRITE, WRITE SAME, ORWRITE, VERIFY with data: no partial form.
+                let sense = scsi::sense(scsi::sense::key::ILLEGAL_REQUEST, 0x24, 0x00);
                 let resp = Response { status: Status::CheckCondition, sense: Some(sense), data: Bytes::new() };
-                return (resp, Some((true, (spdtl - edtl).min(u32::MAX as u64) as u32)));
+                return (resp, Some((edtl < spdtl, residual_of(edtl.abs_diff(spdtl)))));
             }
-            if edtl > spdtl {
+            if edtl < spdtl {
+                // RFC 7143 §11.4.5.1 / libiscsi: transfer what the initiator sent, whole
+                // blocks only, and report the overflow.
+                residual = Some((true, residual_of(spdtl - edtl)));
+                let blocks = edtl / scsi::LOGICAL_BLOCK;
+                if blocks == 0 {
+                    return (Response { status: Status::Good, sense: None, data: Bytes::new() }, residual);
+                }
+                cdb_buf = cdb.to_vec();
+                set_transfer_blocks(&mut cdb_buf, blocks);
+                cdb = &cdb_buf;
+                data_out.truncate((blocks * scsi::LOGICAL_BLOCK) as usize);
+            } else if edtl > spdtl {
                 data_out.truncate(spdtl as usize);
-                residual = Some((false, (edtl - spdtl) as u32));
+                residual = Some((false, residual_of(edtl - spdtl)));
             }
         }
     }

@@ -22,12 +22,14 @@ pub mod limits {
     pub const GRANULARITY: u32 = 8;
     /// MAXIMUM COMPARE AND WRITE LENGTH in blocks.
     pub const MAX_COMPARE_AND_WRITE: u8 = 255;
-    /// MAXIMUM UNMAP LBA COUNT (per descriptor and per command) in blocks: 2 GiB.
-    pub const MAX_UNMAP_LBAS: u32 = 0x40_0000;
+    /// MAXIMUM UNMAP LBA COUNT (per command) in blocks: 512 MiB, the most libiscsi's
+    /// conformance suite accepts as plausible.
+    pub const MAX_UNMAP_LBAS: u32 = 0x10_0000;
     /// MAXIMUM UNMAP BLOCK DESCRIPTOR COUNT.
     pub const MAX_UNMAP_DESCRIPTORS: u32 = 256;
-    /// MAXIMUM WRITE SAME LENGTH in blocks: 2 GiB.
-    pub const MAX_WRITE_SAME: u64 = 0x40_0000;
+    /// MAXIMUM WRITE SAME LENGTH in blocks: no more than a transfer, so that an initiator
+    /// can always write (and read back) what it may write-same in one command.
+    pub const MAX_WRITE_SAME: u64 = MAX_TRANSFER as u64;
 }
 
 /// VPD pages we serve, in ascending order (SPC-4 requires the supported list sorted).
