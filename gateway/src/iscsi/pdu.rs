@@ -327,7 +327,7 @@ mod tests {
     fn digest_errors_are_detected() {
         let f = framing(true, true);
         let mut buf = wire(OutPdu::new(Bhs::new(op::NOP_OUT), Bytes::from_static(b"ping"), StatSn::None), &f);
-        buf[60] ^= 1; // inside the data segment
+        buf[53] ^= 1; // inside the data segment (after the 48+4 header)
         assert!(matches!(try_parse(&mut buf, &f), Err(PduError::DataDigest(_))));
         let mut buf = wire(OutPdu::new(Bhs::new(op::NOP_OUT), Bytes::new(), StatSn::None), &f);
         buf[3] ^= 1;
