@@ -60,7 +60,12 @@ pub async fn serve(gw: Arc<Gateway>, stream: TcpStream, peer: SocketAddr, shutdo
     let (r, mut w) = stream.into_split();
     let login_framing = Framing { header_digest: false, data_digest: false, max_data: 8192 };
     let mut rd = PduReader::new(r, login_framing);
-    let outcome = match tokio::time::timeout(LOGIN_TIMEOUT, login(&gw, &mut rd, &mut w, &shutdown)).await {
+    let attempt = tokio::time::timeout(LOGIN_TIMEOUT, login(&gw, &mut rd, &mut w, &shutdown));
+    let result = tokio::select! {
+        _ = shutdown.cancelled() => return,
+        r = attempt => r,
+    };
+    let outcome = match result {
         Ok(Ok(o)) => o,
         Ok(Err(LoginError::Closed)) => return,
         Ok(Err(e)) => {
