@@ -49,18 +49,28 @@ struct VolumeSpec {
 }
 
 fn parse_volume(s: &str) -> Result<VolumeSpec, String> {
-    let (name, size) = s.split_once(':').ok_or_else(|| format!("expected NAME:SIZE, got {s:?}"))?;
+    let (name, size) = s
+        .split_once(':')
+        .ok_or_else(|| format!("expected NAME:SIZE, got {s:?}"))?;
     target::check_volume_name(name).map_err(|e| e.to_string())?;
     let size = parse_size(size).map_err(|e| e.to_string())?;
     if size == 0 || size % PHYSICAL_BLOCK != 0 {
-        return Err(format!("volume size must be a positive multiple of {PHYSICAL_BLOCK} bytes, got {size}"));
+        return Err(format!(
+            "volume size must be a positive multiple of {PHYSICAL_BLOCK} bytes, got {size}"
+        ));
     }
-    Ok(VolumeSpec { name: name.to_string(), size })
+    Ok(VolumeSpec {
+        name: name.to_string(),
+        size,
+    })
 }
 
 fn parse_credentials(s: &str) -> Result<Credentials, String> {
     let (user, secret) = s.split_once(':').ok_or("expected USER:SECRET")?;
-    Ok(Credentials { user: user.to_string(), secret: secret.to_string() })
+    Ok(Credentials {
+        user: user.to_string(),
+        secret: secret.to_string(),
+    })
 }
 
 /// Holds an exclusive `flock` on the data dir for the life of the process.
@@ -81,15 +91,28 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     fs::create_dir_all(&vol_dir).with_context(|| format!("create {}", vol_dir.display()))?;
     let _lock = lock_dir(&args.data_dir)?;
 
-    let config = GatewayConfig { chap: args.chap.clone(), mutual_chap: args.mutual_chap.clone(), ..Default::default() };
+    let config = GatewayConfig {
+        chap: args.chap.clone(),
+        mutual_chap: args.mutual_chap.clone(),
+        ..Default::default()
+    };
     let gw = Gateway::new(config).context("gateway configuration")?;
 
     let mut wanted: Vec<VolumeSpec> = args.volumes.clone();
     for entry in fs::read_dir(&vol_dir).context("list volumes")? {
         let path = entry?.path();
-        let Some(name) = path.file_name().and_then(|n| n.to_str()).and_then(|n| n.strip_suffix(".img")) else { continue };
+        let Some(name) = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.strip_suffix(".img"))
+        else {
+            continue;
+        };
         if !wanted.iter().any(|v| v.name == name) {
-            wanted.push(VolumeSpec { name: name.to_string(), size: 0 });
+            wanted.push(VolumeSpec {
+                name: name.to_string(),
+                size: 0,
+            });
         }
     }
     if wanted.is_empty() {
@@ -97,7 +120,8 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     }
     for v in &wanted {
         let path = vol_dir.join(format!("{}.img", v.name));
-        let dev = FileDevice::open(&path, v.size).with_context(|| format!("open volume {}", path.display()))?;
+        let dev = FileDevice::open(&path, v.size)
+            .with_context(|| format!("open volume {}", path.display()))?;
         if v.size != 0 && dev.size() > v.size {
             tracing::warn!(volume = %v.name, size = %ByteSize(dev.size()), "volume is larger than --volume asks; keeping its size");
         }
@@ -107,13 +131,17 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     }
 
     if let Some(addr) = args.metrics {
-        let bound = ironsan_common::observe::serve_metrics(addr).await.context("bind metrics")?;
+        let bound = ironsan_common::observe::serve_metrics(addr)
+            .await
+            .context("bind metrics")?;
         tracing::info!(addr = %bound, "metrics ready");
     } else {
         ironsan_common::observe::metrics_handle();
     }
 
-    let listener = target::bind(args.portal).await.with_context(|| format!("bind portal {}", args.portal))?;
+    let listener = target::bind(args.portal)
+        .await
+        .with_context(|| format!("bind portal {}", args.portal))?;
     let addr = listener.local_addr()?;
     let shutdown = CancellationToken::new();
     tokio::spawn(wait_for_signal(shutdown.clone()));
@@ -125,7 +153,10 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
 
 async fn wait_for_signal(shutdown: CancellationToken) {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
         tracing::error!("cannot install signal handlers");
         return;
     };

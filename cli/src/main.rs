@@ -5,7 +5,11 @@ mod dev;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "ironsan", version, about = "IronSAN: distributed block storage served over iSCSI")]
+#[command(
+    name = "ironsan",
+    version,
+    about = "IronSAN: distributed block storage served over iSCSI"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -20,7 +24,9 @@ enum Command {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     ironsan_common::observe::init_tracing("info");
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     match cli.command {
         Command::Dev(args) => runtime.block_on(dev::run(args)),
     }

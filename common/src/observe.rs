@@ -17,7 +17,8 @@ static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
 /// Installs the `tracing` subscriber: `RUST_LOG` wins, else `default_filter`.
 pub fn init_tracing(default_filter: &str) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
     // A second call (tests starting several daemons in one process) is harmless.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let _ = tracing_subscriber::fmt()
@@ -48,11 +49,18 @@ pub async fn serve_metrics(addr: SocketAddr) -> std::io::Result<SocketAddr> {
     let local = listener.local_addr()?;
     tokio::spawn(async move {
         loop {
-            let Ok((mut sock, _)) = listener.accept().await else { continue };
+            let Ok((mut sock, _)) = listener.accept().await else {
+                continue;
+            };
             let handle = handle.clone();
             tokio::spawn(async move {
                 let mut buf = [0u8; 1024];
-                let n = match tokio::time::timeout(std::time::Duration::from_secs(5), sock.read(&mut buf)).await {
+                let n = match tokio::time::timeout(
+                    std::time::Duration::from_secs(5),
+                    sock.read(&mut buf),
+                )
+                .await
+                {
                     Ok(Ok(n)) => n,
                     _ => return,
                 };

@@ -28,7 +28,9 @@ pub fn parse_size(s: &str) -> Result<u64, SizeError> {
     if num.is_empty() {
         return Err(SizeError::NoNumber(s.to_string()));
     }
-    let n: u64 = num.parse().map_err(|_| SizeError::Overflow(s.to_string()))?;
+    let n: u64 = num
+        .parse()
+        .map_err(|_| SizeError::Overflow(s.to_string()))?;
     let shift = match unit.trim().to_ascii_lowercase().as_str() {
         "" | "b" => 0,
         "k" | "kb" | "kib" => 10,
@@ -38,7 +40,8 @@ pub fn parse_size(s: &str) -> Result<u64, SizeError> {
         "p" | "pb" | "pib" => 50,
         other => return Err(SizeError::UnknownUnit(s.to_string(), other.to_string())),
     };
-    n.checked_mul(1u64 << shift).ok_or_else(|| SizeError::Overflow(s.to_string()))
+    n.checked_mul(1u64 << shift)
+        .ok_or_else(|| SizeError::Overflow(s.to_string()))
 }
 
 /// A byte count that parses from and prints as a human size.
@@ -57,7 +60,7 @@ impl fmt::Display for ByteSize {
         const UNITS: [&str; 5] = ["TiB", "GiB", "MiB", "KiB", "B"];
         for (i, unit) in UNITS.iter().enumerate() {
             let shift = 40 - 10 * i as u32;
-            if self.0 >= (1 << shift) && self.0 % (1 << shift) == 0 {
+            if self.0 >= (1 << shift) && self.0.is_multiple_of(1 << shift) {
                 return write!(f, "{}{}", self.0 >> shift, unit);
             }
         }
@@ -83,8 +86,14 @@ mod tests {
         assert_eq!(parse_size(""), Err(SizeError::Empty));
         assert!(matches!(parse_size("GiB"), Err(SizeError::NoNumber(_))));
         assert!(matches!(parse_size("1XB"), Err(SizeError::UnknownUnit(..))));
-        assert!(matches!(parse_size("99999999999999999999"), Err(SizeError::Overflow(_))));
-        assert!(matches!(parse_size("16384PiB"), Err(SizeError::Overflow(_))));
+        assert!(matches!(
+            parse_size("99999999999999999999"),
+            Err(SizeError::Overflow(_))
+        ));
+        assert!(matches!(
+            parse_size("16384PiB"),
+            Err(SizeError::Overflow(_))
+        ));
     }
 
     #[test]

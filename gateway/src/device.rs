@@ -53,7 +53,12 @@ pub trait BlockDevice: Send + Sync + 'static {
     /// Writes `data` at `offset`; with `fua` the data is on stable storage on return.
     fn write(&self, offset: u64, data: Bytes, fua: bool) -> BoxFuture<'_, Result<(), DeviceError>>;
     /// Makes `len` bytes at `offset` read as zeroes; `unmap` allows releasing their space.
-    fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> BoxFuture<'_, Result<(), DeviceError>>;
+    fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u64,
+        unmap: bool,
+    ) -> BoxFuture<'_, Result<(), DeviceError>>;
     /// Makes every completed write durable.
     fn flush(&self) -> BoxFuture<'_, Result<(), DeviceError>>;
     /// Allocation status of the range starting at `offset`: the first extent, at most `len`
@@ -72,7 +77,12 @@ impl FileDevice {
     /// Opens (creating if needed) the sparse file at `path` with `size` bytes. An existing
     /// file smaller than `size` grows; a larger one keeps its size (never truncates data).
     pub fn open(path: &Path, size: u64) -> std::io::Result<Self> {
-        let file = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path)?;
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)?;
         let current = file.metadata()?.len();
         let size = if current < size {
             file.set_len(size)?;
@@ -84,7 +94,11 @@ impl FileDevice {
         } else {
             current
         };
-        Ok(Self { file: Arc::new(file), path: path.to_path_buf(), size: AtomicU64::new(size) })
+        Ok(Self {
+            file: Arc::new(file),
+            path: path.to_path_buf(),
+            size: AtomicU64::new(size),
+        })
     }
 
     pub fn path(&self) -> &Path {
@@ -100,8 +114,12 @@ impl FileDevice {
     }
 }
 
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, DeviceError> + Send + 'static) -> Result<T, DeviceError> {
-    tokio::task::spawn_blocking(f).await.map_err(|e| DeviceError::Task(e.to_string()))?
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, DeviceError> + Send + 'static,
+) -> Result<T, DeviceError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| DeviceError::Task(e.to_string()))?
 }
 
 fn fdatasync(file: &File) -> std::io::Result<()> {
@@ -119,7 +137,8 @@ impl BlockDevice for FileDevice {
             let file = self.file.clone();
             blocking(move || {
                 let mut buf = BytesMut::zeroed(len);
-                file.read_exact_at(&mut buf, offset).map_err(DeviceError::Read)?;
+                file.read_exact_at(&mut buf, offset)
+                    .map_err(DeviceError::Read)?;
                 Ok(buf.freeze())
             })
             .await
@@ -131,7 +150,8 @@ impl BlockDevice for FileDevice {
             self.check(offset, data.len() as u64)?;
             let file = self.file.clone();
             blocking(move || {
-                file.write_all_at(&data, offset).map_err(DeviceError::Write)?;
+                file.write_all_at(&data, offset)
+                    .map_err(DeviceError::Write)?;
                 if fua {
                     fdatasync(&file).map_err(DeviceError::Flush)?;
                 }
@@ -141,7 +161,12 @@ impl BlockDevice for FileDevice {
         })
     }
 
-    fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> BoxFuture<'_, Result<(), DeviceError>> {
+    fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u64,
+        unmap: bool,
+    ) -> BoxFuture<'_, Result<(), DeviceError>> {
         Box::pin(async move {
             self.check(offset, len)?;
             let file = self.file.clone();
@@ -153,7 +178,8 @@ impl BlockDevice for FileDevice {
                     libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE
                 };
                 // SAFETY: fallocate on a valid fd owned by `file`; no memory is passed.
-                let rc = unsafe { libc::fallocate(file.as_raw_fd(), mode, offset as i64, len as i64) };
+                let rc =
+                    unsafe { libc::fallocate(file.as_raw_fd(), mode, offset as i64, len as i64) };
                 if rc == 0 {
                     return Ok(());
                 }
@@ -163,7 +189,8 @@ impl BlockDevice for FileDevice {
                 let mut done = 0;
                 while done < len {
                     let n = STEP.min(len - done) as usize;
-                    file.write_all_at(&zeroes[..n], offset + done).map_err(DeviceError::Write)?;
+                    file.write_all_at(&zeroes[..n], offset + done)
+                        .map_err(DeviceError::Write)?;
                     done += n as u64;
                 }
                 Ok(())
@@ -197,16 +224,32 @@ fn seek_extent(file: &File, offset: u64, len: u64) -> Extent {
     if data < 0 {
         // ENXIO: no data after offset, the rest is a hole. Other errors: report mapped.
         let hole = std::io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO);
-        return Extent { offset, len, mapped: !hole };
+        return Extent {
+            offset,
+            len,
+            mapped: !hole,
+        };
     }
     let data = data as u64;
     if data > offset {
-        return Extent { offset, len: data.min(end) - offset, mapped: false };
+        return Extent {
+            offset,
+            len: data.min(end) - offset,
+            mapped: false,
+        };
     }
     // SAFETY: as above.
     let hole = unsafe { libc::lseek(fd, offset as i64, libc::SEEK_HOLE) };
-    let hole_at = if hole < 0 { end } else { (hole as u64).min(end) };
-    Extent { offset, len: hole_at.max(offset + 1).min(end) - offset, mapped: true }
+    let hole_at = if hole < 0 {
+        end
+    } else {
+        (hole as u64).min(end)
+    };
+    Extent {
+        offset,
+        len: hole_at.max(offset + 1).min(end) - offset,
+        mapped: true,
+    }
 }
 
 /// A volume in memory: for unit tests, fuzzing and benchmarks of the layers above.
@@ -216,7 +259,9 @@ pub struct MemDevice {
 
 impl MemDevice {
     pub fn new(size: u64) -> Self {
-        Self { data: std::sync::RwLock::new(vec![0; size as usize]) }
+        Self {
+            data: std::sync::RwLock::new(vec![0; size as usize]),
+        }
     }
 
     fn check(&self, offset: u64, len: u64) -> Result<std::ops::Range<usize>, DeviceError> {
@@ -235,24 +280,43 @@ impl BlockDevice for MemDevice {
 
     fn read(&self, offset: u64, len: usize) -> BoxFuture<'_, Result<Bytes, DeviceError>> {
         let r = self.check(offset, len as u64).and_then(|range| {
-            let d = self.data.read().map_err(|e| DeviceError::Task(e.to_string()))?;
+            let d = self
+                .data
+                .read()
+                .map_err(|e| DeviceError::Task(e.to_string()))?;
             Ok(Bytes::copy_from_slice(&d[range]))
         });
         Box::pin(async move { r })
     }
 
-    fn write(&self, offset: u64, data: Bytes, _fua: bool) -> BoxFuture<'_, Result<(), DeviceError>> {
+    fn write(
+        &self,
+        offset: u64,
+        data: Bytes,
+        _fua: bool,
+    ) -> BoxFuture<'_, Result<(), DeviceError>> {
         let r = self.check(offset, data.len() as u64).and_then(|range| {
-            let mut d = self.data.write().map_err(|e| DeviceError::Task(e.to_string()))?;
+            let mut d = self
+                .data
+                .write()
+                .map_err(|e| DeviceError::Task(e.to_string()))?;
             d[range].copy_from_slice(&data);
             Ok(())
         });
         Box::pin(async move { r })
     }
 
-    fn write_zeroes(&self, offset: u64, len: u64, _unmap: bool) -> BoxFuture<'_, Result<(), DeviceError>> {
+    fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u64,
+        _unmap: bool,
+    ) -> BoxFuture<'_, Result<(), DeviceError>> {
         let r = self.check(offset, len).and_then(|range| {
-            let mut d = self.data.write().map_err(|e| DeviceError::Task(e.to_string()))?;
+            let mut d = self
+                .data
+                .write()
+                .map_err(|e| DeviceError::Task(e.to_string()))?;
             d[range].fill(0);
             Ok(())
         });
@@ -264,7 +328,11 @@ impl BlockDevice for MemDevice {
     }
 
     fn allocation(&self, offset: u64, len: u64) -> BoxFuture<'_, Result<Extent, DeviceError>> {
-        let r = self.check(offset, len).map(|_| Extent { offset, len, mapped: true });
+        let r = self.check(offset, len).map(|_| Extent {
+            offset,
+            len,
+            mapped: true,
+        });
         Box::pin(async move { r })
     }
 }
@@ -289,9 +357,18 @@ mod tests {
         assert!(ext.len >= 8192);
 
         dev.write_zeroes(1 << 20, 8192, true).await.unwrap();
-        assert_eq!(dev.read(1 << 20, 8192).await.unwrap(), Bytes::from(vec![0u8; 8192]));
-        assert!(matches!(dev.read((8 << 20) - 512, 1024).await, Err(DeviceError::OutOfRange { .. })));
-        assert!(matches!(dev.write(u64::MAX - 10, data, false).await, Err(DeviceError::OutOfRange { .. })));
+        assert_eq!(
+            dev.read(1 << 20, 8192).await.unwrap(),
+            Bytes::from(vec![0u8; 8192])
+        );
+        assert!(matches!(
+            dev.read((8 << 20) - 512, 1024).await,
+            Err(DeviceError::OutOfRange { .. })
+        ));
+        assert!(matches!(
+            dev.write(u64::MAX - 10, data, false).await,
+            Err(DeviceError::OutOfRange { .. })
+        ));
     }
 
     #[tokio::test]
@@ -300,10 +377,15 @@ mod tests {
         let path = dir.path().join("v");
         {
             let dev = FileDevice::open(&path, 4 << 20).unwrap();
-            dev.write(4096, Bytes::from_static(&[7u8; 512]), true).await.unwrap();
+            dev.write(4096, Bytes::from_static(&[7u8; 512]), true)
+                .await
+                .unwrap();
         }
         let dev = FileDevice::open(&path, 1 << 20).unwrap();
         assert_eq!(dev.size(), 4 << 20);
-        assert_eq!(dev.read(4096, 512).await.unwrap(), Bytes::from_static(&[7u8; 512]));
+        assert_eq!(
+            dev.read(4096, 512).await.unwrap(),
+            Bytes::from_static(&[7u8; 512])
+        );
     }
 }

@@ -105,7 +105,9 @@ pub fn check_volume_name(name: &str) -> Result<(), ConfigError> {
     let ok = !name.is_empty()
         && name.len() <= 200
         && !name.starts_with('.')
-        && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'));
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'));
     if ok {
         Ok(())
     } else {
@@ -115,7 +117,9 @@ pub fn check_volume_name(name: &str) -> Result<(), ConfigError> {
 
 /// A stable 64-bit id for a volume name (FNV-1a), the source of its NAA designator.
 pub fn volume_id(name: &str) -> u64 {
-    name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3))
+    name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
+    })
 }
 
 /// The gateway: targets plus the sessions logged in to them.
@@ -128,14 +132,26 @@ pub struct Gateway {
 impl Gateway {
     pub fn new(config: GatewayConfig) -> Result<Arc<Self>, ConfigError> {
         config.validate()?;
-        Ok(Arc::new(Self { config, targets: RwLock::new(BTreeMap::new()), sessions: Arc::new(Registry::default()) }))
+        Ok(Arc::new(Self {
+            config,
+            targets: RwLock::new(BTreeMap::new()),
+            sessions: Arc::new(Registry::default()),
+        }))
     }
 
     /// Exports `device` as target `iqn.2026-11.io.ironsan:<name>`.
-    pub fn add_target(&self, name: &str, device: Arc<dyn BlockDevice>, acl: Vec<String>) -> Result<Arc<Target>, ConfigError> {
+    pub fn add_target(
+        &self,
+        name: &str,
+        device: Arc<dyn BlockDevice>,
+        acl: Vec<String>,
+    ) -> Result<Arc<Target>, ConfigError> {
         check_volume_name(name)?;
         let iqn = format!("{IQN_PREFIX}{name}").to_ascii_lowercase();
-        let identity = LunIdentity { name: name.to_string(), naa: volume_id(name) };
+        let identity = LunIdentity {
+            name: name.to_string(),
+            naa: volume_id(name),
+        };
         let target = Arc::new(Target {
             iqn: iqn.clone(),
             name: name.to_string(),
@@ -153,11 +169,18 @@ impl Gateway {
 
     /// Looks a target up by IQN (case-insensitive, as initiators vary).
     pub fn target(&self, iqn: &str) -> Option<Arc<Target>> {
-        self.targets.read().ok()?.get(&iqn.to_ascii_lowercase()).cloned()
+        self.targets
+            .read()
+            .ok()?
+            .get(&iqn.to_ascii_lowercase())
+            .cloned()
     }
 
     pub fn targets(&self) -> Vec<Arc<Target>> {
-        self.targets.read().map(|t| t.values().cloned().collect()).unwrap_or_default()
+        self.targets
+            .read()
+            .map(|t| t.values().cloned().collect())
+            .unwrap_or_default()
     }
 
     /// Accepts connections on `listener` until `shutdown`, then waits for every connection to
@@ -177,7 +200,12 @@ impl Gateway {
                     }
                 },
             };
-            conns.spawn(crate::iscsi::connection::serve(self.clone(), stream, peer, shutdown.clone()));
+            conns.spawn(crate::iscsi::connection::serve(
+                self.clone(),
+                stream,
+                peer,
+                shutdown.clone(),
+            ));
         }
         drop(listener);
         conns.close();

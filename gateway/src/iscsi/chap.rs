@@ -43,7 +43,11 @@ pub fn decode_binary(v: &str) -> Option<Vec<u8>> {
         if hex.is_empty() || hex.len() > 2048 {
             return None;
         }
-        let hex = if hex.len() % 2 == 1 { format!("0{hex}") } else { hex.to_string() };
+        let hex = if hex.len() % 2 == 1 {
+            format!("0{hex}")
+        } else {
+            hex.to_string()
+        };
         (0..hex.len())
             .step_by(2)
             .map(|i| u8::from_str_radix(hex.get(i..i + 2)?, 16).ok())
@@ -132,7 +136,9 @@ impl ChapExchange {
         mutual: Option<&Credentials>,
     ) -> Result<Vec<(String, String)>, ChapError> {
         let name = get("CHAP_N").ok_or(ChapError::Malformed("N"))?;
-        let resp = get("CHAP_R").and_then(|r| decode_binary(&r)).ok_or(ChapError::Malformed("R"))?;
+        let resp = get("CHAP_R")
+            .and_then(|r| decode_binary(&r))
+            .ok_or(ChapError::Malformed("R"))?;
         if name != expected.user {
             return Err(ChapError::UnknownUser(name));
         }
@@ -150,7 +156,10 @@ impl ChapExchange {
             return Err(ChapError::Reflected);
         }
         let ours = response(id, target.secret.as_bytes(), &challenge);
-        Ok(vec![("CHAP_N".to_string(), target.user.clone()), ("CHAP_R".to_string(), hex(&ours))])
+        Ok(vec![
+            ("CHAP_N".to_string(), target.user.clone()),
+            ("CHAP_R".to_string(), hex(&ours)),
+        ])
     }
 }
 
@@ -163,7 +172,10 @@ mod tests {
     use super::*;
 
     fn creds(u: &str, s: &str) -> Credentials {
-        Credentials { user: u.into(), secret: s.into() }
+        Credentials {
+            user: u.into(),
+            secret: s.into(),
+        }
     }
 
     fn lookup(pairs: &[(String, String)], k: &str) -> Option<String> {
@@ -176,10 +188,22 @@ mod tests {
         let id: u8 = lookup(&keys, "CHAP_I").unwrap().parse().unwrap();
         let ch = decode_binary(&lookup(&keys, "CHAP_C").unwrap()).unwrap();
         let good = hex(&response(id, b"secret-secret", &ch));
-        let ini = vec![("CHAP_N".to_string(), "u".to_string()), ("CHAP_R".to_string(), good.clone())];
-        assert_eq!(ex.finish(|k| lookup(&ini, k), &creds("u", "secret-secret"), None), Ok(vec![]));
-        assert_eq!(ex.finish(|k| lookup(&ini, k), &creds("u", "other-secret"), None), Err(ChapError::WrongResponse));
-        assert_eq!(ex.finish(|k| lookup(&ini, k), &creds("v", "secret-secret"), None), Err(ChapError::UnknownUser("u".into())));
+        let ini = vec![
+            ("CHAP_N".to_string(), "u".to_string()),
+            ("CHAP_R".to_string(), good.clone()),
+        ];
+        assert_eq!(
+            ex.finish(|k| lookup(&ini, k), &creds("u", "secret-secret"), None),
+            Ok(vec![])
+        );
+        assert_eq!(
+            ex.finish(|k| lookup(&ini, k), &creds("u", "other-secret"), None),
+            Err(ChapError::WrongResponse)
+        );
+        assert_eq!(
+            ex.finish(|k| lookup(&ini, k), &creds("v", "secret-secret"), None),
+            Err(ChapError::UnknownUser("u".into()))
+        );
 
         let mut mutual = ini.clone();
         mutual.push(("CHAP_I".into(), "7".into()));
@@ -188,7 +212,13 @@ mod tests {
             ex.finish(|k| lookup(&mutual, k), &creds("u", "secret-secret"), None),
             Err(ChapError::MutualNotConfigured)
         );
-        let out = ex.finish(|k| lookup(&mutual, k), &creds("u", "secret-secret"), Some(&creds("t", "target-secret"))).unwrap();
+        let out = ex
+            .finish(
+                |k| lookup(&mutual, k),
+                &creds("u", "secret-secret"),
+                Some(&creds("t", "target-secret")),
+            )
+            .unwrap();
         let r = decode_binary(&lookup(&out, "CHAP_R").unwrap()).unwrap();
         assert_eq!(r, response(7, b"target-secret", &[1, 2, 3, 4, 5, 6, 7, 8]));
 
@@ -196,7 +226,11 @@ mod tests {
         reflected.push(("CHAP_I".into(), "7".into()));
         reflected.push(("CHAP_C".into(), hex(&ch)));
         assert_eq!(
-            ex.finish(|k| lookup(&reflected, k), &creds("u", "secret-secret"), Some(&creds("t", "target-secret"))),
+            ex.finish(
+                |k| lookup(&reflected, k),
+                &creds("u", "secret-secret"),
+                Some(&creds("t", "target-secret"))
+            ),
             Err(ChapError::Reflected)
         );
     }
@@ -206,10 +240,18 @@ mod tests {
         let (ex1, k1) = ChapExchange::start("5").unwrap();
         let id: u8 = lookup(&k1, "CHAP_I").unwrap().parse().unwrap();
         let ch = decode_binary(&lookup(&k1, "CHAP_C").unwrap()).unwrap();
-        let ini = vec![("CHAP_N".to_string(), "u".to_string()), ("CHAP_R".to_string(), hex(&response(id, b"s", &ch)))];
-        assert!(ex1.finish(|k| lookup(&ini, k), &creds("u", "s"), None).is_ok());
+        let ini = vec![
+            ("CHAP_N".to_string(), "u".to_string()),
+            ("CHAP_R".to_string(), hex(&response(id, b"s", &ch))),
+        ];
+        assert!(ex1
+            .finish(|k| lookup(&ini, k), &creds("u", "s"), None)
+            .is_ok());
         let (ex2, _) = ChapExchange::start("5").unwrap();
-        assert_eq!(ex2.finish(|k| lookup(&ini, k), &creds("u", "s"), None), Err(ChapError::WrongResponse));
+        assert_eq!(
+            ex2.finish(|k| lookup(&ini, k), &creds("u", "s"), None),
+            Err(ChapError::WrongResponse)
+        );
         assert_eq!(ChapExchange::start("7").err(), Some(ChapError::NoAlgorithm));
     }
 

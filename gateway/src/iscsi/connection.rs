@@ -33,7 +33,7 @@ use super::pdu::{op, reject, Bhs, Framing, OutPdu, Pdu, PduError, StatSn, BHS_LE
 use super::session::Session;
 use super::text;
 use super::wire::{write_parts, PduReader};
-use crate::scsi::{self, Command, Response, ResetKind, Status};
+use crate::scsi::{self, Command, ResetKind, Response, Status};
 use crate::target::{Gateway, Target};
 
 /// CmdSN window we advertise: MaxCmdSN = ExpCmdSN + CMD_WINDOW - 1.
@@ -51,14 +51,23 @@ enum Msg {
 }
 
 /// Serves one accepted TCP connection until it closes.
-pub async fn serve(gw: Arc<Gateway>, stream: TcpStream, peer: SocketAddr, shutdown: CancellationToken) {
+pub async fn serve(
+    gw: Arc<Gateway>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    shutdown: CancellationToken,
+) {
     let _ = stream.set_nodelay(true);
     let local = match stream.local_addr() {
         Ok(a) => a,
         Err(_) => return,
     };
     let (r, mut w) = stream.into_split();
-    let login_framing = Framing { header_digest: false, data_digest: false, max_data: 8192 };
+    let login_framing = Framing {
+        header_digest: false,
+        data_digest: false,
+        max_data: 8192,
+    };
     let mut rd = PduReader::new(r, login_framing);
     let attempt = tokio::time::timeout(LOGIN_TIMEOUT, login(&gw, &mut rd, &mut w, &shutdown));
     let result = tokio::select! {
@@ -87,7 +96,11 @@ pub async fn serve(gw: Arc<Gateway>, stream: TcpStream, peer: SocketAddr, shutdo
         "session logged in"
     );
     let params = outcome.params;
-    let framing = Framing { header_digest: params.header_digest, data_digest: params.data_digest, max_data: params.target_mrdsl as usize };
+    let framing = Framing {
+        header_digest: params.header_digest,
+        data_digest: params.data_digest,
+        max_data: params.target_mrdsl as usize,
+    };
     rd.framing = framing;
     let shared = Arc::new(AtomicU32::new(outcome.exp_cmdsn));
     let (tx, rx) = unbounded_channel();
@@ -118,7 +131,10 @@ pub async fn serve(gw: Arc<Gateway>, stream: TcpStream, peer: SocketAddr, shutdo
     }
     conn.writes.clear();
     conn.tracker.close();
-    if tokio::time::timeout(DRAIN_TIMEOUT, conn.tracker.wait()).await.is_err() {
+    if tokio::time::timeout(DRAIN_TIMEOUT, conn.tracker.wait())
+        .await
+        .is_err()
+    {
         tracing::error!(%peer, "in-flight commands did not finish in {DRAIN_TIMEOUT:?}; aborting them");
         conn.abort_where(|_| true).await;
     }
@@ -155,7 +171,7 @@ struct Conn {
     discard: HashSet<u32>,
     /// Executing commands by ITT, with a generation so a finished task never removes a newer
     /// command that reused its ITT.
-    tasks: Arc<Mutex<HashMap<u32, (u64, u64, JoinHandle<()>)>>>,
+    tasks: Arc<Mutex<HashMap<u32, Running>>>,
     tracker: TaskTracker,
     next_ttt: u32,
     ping: Option<(u32, Instant)>,
@@ -163,6 +179,13 @@ struct Conn {
     text_out: Option<(u32, Bytes)>,
     /// Text Request collected across C-bit PDUs.
     text_in: Vec<u8>,
+}
+
+/// An executing command: generation, LUN field, task.
+struct Running {
+    generation: u64,
+    lun: u64,
+    handle: JoinHandle<()>,
 }
 
 /// A WRITE-type command collecting its data (immediate, unsolicited, then solicited by R2T).
@@ -189,7 +212,10 @@ struct R2t {
 static GENERATION: AtomicU64 = AtomicU64::new(0);
 
 impl Conn {
-    async fn run<R: tokio::io::AsyncRead + Unpin>(&mut self, rd: &mut PduReader<R>) -> Result<(), ConnError> {
+    async fn run<R: tokio::io::AsyncRead + Unpin>(
+        &mut self,
+        rd: &mut PduReader<R>,
+    ) -> Result<(), ConnError> {
         let cancel = self.session.cancel.clone();
         let interval = self.gw.config.nop_interval;
         loop {
@@ -206,7 +232,9 @@ impl Conn {
                 Ok(Ok(None)) => return Ok(()),
                 Ok(Err(e)) => {
                     match &e {
-                        PduError::DataTooLong { bhs, .. } => self.reject(reject::PROTOCOL_ERROR, bhs),
+                        PduError::DataTooLong { bhs, .. } => {
+                            self.reject(reject::PROTOCOL_ERROR, bhs)
+                        }
                         PduError::DataDigest(bhs) => self.reject(reject::DATA_DIGEST, bhs),
                         _ => {}
                     }
@@ -247,7 +275,11 @@ impl Conn {
         b.set_flags(0x80);
         b.0[2] = reason;
         b.set_itt(NO_TAG);
-        self.send(OutPdu::new(b, Bytes::copy_from_slice(&bad.0), StatSn::Advance));
+        self.send(OutPdu::new(
+            b,
+            Bytes::copy_from_slice(&bad.0),
+            StatSn::Advance,
+        ));
     }
 
     fn ttt(&mut self) -> u32 {
@@ -262,7 +294,10 @@ impl Conn {
     /// Orders requests by CmdSN; returns `true` when the connection should end.
     async fn handle(&mut self, pdu: Pdu) -> Result<bool, ConnError> {
         let opcode = pdu.bhs.opcode();
-        let ordered = matches!(opcode, op::NOP_OUT | op::SCSI_CMD | op::TMF_REQ | op::TEXT_REQ | op::LOGOUT_REQ);
+        let ordered = matches!(
+            opcode,
+            op::NOP_OUT | op::SCSI_CMD | op::TMF_REQ | op::TEXT_REQ | op::LOGOUT_REQ
+        );
         if !ordered || pdu.bhs.immediate() {
             return self.process(pdu).await;
         }
@@ -270,7 +305,11 @@ impl Conn {
         let ahead = cmdsn.wrapping_sub(self.exp_cmdsn);
         if ahead >= CMD_WINDOW {
             // RFC 7143 §4.2.2.1: outside [ExpCmdSN, MaxCmdSN] is silently ignored.
-            tracing::debug!(cmdsn, exp = self.exp_cmdsn, "dropping command outside the CmdSN window");
+            tracing::debug!(
+                cmdsn,
+                exp = self.exp_cmdsn,
+                "dropping command outside the CmdSN window"
+            );
             return Ok(false);
         }
         if ahead > 0 {
@@ -302,7 +341,9 @@ impl Conn {
             }
             op::LOGIN_REQ => {
                 self.reject(reject::PROTOCOL_ERROR, &pdu.bhs);
-                return Err(ConnError::Protocol("login request in full feature phase".into()));
+                return Err(ConnError::Protocol(
+                    "login request in full feature phase".into(),
+                ));
             }
             _ => self.reject(reject::NOT_SUPPORTED, &pdu.bhs),
         }
@@ -320,7 +361,9 @@ impl Conn {
         b.set_lun(pdu.bhs.lun());
         b.set_itt(itt);
         b.set_u32(20, NO_TAG);
-        let echo = pdu.data.slice(..pdu.data.len().min(self.params.initiator_mrdsl as usize));
+        let echo = pdu
+            .data
+            .slice(..pdu.data.len().min(self.params.initiator_mrdsl as usize));
         self.send(OutPdu::new(b, echo, StatSn::Advance));
     }
 
@@ -353,8 +396,13 @@ impl Conn {
                 self.discard_itt(itt);
             }
             let sense = scsi::sense(scsi::sense::key::ILLEGAL_REQUEST, 0x24, 0x00);
-            let resp = Response { status: Status::CheckCondition, sense: Some(sense), data: Bytes::new() };
-            self.responder(bhs.lun(), itt).respond(resp, edtl, flags, None);
+            let resp = Response {
+                status: Status::CheckCondition,
+                sense: Some(sense),
+                data: Bytes::new(),
+            };
+            self.responder(bhs.lun(), itt)
+                .respond(resp, edtl, flags, None);
             return Ok(());
         }
         if !write || edtl == 0 {
@@ -371,7 +419,11 @@ impl Conn {
             cmd: bhs,
             cdb,
             edtl,
-            segments: if imm.is_empty() { Vec::new() } else { vec![imm] },
+            segments: if imm.is_empty() {
+                Vec::new()
+            } else {
+                vec![imm]
+            },
             received,
             unsolicited_left,
             unsolicited_datasn: 0,
@@ -391,7 +443,9 @@ impl Conn {
     }
 
     fn issue_r2ts(&mut self, pw: &mut PendingWrite) {
-        while (pw.outstanding.len() as u32) < self.params.max_outstanding_r2t && pw.r2t_next < pw.edtl {
+        while (pw.outstanding.len() as u32) < self.params.max_outstanding_r2t
+            && pw.r2t_next < pw.edtl
+        {
             let len = self.params.max_burst.min(pw.edtl - pw.r2t_next);
             let ttt = self.ttt();
             let mut b = Bhs::new(op::R2T);
@@ -403,7 +457,12 @@ impl Conn {
             b.set_u32(40, pw.r2t_next);
             b.set_u32(44, len);
             self.send(OutPdu::new(b, Bytes::new(), StatSn::Current));
-            pw.outstanding.push_back(R2t { ttt, len, received: 0, datasn: 0 });
+            pw.outstanding.push_back(R2t {
+                ttt,
+                len,
+                received: 0,
+                datasn: 0,
+            });
             pw.r2tsn += 1;
             pw.r2t_next += len;
         }
@@ -430,8 +489,13 @@ impl Conn {
             crate::metrics::pdu_rejected();
             self.discard_itt(itt);
             let sense = scsi::sense(scsi::sense::key::ABORTED_COMMAND, 0x4b, 0x00);
-            let resp = Response { status: Status::CheckCondition, sense: Some(sense), data: Bytes::new() };
-            self.responder(pw.cmd.lun(), itt).respond(resp, pw.edtl, pw.cmd.flags(), None);
+            let resp = Response {
+                status: Status::CheckCondition,
+                sense: Some(sense),
+                data: Bytes::new(),
+            };
+            self.responder(pw.cmd.lun(), itt)
+                .respond(resp, pw.edtl, pw.cmd.flags(), None);
             return Ok(());
         }
         if len > 0 {
@@ -452,13 +516,26 @@ impl Conn {
     }
 
     /// Checks one Data-Out against the command's expected offset, DataSN and burst.
-    fn accept_data(pw: &mut PendingWrite, ttt: u32, datasn: u32, offset: u32, len: u32, last: bool) -> Result<(), String> {
+    fn accept_data(
+        pw: &mut PendingWrite,
+        ttt: u32,
+        datasn: u32,
+        offset: u32,
+        len: u32,
+        last: bool,
+    ) -> Result<(), String> {
         if offset != pw.received || offset as u64 + len as u64 > pw.edtl as u64 {
-            return Err(format!("offset {offset}+{len}, expected {} of {}", pw.received, pw.edtl));
+            return Err(format!(
+                "offset {offset}+{len}, expected {} of {}",
+                pw.received, pw.edtl
+            ));
         }
         if ttt == NO_TAG {
             if datasn != pw.unsolicited_datasn || len > pw.unsolicited_left {
-                return Err(format!("unsolicited DataSN {datasn} (want {}) or length {len}", pw.unsolicited_datasn));
+                return Err(format!(
+                    "unsolicited DataSN {datasn} (want {}) or length {len}",
+                    pw.unsolicited_datasn
+                ));
             }
             pw.unsolicited_datasn += 1;
             pw.unsolicited_left -= len;
@@ -470,8 +547,14 @@ impl Conn {
         let Some(r2t) = pw.outstanding.front_mut().filter(|r| r.ttt == ttt) else {
             return Err(format!("unknown or out-of-order TTT {ttt:#x}"));
         };
-        if datasn != r2t.datasn || r2t.received + len > r2t.len || (last && r2t.received + len != r2t.len) {
-            return Err(format!("DataSN {datasn} (want {}) or burst length", r2t.datasn));
+        if datasn != r2t.datasn
+            || r2t.received + len > r2t.len
+            || (last && r2t.received + len != r2t.len)
+        {
+            return Err(format!(
+                "DataSN {datasn} (want {}) or burst length",
+                r2t.datasn
+            ));
         }
         r2t.datasn += 1;
         r2t.received += len;
@@ -507,12 +590,20 @@ impl Conn {
     }
 
     fn responder(&self, lun: u64, itt: u32) -> Responder {
-        Responder { tx: self.tx.clone(), lun, itt, mrdsl: self.params.initiator_mrdsl, max_burst: self.params.max_burst }
+        Responder {
+            tx: self.tx.clone(),
+            lun,
+            itt,
+            mrdsl: self.params.initiator_mrdsl,
+            max_burst: self.params.max_burst,
+        }
     }
 
     /// Runs a command with all its data in a task of its own.
     fn dispatch(&mut self, cmd: Bhs, cdb: Bytes, data_out: Bytes) {
-        let Some(target) = self.target.clone() else { return };
+        let Some(target) = self.target.clone() else {
+            return;
+        };
         let itt = cmd.itt();
         let lun_field = cmd.lun();
         let flags = cmd.flags();
@@ -522,28 +613,47 @@ impl Conn {
         let tasks = self.tasks.clone();
         let generation = GENERATION.fetch_add(1, Ordering::Relaxed);
         // Held while spawning so the task cannot finish (and deregister) before it is registered.
-        let Ok(mut table) = self.tasks.lock() else { return };
+        let Ok(mut table) = self.tasks.lock() else {
+            return;
+        };
         let handle = self.tracker.spawn(async move {
             let started = Instant::now();
             let out_len = data_out.len();
-            let (resp, write_residual) = execute(&target, &session, lun_field, &cdb, data_out, edtl, flags).await;
-            target.metrics.command(&cdb, &resp, out_len, started.elapsed());
+            let (resp, write_residual) =
+                execute(&target, &session, lun_field, &cdb, data_out, edtl, flags).await;
+            target
+                .metrics
+                .command(&cdb, &resp, out_len, started.elapsed());
             if let Ok(mut t) = tasks.lock() {
-                if t.get(&itt).is_some_and(|(g, _, _)| *g == generation) {
+                if t.get(&itt).is_some_and(|r| r.generation == generation) {
                     t.remove(&itt);
                 }
             }
             responder.respond(resp, edtl, flags, write_residual);
         });
-        table.insert(itt, (generation, lun_field, handle));
+        table.insert(
+            itt,
+            Running {
+                generation,
+                lun: lun_field,
+                handle,
+            },
+        );
     }
 
     /// Aborts executing commands matching `pred` (by LUN field) and waits for them to stop.
     async fn abort_where(&mut self, pred: impl Fn(u64) -> bool) -> usize {
         let handles: Vec<JoinHandle<()>> = match self.tasks.lock() {
             Ok(mut t) => {
-                let itts: Vec<u32> = t.iter().filter(|(_, (_, lun, _))| pred(*lun)).map(|(i, _)| *i).collect();
-                itts.into_iter().filter_map(|i| t.remove(&i)).map(|(_, _, h)| h).collect()
+                let itts: Vec<u32> = t
+                    .iter()
+                    .filter(|(_, r)| pred(r.lun))
+                    .map(|(i, _)| *i)
+                    .collect();
+                itts.into_iter()
+                    .filter_map(|i| t.remove(&i))
+                    .map(|r| r.handle)
+                    .collect()
             }
             Err(_) => Vec::new(),
         };
@@ -565,23 +675,27 @@ impl Conn {
         let lun = bhs.lun();
         let lun_ok = lun_index(lun) == Some(0);
         let rtt = bhs.u32_at(20);
-        let Some(target) = self.target.clone() else { return Ok(false) };
+        let Some(target) = self.target.clone() else {
+            return Ok(false);
+        };
         let mut close = false;
         let response: u8 = match function {
             // ABORT TASK
             1 => {
                 let found = self.writes.remove(&rtt).is_some();
                 let handle = self.tasks.lock().ok().and_then(|mut t| t.remove(&rtt));
-                if let Some((_, _, h)) = handle {
-                    h.abort();
-                    let _ = h.await;
+                if let Some(r) = handle {
+                    r.handle.abort();
+                    let _ = r.handle.await;
                     0
                 } else if found {
                     0
                 } else {
                     // Already completed (its response is on the wire) or never received.
                     let refcmdsn = bhs.u32_at(32);
-                    if self.exp_cmdsn.wrapping_sub(refcmdsn) < CMD_WINDOW && refcmdsn != self.exp_cmdsn {
+                    if self.exp_cmdsn.wrapping_sub(refcmdsn) < CMD_WINDOW
+                        && refcmdsn != self.exp_cmdsn
+                    {
                         1
                     } else {
                         0
@@ -603,7 +717,9 @@ impl Conn {
             }
             6 | 7 => {
                 self.abort_where(|_| true).await;
-                target.lun.reset(ResetKind::TargetWarm, Some(&self.session.nexus));
+                target
+                    .lun
+                    .reset(ResetKind::TargetWarm, Some(&self.session.nexus));
                 tracing::info!(tsih = self.session.tsih, function, "target reset");
                 close = function == 7;
                 0
@@ -744,7 +860,7 @@ fn full_cdb(bhs: &Bhs, ahs: &Bytes) -> Option<Bytes> {
     while rest.len() >= 4 {
         let len = u16::from_be_bytes([rest[0], rest[1]]) as usize;
         let kind = rest[2];
-        let padded = (len + 3 + 3) / 4 * 4;
+        let padded = (len + 3).div_ceil(4) * 4;
         if rest.len() < 3 + len {
             return None;
         }
@@ -776,11 +892,19 @@ pub fn lun_index(field: u64) -> Option<u16> {
 /// the transport must report (RFC 7143 §11.4.5.1). `None`: not a write of blocks.
 fn write_length(cdb: &[u8]) -> Option<u64> {
     let blocks = |v: u64| Some(v * scsi::LOGICAL_BLOCK);
-    let u16_at = |i: usize| cdb.get(i..i + 2).map(|b| u16::from_be_bytes([b[0], b[1]]) as u64);
-    let u32_at = |i: usize| cdb.get(i..i + 4).map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as u64);
+    let u16_at = |i: usize| {
+        cdb.get(i..i + 2)
+            .map(|b| u16::from_be_bytes([b[0], b[1]]) as u64)
+    };
+    let u32_at = |i: usize| {
+        cdb.get(i..i + 4)
+            .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as u64)
+    };
     let bytchk = |c: &[u8]| c.get(1).map(|b| (b >> 1) & 3);
     match *cdb.first()? {
-        0x0a => cdb.get(4).and_then(|n| blocks(if *n == 0 { 256 } else { *n as u64 })),
+        0x0a => cdb
+            .get(4)
+            .and_then(|n| blocks(if *n == 0 { 256 } else { *n as u64 })),
         0x2a | 0x2e => u16_at(7).and_then(blocks),
         0xaa | 0xae => u32_at(6).and_then(blocks),
         0x8a | 0x8e | 0x8b => u32_at(10).and_then(blocks),
@@ -808,7 +932,10 @@ fn write_length(cdb: &[u8]) -> Option<u64> {
 
 /// WRITE and WRITE AND VERIFY: the commands that can transfer fewer blocks than asked.
 fn is_plain_write(cdb: &[u8]) -> bool {
-    matches!(cdb.first(), Some(0x0a | 0x2a | 0xaa | 0x8a | 0x2e | 0xae | 0x8e))
+    matches!(
+        cdb.first(),
+        Some(0x0a | 0x2a | 0xaa | 0x8a | 0x2e | 0xae | 0x8e)
+    )
 }
 
 /// Rewrites the TRANSFER LENGTH of a plain write CDB (`blocks` is below the original).
@@ -860,8 +987,15 @@ async fn execute(
             if edtl != spdtl && !is_plain_write(cdb) {
                 // COMPARE AND WRITE, WRITE SAME, ORWRITE, VERIFY with data: no partial form.
                 let sense = scsi::sense(scsi::sense::key::ILLEGAL_REQUEST, 0x24, 0x00);
-                let resp = Response { status: Status::CheckCondition, sense: Some(sense), data: Bytes::new() };
-                return (resp, Some((edtl < spdtl, residual_of(edtl.abs_diff(spdtl)))));
+                let resp = Response {
+                    status: Status::CheckCondition,
+                    sense: Some(sense),
+                    data: Bytes::new(),
+                };
+                return (
+                    resp,
+                    Some((edtl < spdtl, residual_of(edtl.abs_diff(spdtl)))),
+                );
             }
             if edtl < spdtl {
                 // RFC 7143 §11.4.5.1 / libiscsi: transfer what the initiator sent, whole
@@ -869,7 +1003,14 @@ async fn execute(
                 residual = Some((true, residual_of(spdtl - edtl)));
                 let blocks = edtl / scsi::LOGICAL_BLOCK;
                 if blocks == 0 {
-                    return (Response { status: Status::Good, sense: None, data: Bytes::new() }, residual);
+                    return (
+                        Response {
+                            status: Status::Good,
+                            sense: None,
+                            data: Bytes::new(),
+                        },
+                        residual,
+                    );
                 }
                 cdb_buf = cdb.to_vec();
                 set_transfer_blocks(&mut cdb_buf, blocks);
@@ -882,18 +1023,43 @@ async fn execute(
         }
     }
     let resp = match lun_index(lun_field) {
-        Some(0) => target.lun.execute(Command { cdb, data_out, nexus: &session.nexus }).await,
+        Some(0) => {
+            target
+                .lun
+                .execute(Command {
+                    cdb,
+                    data_out,
+                    nexus: &session.nexus,
+                })
+                .await
+        }
         // REPORT LUNS may be sent to any LUN; INQUIRY to an absent LUN reports "not present".
-        _ if cdb.first() == Some(&0xa0) => target.lun.execute(Command { cdb, data_out, nexus: &session.nexus }).await,
+        _ if cdb.first() == Some(&0xa0) => {
+            target
+                .lun
+                .execute(Command {
+                    cdb,
+                    data_out,
+                    nexus: &session.nexus,
+                })
+                .await
+        }
         _ if cdb.first() == Some(&0x12) => {
-            let alloc = cdb.get(3..5).map(|b| u16::from_be_bytes([b[0], b[1]]) as usize).unwrap_or(0);
+            let alloc = cdb
+                .get(3..5)
+                .map(|b| u16::from_be_bytes([b[0], b[1]]) as usize)
+                .unwrap_or(0);
             let mut d = vec![0u8; 36];
             d[0] = 0x7f;
             d[2] = 0x06;
             d[3] = 0x02;
             d[4] = 31;
             d.truncate(alloc);
-            Response { status: Status::Good, sense: None, data: Bytes::from(d) }
+            Response {
+                status: Status::Good,
+                sense: None,
+                data: Bytes::from(d),
+            }
         }
         _ => Response {
             status: Status::CheckCondition,
@@ -937,7 +1103,9 @@ impl Responder {
         let mut datasn = 0u32;
         let mut burst_left = self.max_burst as usize;
         while offset < send.len() {
-            let n = (self.mrdsl as usize).min(send.len() - offset).min(burst_left);
+            let n = (self.mrdsl as usize)
+                .min(send.len() - offset)
+                .min(burst_left);
             let last = offset + n == send.len();
             let mut b = Bhs::new(op::DATA_IN);
             let mut f = 0u8;
@@ -957,10 +1125,16 @@ impl Responder {
             b.set_u32(20, NO_TAG);
             b.set_u32(36, datasn);
             b.set_u32(40, offset as u32);
-            let _ = self.tx.send(Msg::Pdu(OutPdu::new(b, send.slice(offset..offset + n), sn)));
+            let _ = self
+                .tx
+                .send(Msg::Pdu(OutPdu::new(b, send.slice(offset..offset + n), sn)));
             datasn += 1;
             offset += n;
-            burst_left = if n == burst_left { self.max_burst as usize } else { burst_left - n };
+            burst_left = if n == burst_left {
+                self.max_burst as usize
+            } else {
+                burst_left - n
+            };
         }
         if collapse && !send.is_empty() {
             return;
@@ -980,7 +1154,9 @@ impl Responder {
             }
             None => Bytes::new(),
         };
-        let _ = self.tx.send(Msg::Pdu(OutPdu::new(b, data, StatSn::Advance)));
+        let _ = self
+            .tx
+            .send(Msg::Pdu(OutPdu::new(b, data, StatSn::Advance)));
     }
 }
 
@@ -1052,8 +1228,14 @@ mod tests {
     fn write_lengths_from_cdbs() {
         assert_eq!(write_length(&[0x2a, 0, 0, 0, 0, 0, 0, 0, 8, 0]), Some(4096));
         assert_eq!(write_length(&[0x0a, 0, 0, 0, 0, 0]), Some(256 * 512));
-        assert_eq!(write_length(&[0x89, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0]), Some(1024));
-        assert_eq!(write_length(&[0x2f, 0x02, 0, 0, 0, 0, 0, 0, 2, 0]), Some(1024));
+        assert_eq!(
+            write_length(&[0x89, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0]),
+            Some(1024)
+        );
+        assert_eq!(
+            write_length(&[0x2f, 0x02, 0, 0, 0, 0, 0, 0, 2, 0]),
+            Some(1024)
+        );
         assert_eq!(write_length(&[0x2f, 0x00, 0, 0, 0, 0, 0, 0, 2, 0]), Some(0));
         assert_eq!(write_length(&[0x2a, 0]), None);
         assert_eq!(write_length(&[0x12, 0, 0, 0, 0, 0]), None);

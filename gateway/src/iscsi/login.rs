@@ -49,7 +49,10 @@ pub enum LoginError {
 }
 
 fn refuse(status: LoginStatus, reason: impl Into<String>) -> LoginError {
-    LoginError::Refused { status, reason: reason.into() }
+    LoginError::Refused {
+        status,
+        reason: reason.into(),
+    }
 }
 
 /// What a successful login hands to Full Feature Phase.
@@ -85,7 +88,11 @@ struct State {
     exp_cmdsn: u32,
 }
 
-const LOGIN_FRAMING: Framing = Framing { header_digest: false, data_digest: false, max_data: 8192 };
+const LOGIN_FRAMING: Framing = Framing {
+    header_digest: false,
+    data_digest: false,
+    max_data: 8192,
+};
 
 /// Runs the login phase on a new connection.
 pub async fn login<R, W>(
@@ -104,7 +111,10 @@ where
         let pdu = rd.next().await?.ok_or(LoginError::Closed)?;
         let bhs = &pdu.bhs;
         if bhs.opcode() != op::LOGIN_REQ {
-            return Err(refuse(LoginStatus::INVALID_REQUEST, format!("opcode {:#x} during login", bhs.opcode())));
+            return Err(refuse(
+                LoginStatus::INVALID_REQUEST,
+                format!("opcode {:#x} during login", bhs.opcode()),
+            ));
         }
         let flags = bhs.flags();
         let (transit, cont) = (flags & 0x80 != 0, flags & 0x40 != 0);
@@ -130,16 +140,47 @@ where
         });
         s.itt = bhs.itt();
         s.exp_cmdsn = bhs.u32_at(24);
-        let outcome = step(gw, s, &pdu.data, &mut pending_text, transit, cont, csg, nsg, isid, tsih, bhs.0[2], bhs.0[3]);
+        let outcome = step(
+            gw,
+            s,
+            &pdu.data,
+            &mut pending_text,
+            transit,
+            cont,
+            csg,
+            nsg,
+            isid,
+            tsih,
+            bhs.0[2],
+            bhs.0[3],
+        );
         match outcome {
             Ok(Step::Continue { keys, transit, nsg }) => {
                 let data = Bytes::from(text::encode(&keys));
-                write_pdu(wr, response(s, transit, false, csg, nsg, 0, LoginStatus::SUCCESS, data), &LOGIN_FRAMING).await?;
+                write_pdu(
+                    wr,
+                    response(s, transit, false, csg, nsg, 0, LoginStatus::SUCCESS, data),
+                    &LOGIN_FRAMING,
+                )
+                .await?;
                 s.statsn = s.statsn.wrapping_add(1);
             }
             Ok(Step::MoreText) => {
-                write_pdu(wr, response(s, false, false, csg, csg, 0, LoginStatus::SUCCESS, Bytes::new()), &LOGIN_FRAMING)
-                    .await?;
+                write_pdu(
+                    wr,
+                    response(
+                        s,
+                        false,
+                        false,
+                        csg,
+                        csg,
+                        0,
+                        LoginStatus::SUCCESS,
+                        Bytes::new(),
+                    ),
+                    &LOGIN_FRAMING,
+                )
+                .await?;
                 s.statsn = s.statsn.wrapping_add(1);
             }
             Ok(Step::Done { keys }) => {
@@ -149,13 +190,24 @@ where
                     target: s.target.as_ref().map(|t| t.iqn.clone()),
                 };
                 if s.tsih != 0 && gw.sessions.find(&key, s.tsih).is_none() {
-                    let r = refuse(LoginStatus::NO_SESSION, format!("no session with TSIH {}", s.tsih));
+                    let r = refuse(
+                        LoginStatus::NO_SESSION,
+                        format!("no session with TSIH {}", s.tsih),
+                    );
                     return fail(wr, s, csg, r).await;
                 }
-                let guard = gw.sessions.create(key, s.target.clone(), gw.config.tpgt, shutdown).await;
+                let guard = gw
+                    .sessions
+                    .create(key, s.target.clone(), gw.config.tpgt, shutdown)
+                    .await;
                 let tsih = guard.session().tsih;
                 let data = Bytes::from(text::encode(&keys));
-                write_pdu(wr, response(s, true, false, csg, 3, tsih, LoginStatus::SUCCESS, data), &LOGIN_FRAMING).await?;
+                write_pdu(
+                    wr,
+                    response(s, true, false, csg, 3, tsih, LoginStatus::SUCCESS, data),
+                    &LOGIN_FRAMING,
+                )
+                .await?;
                 return Ok(LoginOutcome {
                     guard,
                     params: s.params.clone(),
@@ -168,15 +220,34 @@ where
     }
 }
 
-async fn fail<W: AsyncWrite + Unpin>(wr: &mut W, s: &State, csg: u8, e: LoginError) -> Result<LoginOutcome, LoginError> {
+async fn fail<W: AsyncWrite + Unpin>(
+    wr: &mut W,
+    s: &State,
+    csg: u8,
+    e: LoginError,
+) -> Result<LoginOutcome, LoginError> {
     if let LoginError::Refused { status, .. } = &e {
-        let _ = write_pdu(wr, response(s, false, false, csg, csg, 0, *status, Bytes::new()), &LOGIN_FRAMING).await;
+        let _ = write_pdu(
+            wr,
+            response(s, false, false, csg, csg, 0, *status, Bytes::new()),
+            &LOGIN_FRAMING,
+        )
+        .await;
     }
     Err(e)
 }
 
 #[allow(clippy::too_many_arguments)]
-fn response(s: &State, transit: bool, cont: bool, csg: u8, nsg: u8, tsih: u16, status: LoginStatus, data: Bytes) -> OutPdu {
+fn response(
+    s: &State,
+    transit: bool,
+    cont: bool,
+    csg: u8,
+    nsg: u8,
+    tsih: u16,
+    status: LoginStatus,
+    data: Bytes,
+) -> OutPdu {
     let mut b = Bhs::new(op::LOGIN_RSP);
     let mut flags = (csg & 3) << 2;
     if transit {
@@ -191,16 +262,25 @@ fn response(s: &State, transit: bool, cont: bool, csg: u8, nsg: u8, tsih: u16, s
     b.set_itt(s.itt);
     b.set_u32(24, s.statsn);
     b.set_u32(28, s.exp_cmdsn);
-    b.set_u32(32, s.exp_cmdsn.wrapping_add(super::connection::CMD_WINDOW - 1));
+    b.set_u32(
+        32,
+        s.exp_cmdsn.wrapping_add(super::connection::CMD_WINDOW - 1),
+    );
     b.0[36] = status.0;
     b.0[37] = status.1;
     OutPdu::new(b, data, StatSn::None)
 }
 
 enum Step {
-    Continue { keys: Vec<(String, String)>, transit: bool, nsg: u8 },
+    Continue {
+        keys: Vec<(String, String)>,
+        transit: bool,
+        nsg: u8,
+    },
     MoreText,
-    Done { keys: Vec<(String, String)> },
+    Done {
+        keys: Vec<(String, String)>,
+    },
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -219,16 +299,28 @@ fn step(
     version_min: u8,
 ) -> Result<Step, LoginError> {
     if version_min > 0 || version_max < version_min {
-        return Err(refuse(LoginStatus::UNSUPPORTED_VERSION, "only iSCSI version 0 is supported"));
+        return Err(refuse(
+            LoginStatus::UNSUPPORTED_VERSION,
+            "only iSCSI version 0 is supported",
+        ));
     }
     if isid != s.isid || tsih != s.tsih {
-        return Err(refuse(LoginStatus::INITIATOR_ERROR, "ISID or TSIH changed during login"));
+        return Err(refuse(
+            LoginStatus::INITIATOR_ERROR,
+            "ISID or TSIH changed during login",
+        ));
     }
     if csg == 2 || csg == 3 || (transit && (nsg == 2 || nsg <= csg)) {
-        return Err(refuse(LoginStatus::INITIATOR_ERROR, format!("bad stage transition {csg}->{nsg}")));
+        return Err(refuse(
+            LoginStatus::INITIATOR_ERROR,
+            format!("bad stage transition {csg}->{nsg}"),
+        ));
     }
     if cont && transit {
-        return Err(refuse(LoginStatus::INITIATOR_ERROR, "C and T bits both set"));
+        return Err(refuse(
+            LoginStatus::INITIATOR_ERROR,
+            "C and T bits both set",
+        ));
     }
     if pending.len() + data.len() > MAX_TEXT {
         return Err(refuse(LoginStatus::INITIATOR_ERROR, "login text too long"));
@@ -237,7 +329,8 @@ fn step(
     if cont {
         return Ok(Step::MoreText);
     }
-    let pairs = text::parse(pending).map_err(|e| refuse(LoginStatus::INITIATOR_ERROR, e.to_string()))?;
+    let pairs =
+        text::parse(pending).map_err(|e| refuse(LoginStatus::INITIATOR_ERROR, e.to_string()))?;
     pending.clear();
     let get = |k: &str| pairs.iter().find(|(pk, _)| pk == k).map(|(_, v)| v.clone());
 
@@ -251,7 +344,10 @@ fn step(
         match k.as_str() {
             "AuthMethod" => {
                 if csg != 0 {
-                    return Err(refuse(LoginStatus::INITIATOR_ERROR, "AuthMethod outside security stage"));
+                    return Err(refuse(
+                        LoginStatus::INITIATOR_ERROR,
+                        "AuthMethod outside security stage",
+                    ));
                 }
                 let offered: Vec<&str> = v.split(',').map(str::trim).collect();
                 let choice = if chap_required {
@@ -267,25 +363,37 @@ fn step(
                     Some(a) => {
                         s.auth = a;
                         s.authenticated = a == Auth::None;
-                        keys.push((k.clone(), if a == Auth::Chap { "CHAP" } else { "None" }.into()));
+                        keys.push((
+                            k.clone(),
+                            if a == Auth::Chap { "CHAP" } else { "None" }.into(),
+                        ));
                     }
-                    None => return Err(refuse(LoginStatus::AUTH_FAILURE, format!("no acceptable AuthMethod in {v:?}"))),
+                    None => {
+                        return Err(refuse(
+                            LoginStatus::AUTH_FAILURE,
+                            format!("no acceptable AuthMethod in {v:?}"),
+                        ))
+                    }
                 }
             }
             "CHAP_A" => {
                 if s.auth != Auth::Chap || s.chap.is_some() {
                     return Err(refuse(LoginStatus::INITIATOR_ERROR, "unexpected CHAP_A"));
                 }
-                let (ex, reply) = ChapExchange::start(v).map_err(|e| refuse(LoginStatus::AUTH_FAILURE, e.to_string()))?;
+                let (ex, reply) = ChapExchange::start(v)
+                    .map_err(|e| refuse(LoginStatus::AUTH_FAILURE, e.to_string()))?;
                 s.chap = Some(ex);
                 keys.extend(reply);
             }
             "CHAP_N" => {
                 let (Some(ex), Some(creds)) = (s.chap.take(), gw.config.chap.as_ref()) else {
-                    return Err(refuse(LoginStatus::AUTH_FAILURE, "CHAP response without a challenge"));
+                    return Err(refuse(
+                        LoginStatus::AUTH_FAILURE,
+                        "CHAP response without a challenge",
+                    ));
                 };
                 let reply = ex
-                    .finish(&get, creds, gw.config.mutual_chap.as_ref())
+                    .finish(get, creds, gw.config.mutual_chap.as_ref())
                     .map_err(|e| refuse(LoginStatus::AUTH_FAILURE, e.to_string()))?;
                 s.authenticated = true;
                 keys.extend(reply);
@@ -324,7 +432,10 @@ fn step(
     let going_ffp = transit && nsg == 3 && s.authenticated;
     if (csg == 1 || going_ffp) && !s.declared {
         s.declared = true;
-        keys.push(("MaxRecvDataSegmentLength".into(), s.params.target_mrdsl.to_string()));
+        keys.push((
+            "MaxRecvDataSegmentLength".into(),
+            s.params.target_mrdsl.to_string(),
+        ));
         if let Some(t) = &s.target {
             keys.push(("TargetAlias".into(), t.name.clone()));
         }
@@ -333,22 +444,42 @@ fn step(
         return Ok(Step::Done { keys });
     }
     let may_transit = transit && s.authenticated;
-    Ok(Step::Continue { keys, transit: may_transit, nsg: if may_transit { nsg } else { csg } })
+    Ok(Step::Continue {
+        keys,
+        transit: may_transit,
+        nsg: if may_transit { nsg } else { csg },
+    })
 }
 
 /// First PDU: who is this and what do they want?
-fn identify(gw: &Gateway, s: &mut State, get: &impl Fn(&str) -> Option<String>) -> Result<(), LoginError> {
-    let initiator = get("InitiatorName").ok_or_else(|| refuse(LoginStatus::MISSING_PARAMETER, "InitiatorName missing"))?;
+fn identify(
+    gw: &Gateway,
+    s: &mut State,
+    get: &impl Fn(&str) -> Option<String>,
+) -> Result<(), LoginError> {
+    let initiator = get("InitiatorName")
+        .ok_or_else(|| refuse(LoginStatus::MISSING_PARAMETER, "InitiatorName missing"))?;
     s.discovery = match get("SessionType").as_deref() {
         None | Some("Normal") => false,
         Some("Discovery") => true,
-        Some(other) => return Err(refuse(LoginStatus::INITIATOR_ERROR, format!("SessionType {other:?}"))),
+        Some(other) => {
+            return Err(refuse(
+                LoginStatus::INITIATOR_ERROR,
+                format!("SessionType {other:?}"),
+            ))
+        }
     };
     if !s.discovery {
-        let name = get("TargetName").ok_or_else(|| refuse(LoginStatus::MISSING_PARAMETER, "TargetName missing"))?;
-        let target = gw.target(&name).ok_or_else(|| refuse(LoginStatus::NOT_FOUND, format!("no target {name}")))?;
+        let name = get("TargetName")
+            .ok_or_else(|| refuse(LoginStatus::MISSING_PARAMETER, "TargetName missing"))?;
+        let target = gw
+            .target(&name)
+            .ok_or_else(|| refuse(LoginStatus::NOT_FOUND, format!("no target {name}")))?;
         if !target.allows(&initiator) {
-            return Err(refuse(LoginStatus::AUTHORIZATION_FAILURE, format!("{initiator} is not in the ACL of {name}")));
+            return Err(refuse(
+                LoginStatus::AUTHORIZATION_FAILURE,
+                format!("{initiator} is not in the ACL of {name}"),
+            ));
         }
         s.target = Some(target);
     }

@@ -17,7 +17,12 @@ pub struct Limits {
 
 impl Default for Limits {
     fn default() -> Self {
-        Self { max_recv_data_segment: 256 * 1024, max_burst: 1024 * 1024, first_burst: 256 * 1024, max_outstanding_r2t: 8 }
+        Self {
+            max_recv_data_segment: 256 * 1024,
+            max_burst: 1024 * 1024,
+            first_burst: 256 * 1024,
+            max_outstanding_r2t: 8,
+        }
     }
 }
 
@@ -161,7 +166,8 @@ pub fn negotiate(p: &mut Params, limits: &Limits, key: &str, value: &str) -> Ans
         "IFMarkInt" | "OFMarkInt" => Reply("Irrelevant".into()),
         "iSCSIProtocolLevel" => reply(number(value, 0, 31).map(|n| n.min(1).to_string())),
         "TaskReporting" => Reply("RFC3720".into()),
-        "InitiatorName" | "InitiatorAlias" | "TargetName" | "SessionType" | "AuthMethod" | "SendTargets" => NotOperational,
+        "InitiatorName" | "InitiatorAlias" | "TargetName" | "SessionType" | "AuthMethod"
+        | "SendTargets" => NotOperational,
         k if k.starts_with("CHAP_") => NotOperational,
         // TargetAlias, TargetAddress, TargetPortalGroupTag are ours to declare.
         "TargetAlias" | "TargetAddress" | "TargetPortalGroupTag" => Reply("Irrelevant".into()),
@@ -177,24 +183,72 @@ mod tests {
     fn negotiates_like_the_rfc() {
         let l = Limits::default();
         let mut p = Params::new(&l);
-        assert_eq!(negotiate(&mut p, &l, "HeaderDigest", "CRC32C,None"), Answer::Reply("CRC32C".into()));
+        assert_eq!(
+            negotiate(&mut p, &l, "HeaderDigest", "CRC32C,None"),
+            Answer::Reply("CRC32C".into())
+        );
         assert!(p.header_digest);
-        assert_eq!(negotiate(&mut p, &l, "DataDigest", "None"), Answer::Reply("None".into()));
-        assert_eq!(negotiate(&mut p, &l, "DataDigest", "MD5"), Answer::Reply("Reject".into()));
-        assert_eq!(negotiate(&mut p, &l, "MaxRecvDataSegmentLength", "65536"), Answer::Silent);
+        assert_eq!(
+            negotiate(&mut p, &l, "DataDigest", "None"),
+            Answer::Reply("None".into())
+        );
+        assert_eq!(
+            negotiate(&mut p, &l, "DataDigest", "MD5"),
+            Answer::Reply("Reject".into())
+        );
+        assert_eq!(
+            negotiate(&mut p, &l, "MaxRecvDataSegmentLength", "65536"),
+            Answer::Silent
+        );
         assert_eq!(p.initiator_mrdsl, 65536);
-        assert_eq!(negotiate(&mut p, &l, "MaxRecvDataSegmentLength", "100"), Answer::Reply("Reject".into()));
-        assert_eq!(negotiate(&mut p, &l, "MaxBurstLength", "16776192"), Answer::Reply("1048576".into()));
-        assert_eq!(negotiate(&mut p, &l, "FirstBurstLength", "16776192"), Answer::Reply("262144".into()));
-        assert_eq!(negotiate(&mut p, &l, "MaxOutstandingR2T", "1"), Answer::Reply("1".into()));
-        assert_eq!(negotiate(&mut p, &l, "InitialR2T", "No"), Answer::Reply("No".into()));
+        assert_eq!(
+            negotiate(&mut p, &l, "MaxRecvDataSegmentLength", "100"),
+            Answer::Reply("Reject".into())
+        );
+        assert_eq!(
+            negotiate(&mut p, &l, "MaxBurstLength", "16776192"),
+            Answer::Reply("1048576".into())
+        );
+        assert_eq!(
+            negotiate(&mut p, &l, "FirstBurstLength", "16776192"),
+            Answer::Reply("262144".into())
+        );
+        assert_eq!(
+            negotiate(&mut p, &l, "MaxOutstandingR2T", "1"),
+            Answer::Reply("1".into())
+        );
+        assert_eq!(
+            negotiate(&mut p, &l, "InitialR2T", "No"),
+            Answer::Reply("No".into())
+        );
         assert!(!p.initial_r2t);
-        assert_eq!(negotiate(&mut p, &l, "ImmediateData", "maybe"), Answer::Reply("Reject".into()));
-        assert_eq!(negotiate(&mut p, &l, "ErrorRecoveryLevel", "2"), Answer::Reply("0".into()));
-        assert_eq!(negotiate(&mut p, &l, "MaxConnections", "8"), Answer::Reply("1".into()));
-        assert_eq!(negotiate(&mut p, &l, "DefaultTime2Wait", "0"), Answer::Reply("2".into()));
-        assert_eq!(negotiate(&mut p, &l, "DefaultTime2Retain", "0"), Answer::Reply("0".into()));
-        assert_eq!(negotiate(&mut p, &l, "X-com.example.Foo", "1"), Answer::Reply("NotUnderstood".into()));
-        assert_eq!(negotiate(&mut p, &l, "InitiatorName", "iqn.x"), Answer::NotOperational);
+        assert_eq!(
+            negotiate(&mut p, &l, "ImmediateData", "maybe"),
+            Answer::Reply("Reject".into())
+        );
+        assert_eq!(
+            negotiate(&mut p, &l, "ErrorRecoveryLevel", "2"),
+            Answer::Reply("0".into())
+        );
+        assert_eq!(
+            negotiate(&mut p, &l, "MaxConnections", "8"),
+            Answer::Reply("1".into())
+        );
+        assert_eq!(
+            negotiate(&mut p, &l, "DefaultTime2Wait", "0"),
+            Answer::Reply("2".into())
+        );
+        assert_eq!(
+            negotiate(&mut p, &l, "DefaultTime2Retain", "0"),
+            Answer::Reply("0".into())
+        );
+        assert_eq!(
+            negotiate(&mut p, &l, "X-com.example.Foo", "1"),
+            Answer::Reply("NotUnderstood".into())
+        );
+        assert_eq!(
+            negotiate(&mut p, &l, "InitiatorName", "iqn.x"),
+            Answer::NotOperational
+        );
     }
 }

@@ -56,7 +56,13 @@ pub struct Bhs(pub [u8; BHS_LEN]);
 
 impl std::fmt::Debug for Bhs {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Bhs(op={:#04x} itt={:#x} dlen={})", self.opcode(), self.itt(), self.data_len())
+        write!(
+            f,
+            "Bhs(op={:#04x} itt={:#x} dlen={})",
+            self.opcode(),
+            self.itt(),
+            self.data_len()
+        )
     }
 }
 
@@ -174,9 +180,17 @@ pub fn try_parse(buf: &mut BytesMut, framing: &Framing) -> Result<Option<Pdu>, P
     let hd = if framing.header_digest { 4 } else { 0 };
     let dlen = bhs.data_len();
     if dlen > framing.max_data {
-        return Err(PduError::DataTooLong { bhs, len: dlen, max: framing.max_data });
+        return Err(PduError::DataTooLong {
+            bhs,
+            len: dlen,
+            max: framing.max_data,
+        });
     }
-    let dd = if framing.data_digest && dlen > 0 { 4 } else { 0 };
+    let dd = if framing.data_digest && dlen > 0 {
+        4
+    } else {
+        0
+    };
     let header_total = BHS_LEN + ahs_len + hd;
     let total = header_total + dlen + pad4(dlen) + dd;
     if buf.len() < total {
@@ -233,7 +247,12 @@ pub struct OutPdu {
 
 impl OutPdu {
     pub fn new(bhs: Bhs, data: Bytes, statsn: StatSn) -> Self {
-        Self { bhs, data, statsn, stamp_cmdsn: true }
+        Self {
+            bhs,
+            data,
+            statsn,
+            stamp_cmdsn: true,
+        }
     }
 
     /// Appends the wire form to `parts`: header (+digest), data, padding (+digest).
@@ -267,7 +286,11 @@ impl OutPdu {
 #[doc(hidden)]
 pub fn fuzz_parse(data: &[u8]) {
     for (hd, dd) in [(false, false), (true, false), (false, true), (true, true)] {
-        let framing = Framing { header_digest: hd, data_digest: dd, max_data: 64 * 1024 };
+        let framing = Framing {
+            header_digest: hd,
+            data_digest: dd,
+            max_data: 64 * 1024,
+        };
         let mut buf = BytesMut::from(data);
         let mut taken = 0;
         while let Ok(Some(pdu)) = try_parse(&mut buf, &framing) {
@@ -282,7 +305,11 @@ mod tests {
     use super::*;
 
     fn framing(hd: bool, dd: bool) -> Framing {
-        Framing { header_digest: hd, data_digest: dd, max_data: 8192 }
+        Framing {
+            header_digest: hd,
+            data_digest: dd,
+            max_data: 8192,
+        }
     }
 
     fn wire(pdu: OutPdu, f: &Framing) -> BytesMut {
@@ -326,12 +353,28 @@ mod tests {
     #[test]
     fn digest_errors_are_detected() {
         let f = framing(true, true);
-        let mut buf = wire(OutPdu::new(Bhs::new(op::NOP_OUT), Bytes::from_static(b"ping"), StatSn::None), &f);
+        let mut buf = wire(
+            OutPdu::new(
+                Bhs::new(op::NOP_OUT),
+                Bytes::from_static(b"ping"),
+                StatSn::None,
+            ),
+            &f,
+        );
         buf[53] ^= 1; // inside the data segment (after the 48+4 header)
-        assert!(matches!(try_parse(&mut buf, &f), Err(PduError::DataDigest(_))));
-        let mut buf = wire(OutPdu::new(Bhs::new(op::NOP_OUT), Bytes::new(), StatSn::None), &f);
+        assert!(matches!(
+            try_parse(&mut buf, &f),
+            Err(PduError::DataDigest(_))
+        ));
+        let mut buf = wire(
+            OutPdu::new(Bhs::new(op::NOP_OUT), Bytes::new(), StatSn::None),
+            &f,
+        );
         buf[3] ^= 1;
-        assert!(matches!(try_parse(&mut buf, &f), Err(PduError::HeaderDigest)));
+        assert!(matches!(
+            try_parse(&mut buf, &f),
+            Err(PduError::HeaderDigest)
+        ));
     }
 
     #[test]
@@ -340,7 +383,13 @@ mod tests {
         let mut bhs = Bhs::new(op::SCSI_CMD);
         bhs.set_data_len(0x00ff_ffff);
         let mut buf = BytesMut::from(&bhs.0[..]);
-        assert!(matches!(try_parse(&mut buf, &f), Err(PduError::DataTooLong { len: 0x00ff_ffff, .. })));
+        assert!(matches!(
+            try_parse(&mut buf, &f),
+            Err(PduError::DataTooLong {
+                len: 0x00ff_ffff,
+                ..
+            })
+        ));
     }
 
     #[test]

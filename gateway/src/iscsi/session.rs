@@ -78,7 +78,11 @@ impl Registry {
         tpgt: u16,
         parent: &CancellationToken,
     ) -> SessionGuard {
-        let old = self.sessions.lock().map(|mut s| s.remove(&key)).unwrap_or(None);
+        let old = self
+            .sessions
+            .lock()
+            .map(|mut s| s.remove(&key))
+            .unwrap_or(None);
         if let Some(old) = old {
             tracing::info!(initiator = %key.initiator, tsih = old.tsih, "reinstating session");
             old.cancel.cancel();
@@ -88,7 +92,10 @@ impl Registry {
             let _ = tokio::time::timeout(Duration::from_secs(30), done.wait_for(|d| *d)).await;
         }
         let tsih = loop {
-            let t = self.next_tsih.fetch_add(1, Ordering::Relaxed).wrapping_add(1);
+            let t = self
+                .next_tsih
+                .fetch_add(1, Ordering::Relaxed)
+                .wrapping_add(1);
             if t != 0 {
                 break t;
             }
@@ -100,12 +107,23 @@ impl Registry {
             tpgt,
         };
         let (done_tx, done_rx) = watch::channel(false);
-        let session = Arc::new(Session { key: key.clone(), tsih, nexus, target, cancel: parent.child_token(), done: done_rx });
+        let session = Arc::new(Session {
+            key: key.clone(),
+            tsih,
+            nexus,
+            target,
+            cancel: parent.child_token(),
+            done: done_rx,
+        });
         if let Ok(mut s) = self.sessions.lock() {
             s.insert(key, session.clone());
         }
         crate::metrics::session_opened();
-        SessionGuard { registry: self.clone(), session, done: done_tx }
+        SessionGuard {
+            registry: self.clone(),
+            session,
+            done: done_tx,
+        }
     }
 
     /// Finds a live session by TSIH for a login that names one.
@@ -116,7 +134,9 @@ impl Registry {
 
     fn remove(&self, session: &Arc<Session>) {
         if let Ok(mut s) = self.sessions.lock() {
-            if s.get(&session.key).is_some_and(|cur| Arc::ptr_eq(cur, session)) {
+            if s.get(&session.key)
+                .is_some_and(|cur| Arc::ptr_eq(cur, session))
+            {
                 s.remove(&session.key);
             }
         }

@@ -30,7 +30,9 @@ pub fn parse(data: &[u8]) -> Result<Vec<(String, String)>, TextError> {
             continue;
         }
         let s = std::str::from_utf8(raw).map_err(|_| TextError::NotUtf8)?;
-        let (k, v) = s.split_once('=').ok_or_else(|| TextError::NoEquals(s.chars().take(64).collect()))?;
+        let (k, v) = s
+            .split_once('=')
+            .ok_or_else(|| TextError::NoEquals(s.chars().take(64).collect()))?;
         if k.is_empty() || k.len() > 63 {
             return Err(TextError::BadKey(k.chars().take(64).collect()));
         }
@@ -61,11 +63,20 @@ mod tests {
     #[test]
     fn parses_pairs_and_refuses_garbage() {
         let p = parse(b"InitiatorName=iqn.x\0SessionType=Normal\0").unwrap();
-        assert_eq!(p, vec![("InitiatorName".into(), "iqn.x".into()), ("SessionType".into(), "Normal".into())]);
+        assert_eq!(
+            p,
+            vec![
+                ("InitiatorName".into(), "iqn.x".into()),
+                ("SessionType".into(), "Normal".into())
+            ]
+        );
         assert_eq!(parse(b"a=b\0a=c\0"), Err(TextError::Duplicate("a".into())));
         assert!(matches!(parse(b"novalue\0"), Err(TextError::NoEquals(_))));
         assert!(matches!(parse(b"=x\0"), Err(TextError::BadKey(_))));
         assert_eq!(parse(&[0xff, b'=', b'1']), Err(TextError::NotUtf8));
-        assert_eq!(encode(&p), b"InitiatorName=iqn.x\0SessionType=Normal\0".to_vec());
+        assert_eq!(
+            encode(&p),
+            b"InitiatorName=iqn.x\0SessionType=Normal\0".to_vec()
+        );
     }
 }

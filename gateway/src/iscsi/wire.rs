@@ -18,7 +18,11 @@ pub struct PduReader<R> {
 
 impl<R: AsyncRead + Unpin> PduReader<R> {
     pub fn new(io: R, framing: Framing) -> Self {
-        Self { io, buf: BytesMut::with_capacity(64 * 1024), framing }
+        Self {
+            io,
+            buf: BytesMut::with_capacity(64 * 1024),
+            framing,
+        }
     }
 
     /// The next PDU, or `None` when the peer closed the connection between PDUs.
@@ -41,10 +45,17 @@ impl<R: AsyncRead + Unpin> PduReader<R> {
 }
 
 /// Writes `parts` fully with as few `writev` calls as the kernel allows.
-pub async fn write_parts<W: AsyncWrite + Unpin>(io: &mut W, parts: &mut Vec<Bytes>) -> std::io::Result<()> {
+pub async fn write_parts<W: AsyncWrite + Unpin>(
+    io: &mut W,
+    parts: &mut Vec<Bytes>,
+) -> std::io::Result<()> {
     let mut idx = 0;
     while idx < parts.len() {
-        let slices: Vec<IoSlice<'_>> = parts[idx..].iter().take(64).map(|b| IoSlice::new(b)).collect();
+        let slices: Vec<IoSlice<'_>> = parts[idx..]
+            .iter()
+            .take(64)
+            .map(|b| IoSlice::new(b))
+            .collect();
         let mut n = io.write_vectored(&slices).await?;
         if n == 0 {
             return Err(std::io::ErrorKind::WriteZero.into());
@@ -65,7 +76,11 @@ pub async fn write_parts<W: AsyncWrite + Unpin>(io: &mut W, parts: &mut Vec<Byte
 }
 
 /// Encodes and writes one PDU (login phase, before the writer task exists).
-pub async fn write_pdu<W: AsyncWrite + Unpin>(io: &mut W, pdu: OutPdu, framing: &Framing) -> std::io::Result<()> {
+pub async fn write_pdu<W: AsyncWrite + Unpin>(
+    io: &mut W,
+    pdu: OutPdu,
+    framing: &Framing,
+) -> std::io::Result<()> {
     let mut parts = Vec::with_capacity(3);
     pdu.encode(framing, &mut parts);
     write_parts(io, &mut parts).await?;
