@@ -106,6 +106,9 @@ impl Registry {
             isid: key.isid,
             tpgt,
         };
+        if let Some(t) = &target {
+            t.lun.nexus_joined(&nexus);
+        }
         let (done_tx, done_rx) = watch::channel(false);
         let session = Arc::new(Session {
             key: key.clone(),

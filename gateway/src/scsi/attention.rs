@@ -28,6 +28,12 @@ impl UnitAttentions {
         }
     }
 
+    /// Forgets a nexus that ended (its pending conditions die with it).
+    pub fn forget(&mut self, who: &ItKey) {
+        self.known.remove(who);
+        self.pending.remove(who);
+    }
+
     /// Queues `asc`/`ascq` for `who`, once.
     pub fn establish(&mut self, who: &ItKey, asc: u8, ascq: u8) {
         let q = self.pending.entry(who.clone()).or_default();

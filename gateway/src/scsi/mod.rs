@@ -175,9 +175,18 @@ impl Lun {
         st.attention.broadcast(asc, ascq);
     }
 
-    /// I_T nexus loss: its SPC-2 reservation goes; persistent registrations stay.
+    /// A nexus logged in: later unit attentions include it even before its first command.
+    pub fn nexus_joined(&self, nexus: &Nexus) {
+        self.state().attention.seen(&ItKey::from(nexus));
+    }
+
+    /// I_T nexus loss: its SPC-2 reservation and pending unit attentions go; persistent
+    /// registrations stay.
     pub fn nexus_gone(&self, nexus: &Nexus) {
-        self.state().reservations.release_spc2(&ItKey::from(nexus));
+        let key = ItKey::from(nexus);
+        let mut st = self.state();
+        st.reservations.release_spc2(&key);
+        st.attention.forget(&key);
     }
 
     /// The device was resized: CAPACITY DATA HAS CHANGED for every nexus.
