@@ -209,6 +209,9 @@ impl Server {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
+        // Own process group: signals aimed at the test's group (terminal Ctrl-C, a runner's
+        // timeout) must not reach the server; the fixture alone decides when it stops.
+        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
         let cmdline = format!("{cmd:?}");
         let mut child: Child = cmd.spawn().unwrap_or_else(|e| {
             panic!("cannot start {}: {e}\n  command: {cmdline}", bin.display())
