@@ -626,6 +626,11 @@ fn conformance_iscsi_test_cu() {
         .map(str::trim)
         .filter(|l| !l.is_empty() && !l.starts_with('#'))
         .collect();
+    let known: Vec<&str> = include_str!("data/conformance-known-failures.txt")
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .collect();
     let dir = TestDir::new("conformance");
     let mut server = Server::start(dir.path(), ServerConfig::default().volume("conf", "1GiB"));
     let url = server.url("conf");
@@ -721,8 +726,11 @@ fn conformance_iscsi_test_cu() {
     }
     let failed: Vec<_> = results
         .iter()
-        .filter(|(_, (o, _))| *o == Outcome::Fail)
+        .filter(|(name, (o, _))| *o == Outcome::Fail && !known.contains(&name.as_str()))
         .collect();
+    for name in &known {
+        println!("  known failure {name}: {:?}", results.get(*name));
+    }
     let (p, s) = (
         results
             .values()
