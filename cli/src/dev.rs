@@ -14,7 +14,7 @@ use std::sync::Arc;
 use anyhow::{bail, Context};
 use clap::Args;
 use ironsan_common::{parse_size, ByteSize};
-use ironsan_gateway::device::{BlockDevice, FileDevice};
+use ironsan_gateway::device::{BlockDevice, Engine, FileDevice};
 use ironsan_gateway::iscsi::chap::Credentials;
 use ironsan_gateway::scsi::PHYSICAL_BLOCK;
 use ironsan_gateway::target::{self, Gateway, GatewayConfig};
@@ -40,6 +40,16 @@ pub struct DevArgs {
     /// Serve Prometheus metrics on /metrics and /healthz at this address.
     #[arg(long)]
     metrics: Option<SocketAddr>,
+    /// How volume files are read and written: io_uring (falling back to the blocking pool
+    /// where the kernel refuses it) or the blocking pool.
+    #[arg(long, value_enum, default_value = "auto", env = "IRONSAN_IO_ENGINE")]
+    io_engine: IoEngine,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+enum IoEngine {
+    Auto,
+    Blocking,
 }
 
 #[derive(Debug, Clone)]
@@ -120,14 +130,19 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     }
     for v in &wanted {
         let path = vol_dir.join(format!("{}.img", v.name));
-        let dev = FileDevice::open(&path, v.size)
+        let engine = match args.io_engine {
+            IoEngine::Auto => Engine::Auto,
+            IoEngine::Blocking => Engine::Blocking,
+        };
+        let dev = FileDevice::open_with(&path, v.size, engine)
             .with_context(|| format!("open volume {}", path.display()))?;
         if v.size != 0 && dev.size() > v.size {
             tracing::warn!(volume = %v.name, size = %ByteSize(dev.size()), "volume is larger than --volume asks; keeping its size");
         }
         let size = dev.size();
+        let io = dev.engine();
         let t = gw.add_target(&v.name, Arc::new(dev), Vec::new())?;
-        tracing::info!(volume = %v.name, iqn = %t.iqn, size = %ByteSize(size), "volume ready");
+        tracing::info!(volume = %v.name, iqn = %t.iqn, size = %ByteSize(size), io, "volume ready");
     }
 
     if let Some(addr) = args.metrics {
