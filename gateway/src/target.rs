@@ -34,6 +34,8 @@ pub struct GatewayConfig {
     pub nop_interval: Duration,
     /// Silence after a ping after which the connection is declared dead.
     pub nop_timeout: Duration,
+    /// Connections served at once; more are closed at accept (a flood cannot exhaust fds).
+    pub max_connections: usize,
 }
 
 impl Default for GatewayConfig {
@@ -45,6 +47,7 @@ impl Default for GatewayConfig {
             tpgt: 1,
             nop_interval: Duration::from_secs(5),
             nop_timeout: Duration::from_secs(30),
+            max_connections: 1024,
         }
     }
 }
@@ -200,6 +203,11 @@ impl Gateway {
                     }
                 },
             };
+            if conns.len() >= self.config.max_connections {
+                tracing::warn!(%peer, limit = self.config.max_connections, "too many connections; closing");
+                drop(stream);
+                continue;
+            }
             conns.spawn(crate::iscsi::connection::serve(
                 self.clone(),
                 stream,

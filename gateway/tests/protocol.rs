@@ -709,3 +709,41 @@ async fn idle_connections_are_pinged_and_dead_ones_closed() {
     assert_eq!((ping.bhs.opcode(), ping.bhs.itt()), (op::NOP_IN, NO_TAG));
     assert!(c.recv().await.is_none(), "silent initiator is disconnected");
 }
+
+#[tokio::test]
+async fn connection_and_transfer_limits_hold() {
+    let s = server(GatewayConfig {
+        max_connections: 2,
+        ..Default::default()
+    })
+    .await;
+    let mut a = Client::connect(s.addr, 15).await;
+    a.login(&[]).await;
+    let mut b = Client::connect(s.addr, 16).await;
+    b.login(&[]).await;
+    let mut c = Client::connect(s.addr, 17).await;
+    let (bhs, data) = c.login_pdu(
+        1,
+        3,
+        true,
+        &keys(&[("InitiatorName", INITIATOR), ("TargetName", TARGET)]),
+    );
+    c.send(bhs, data).await;
+    assert!(
+        c.recv().await.is_none(),
+        "a connection over the limit is closed"
+    );
+
+    // An EDTL beyond the transfer limit is refused before any data is solicited.
+    let cmd = a.command(&write10(0, 0xffff), 0xffff * 512, false, true, true);
+    a.send(cmd, Bytes::new()).await;
+    let r = a.recv().await.unwrap();
+    assert_eq!((r.bhs.opcode(), r.bhs.0[3]), (op::SCSI_RSP, 2));
+    assert_eq!(
+        (r.data[2 + 2] & 0x0f, r.data[2 + 12]),
+        (0x05, 0x24),
+        "ILLEGAL REQUEST, INVALID FIELD IN CDB"
+    );
+    assert_eq!(a.scsi(&[0u8; 6], &[], 0).await.0, 0, "session still usable");
+    drop(b);
+}

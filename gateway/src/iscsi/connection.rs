@@ -38,8 +38,10 @@ use crate::target::{Gateway, Target};
 
 /// CmdSN window we advertise: MaxCmdSN = ExpCmdSN + CMD_WINDOW - 1.
 pub const CMD_WINDOW: u32 = 128;
-/// Largest Expected Data Transfer Length we accept for one command.
-pub const MAX_TRANSFER: u32 = 32 << 20;
+/// Largest Expected Data Transfer Length we accept for one command: twice the 4 MiB maximum
+/// transfer the Block Limits page advertises, so that residual cases still execute. With the
+/// CmdSN window this bounds the write data one connection can make us buffer.
+pub const MAX_TRANSFER: u32 = 8 << 20;
 /// How long a connection may take to log in.
 const LOGIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long teardown waits for in-flight commands.
