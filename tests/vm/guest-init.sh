@@ -1,0 +1,212 @@
+#!/bin/sh
+# /init of the IronSAN test guest (busybox sh inside qemu). Logs the Linux
+# kernel initiator (open-iscsi + iscsi_tcp) into an IronSAN target on the host
+# and checks that a filesystem survives logout/login. Parameters come from
+# /etc/ivm.conf, which run.sh adds to the initramfs for each run.
+#
+# Results go to ttyS1 (nothing else writes there) as "IVM PASS name",
+# "IVM FAIL name", "IVM INFO text" and finally "IVM DONE passed=N failed=N".
+# Each step's full output goes to the console (ttyS0) as "  | " lines.
+export PATH=/usr/sbin:/usr/bin:/sbin:/bin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+exec </dev/console >/dev/console 2>&1
+mount -t tmpfs tmpfs /run
+mkdir -p /run/lock/iscsi /mnt/t /etc/iscsi/nodes /etc/iscsi/send_targets /etc/iscsi/ifaces
+
+# PORT IQN HOST CHAP_USER CHAP_SECRET MUTUAL_USER MUTUAL_SECRET FILEMB
+. /etc/ivm.conf
+PORTAL=$HOST:$PORT
+
+if stty -F /dev/ttyS1 raw -echo 2>/dev/null; then exec 9>/dev/ttyS1; else exec 9>/dev/console; fi
+PASSED=0 FAILED=0
+say()  { echo "IVM $*" >&9; echo "IVM $*"; }
+now()  { cut -d' ' -f1 /proc/uptime; }
+
+# step NAME CMD...: run CMD, output to the console, one PASS/FAIL result line.
+N=0
+step() {
+  _name=$1; shift
+  N=$((N + 1)); _t0=$(now)
+  echo "== step $N: $_name"
+  "$@" > /tmp/out.$N 2>&1
+  _rc=$?
+  sed 's/^/  | /' /tmp/out.$N
+  _dt=$(awk -v a="$_t0" -v b="$(now)" 'BEGIN{printf "%.1f", b - a}')
+  if [ $_rc -eq 0 ]; then
+    PASSED=$((PASSED + 1)); say "PASS $_name (${_dt}s)"
+  else
+    FAILED=$((FAILED + 1)); say "FAIL $_name (rc=$_rc, ${_dt}s)"
+    tail -n 8 /tmp/out.$N | while IFS= read -r l; do say "INFO   $l"; done
+  fi
+  return $_rc
+}
+
+boot() {
+  while read -r m; do insmod "$m" || { echo "insmod $m failed"; return 1; }; done < /etc/ivm/modules
+  ip link set lo up
+  i=0; while [ ! -e /sys/class/net/eth0 ] && [ $i -lt 50 ]; do usleep 100000; i=$((i + 1)); done
+  ip link set eth0 up && ip addr add 10.0.2.15/24 dev eth0 && ip route add default via 10.0.2.2
+}
+
+start_iscsid() {
+  echo "InitiatorName=iqn.2026-11.io.ironsan.test:vm-guest" > /etc/iscsi/initiatorname.iscsi
+  iscsid -f > /tmp/iscsid.log 2>&1 &
+  i=0   # ready once its abstract control socket exists
+  while ! grep -q ISCSIADM_ABSTRACT_NAMESPACE /proc/net/unix; do
+    [ $i -lt 100 ] || { cat /tmp/iscsid.log; return 1; }
+    usleep 100000; i=$((i + 1))
+  done
+}
+
+discover() {
+  timeout 60 iscsiadm -m discovery -t st -p "$PORTAL" > /tmp/disc || { cat /tmp/disc; return 1; }
+  cat /tmp/disc
+  grep -q " $IQN\$" /tmp/disc || { echo "$IQN not listed"; return 1; }
+}
+
+node() { iscsiadm -m node -T "$IQN" -p "$PORTAL" "$@"; }
+set_opt() { node -o update -n "$1" -v "$2"; }
+
+# SendTargets reports the target's own address (127.0.0.1), which the guest
+# cannot reach, so the node record always uses the portal we discovered through.
+node_setup() {
+  node -o delete >/dev/null 2>&1
+  node -o new || return 1
+  set_opt node.session.initial_login_retry_max 1 || return 1
+  set_opt node.session.timeo.replacement_timeout 20 || return 1
+  if [ -n "$CHAP_USER" ]; then
+    set_opt node.session.auth.authmethod CHAP || return 1
+    set_opt node.session.auth.username "$CHAP_USER" || return 1
+    set_opt node.session.auth.password "$CHAP_SECRET" || return 1
+  fi
+  if [ -n "$MUTUAL_USER" ]; then
+    set_opt node.session.auth.username_in "$MUTUAL_USER" || return 1
+    set_opt node.session.auth.password_in "$MUTUAL_SECRET" || return 1
+  fi
+  node -o show | grep -E '^node.session.auth|retry_max' | sed 's/\(password[_in]* = \).*/\1<hidden>/'
+}
+
+login() { timeout 90 iscsiadm -m node -T "$IQN" -p "$PORTAL" --login; }
+
+# login must fail (rc 24 = ISCSI_ERR_LOGIN_AUTH_FAILED) and leave no session
+# login_refused RC WHY: the login must fail with iscsiadm exit status RC,
+# iscsid must log WHY (a regex), and no session may remain.
+# The kernel logs "detected conn error (1020)" when the target closes the
+# connection after refusing a login; lines logged during this step are kept
+# in /tmp/klog.expected so that klog_clean ignores them (and only them).
+login_refused() {
+  dmesg > /tmp/klog.a
+  _n=$(wc -l < /tmp/iscsid.log)
+  login; _r=$?
+  echo "iscsiadm --login exit status $_r"
+  usleep 500000
+  tail -n +$((_n + 1)) /tmp/iscsid.log > /tmp/iscsid.new
+  sed 's/^/iscsid log: /' /tmp/iscsid.new
+  dmesg | grep -vxF -f /tmp/klog.a | tee -a /tmp/klog.expected | sed 's/^/expected kernel message: /'
+  if iscsiadm -m session 2>/dev/null | grep -qF "$IQN"; then
+    echo "a session exists after the login that had to fail"
+    timeout 60 iscsiadm -m node -T "$IQN" -p "$PORTAL" --logout
+    return 1
+  fi
+  [ $_r -eq "$1" ] || { echo "expected exit status $1"; return 1; }
+  grep -qE "$2" /tmp/iscsid.new || { echo "iscsid did not log /$2/"; return 1; }
+}
+# the target must refuse our response (login status 0201, iscsiadm: 24)
+wrong_password() {
+  set_opt node.session.auth.password "wrong-$CHAP_SECRET" || return 1
+  login_refused 24 'Login failed to authenticate|authorization failure'; _r=$?
+  set_opt node.session.auth.password "$CHAP_SECRET" || return 1
+  return $_r
+}
+# the initiator must reject the target's answer: proves the target did answer
+# the mutual challenge, and with something computed from its own secret
+wrong_mutual() {
+  set_opt node.session.auth.password_in "wrong-$MUTUAL_SECRET" || return 1
+  login_refused 19 'incorrect CHAP response from target'; _r=$?
+  set_opt node.session.auth.password_in "$MUTUAL_SECRET" || return 1
+  return $_r
+}
+
+DISK=
+wait_disk() {
+  DISK= i=0
+  while [ -z "$DISK" ] && [ $i -lt 300 ]; do
+    for b in /sys/class/iscsi_session/session*/device/target*/*/block/*; do
+      [ -e "$b" ] && [ "$(cat "$b/size")" -gt 0 ] && [ -b "/dev/${b##*/}" ] && DISK=${b##*/}
+    done
+    [ -n "$DISK" ] || { usleep 100000; i=$((i + 1)); }
+  done
+  [ -n "$DISK" ] || { echo "no disk within 30s"; cat /proc/scsi/scsi; return 1; }
+  say "INFO   /dev/$DISK: $(( $(cat /sys/block/$DISK/size) / 2048 )) MiB," \
+    "vendor '$(cat /sys/block/$DISK/device/vendor | tr -s ' ')' model '$(cat /sys/block/$DISK/device/model | tr -s ' ')'"
+}
+
+logout() {
+  timeout 90 iscsiadm -m node -T "$IQN" -p "$PORTAL" --logout || return 1
+  i=0; while [ -e "/sys/block/$DISK" ] && [ $i -lt 100 ]; do usleep 100000; i=$((i + 1)); done
+  [ ! -e "/sys/block/$DISK" ] || { echo "/dev/$DISK still there 10s after logout"; return 1; }
+  ! iscsiadm -m session 2>/dev/null | grep -F "$IQN"
+}
+
+write_files() {
+  dd if=/dev/urandom of=/mnt/t/big.bin bs=1M count="$FILEMB" 2>&1 || return 1
+  head -c 1000003 /dev/urandom > /mnt/t/odd.bin || return 1
+  mkdir -p /mnt/t/small || return 1
+  i=0
+  while [ $i -lt 50 ]; do head -c $((i * 331 + 1)) /dev/urandom > /mnt/t/small/f$i || return 1; i=$((i + 1)); done
+  sync || return 1
+  (cd /mnt/t && find . -type f | sort | xargs sha256sum) > /tmp/sums || return 1
+  echo "$(wc -l < /tmp/sums) files, $(du -sk /mnt/t | cut -f1) KiB"
+}
+
+verify_files() {
+  (cd /mnt/t && sha256sum -c /tmp/sums) > /tmp/verify 2>&1; _r=$?
+  grep -v ': OK$' /tmp/verify
+  echo "$(grep -c ': OK$' /tmp/verify) of $(wc -l < /tmp/sums) files match"
+  [ $_r -eq 0 ] && [ "$(grep -c ': OK$' /tmp/verify)" -eq "$(wc -l < /tmp/sums)" ]
+}
+
+drop_caches() { sync; echo 3 > /proc/sys/vm/drop_caches; }
+
+klog_clean() {
+  echo "(no expected kernel messages)" >> /tmp/klog.expected   # never empty: busybox grep -f
+  dmesg | grep -vxF -f /tmp/klog.expected | grep -E 'conn error|I/O error|Buffer I/O|EXT4-fs (error|warning)|[Aa]bort|(LU|[Tt]arget|[Hh]ost|[Bb]us) [Rr]eset|Sense Key|hostbyte=|timing out|WARNING:|BUG:|Call Trace' \
+    && return 1
+  echo "no iSCSI/SCSI/ext4 errors in the kernel log"
+}
+
+main() {
+  AUTH=none; [ -n "$CHAP_USER" ] && AUTH=CHAP; [ -n "$MUTUAL_USER" ] && AUTH="mutual CHAP"
+  say "INFO guest: kernel $(uname -r); target $IQN at $PORTAL; auth: $AUTH"
+  step "guest boot (modules, network)" boot || return
+  step "iscsid started" start_iscsid || return
+  step "discovery lists $IQN" discover || return
+  step "node record (auth: $AUTH)" node_setup || return
+  if [ -n "$CHAP_USER" ]; then step "login with wrong CHAP password refused" wrong_password; fi
+  if [ -n "$MUTUAL_USER" ]; then step "login with wrong mutual CHAP secret refused" wrong_mutual; fi
+  step "login #1" login || return
+  step "disk appears after login #1" wait_disk || return
+  if step "mkfs.ext4" mkfs.ext4 -F -q "/dev/$DISK" && step "mount #1" mount -t ext4 "/dev/$DISK" /mnt/t; then
+    step "write files ($FILEMB MiB random + 51 small) and record sha256" write_files
+    step "umount #1" umount /mnt/t
+  fi
+  step "logout #1, disk gone" logout || return
+  drop_caches
+  step "login #2" login || return
+  step "disk appears after login #2" wait_disk || return
+  if step "mount #2" mount -t ext4 "/dev/$DISK" /mnt/t; then
+    step "all sha256 sums verified after re-login" verify_files
+    step "umount #2" umount /mnt/t
+  fi
+  step "logout #2, disk gone" logout
+}
+
+main
+step "kernel log clean" klog_clean
+[ $FAILED -gt 0 ] && { echo "== iscsid log"; cat /tmp/iscsid.log; }
+echo "== dmesg"; dmesg
+say "DONE passed=$PASSED failed=$FAILED"
+sync
+poweroff -f

@@ -1,0 +1,250 @@
+#!/bin/bash
+# run.sh - log the Linux kernel iSCSI initiator (open-iscsi + iscsi_tcp, in a
+# qemu TCG guest) into an IronSAN target listening on this host's 127.0.0.1,
+# put ext4 on the LUN, and check the files survive logout/login.
+#
+# usage: tests/vm/run.sh [--chap USER:SECRET] [--mutual-chap USER:SECRET] PORT IQN
+#
+# The guest reaches the host's 127.0.0.1 as 10.0.2.2 (qemu user networking).
+# THE LUN'S CONTENTS ARE OVERWRITTEN. Output: one "PASS name" / "FAIL name"
+# line per step (plus INFO lines), last line "N passed, N failed".
+# Exit status 0 only if every step passed and at least one ran.
+# Needs root (apt-get, /var/cache) unless the host packages are installed and
+# IRONSAN_VM_CACHE points somewhere writable. Knobs: see README.md.
+set -uo pipefail
+
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+TIMEOUT=${IRONSAN_VM_TIMEOUT:-600}
+CACHE=${IRONSAN_VM_CACHE:-/var/cache/ironsan-vm}
+MEM=${IRONSAN_VM_MEM:-512}
+SMP=${IRONSAN_VM_SMP:-2}
+FILEMB=${IRONSAN_VM_FILEMB:-8}
+LOG_DIR=${IRONSAN_VM_LOG_DIR:-}
+HOST_PKGS=(qemu-system-x86 open-iscsi busybox-static e2fsprogs kmod cpio zstd)
+# kernel modules the guest loads (modprobe resolves their dependencies)
+MODULES=(virtio_pci virtio_net crc32c_generic iscsi_tcp sd_mod ext4)
+
+usage() { echo "usage: $0 [--chap USER:SECRET] [--mutual-chap USER:SECRET] PORT IQN" >&2; }
+# every exit path ends with the summary line, so callers can always parse it
+die() { echo "FAIL setup: $*"; echo "0 passed, 1 failed"; exit 1; }
+log() { echo "run.sh: $*" >&2; }
+
+CHAP= MUTUAL=
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --chap) [ $# -ge 2 ] || { usage; die "--chap needs USER:SECRET"; }; CHAP=$2; shift 2 ;;
+    --chap=*) CHAP=${1#*=}; shift ;;
+    --mutual-chap) [ $# -ge 2 ] || { usage; die "--mutual-chap needs USER:SECRET"; }; MUTUAL=$2; shift 2 ;;
+    --mutual-chap=*) MUTUAL=${1#*=}; shift ;;
+    -h|--help) usage; exit 0 ;;
+    --) shift; break ;;
+    -*) usage; die "unknown option $1" ;;
+    *) break ;;
+  esac
+done
+[ $# -eq 2 ] || { usage; die "expected PORT and IQN"; }
+PORT=$1 IQN=$2
+[[ "$PORT" =~ ^[0-9]+$ ]] && [ "$PORT" -ge 1 ] && [ "$PORT" -le 65535 ] || die "bad PORT '$PORT'"
+[[ "$IQN" =~ ^[a-z0-9][a-z0-9.:-]*$ ]] || die "bad IQN '$IQN'"
+for v in TIMEOUT MEM SMP FILEMB; do [[ "${!v}" =~ ^[0-9]+$ ]] || die "IRONSAN_VM_$v must be a number"; done
+[ -z "$CHAP" ] || [[ "$CHAP" == ?*:?* ]] || die "--chap wants USER:SECRET"
+[ -z "$MUTUAL" ] || [[ "$MUTUAL" == ?*:?* ]] || die "--mutual-chap wants USER:SECRET"
+[ -z "$MUTUAL" ] || [ -n "$CHAP" ] || die "--mutual-chap needs --chap too"
+
+if [ -z "$LOG_DIR" ]; then LOG_DIR=$(mktemp -d /tmp/ironsan-vm.XXXXXX) || die "mktemp failed"; fi
+mkdir -p "$LOG_DIR" && chmod 700 "$LOG_DIR" || die "cannot create $LOG_DIR"
+T0=$SECONDS
+
+# ---- host packages ----------------------------------------------------------
+installed() { [ "$(dpkg-query -W -f='${Status}' "$1" 2>/dev/null)" = "install ok installed" ]; }
+apt_install() { DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "$@" >> "$LOG_DIR/apt.log" 2>&1; }
+# A qemu-utils from another suite (here: bookworm-backports) Breaks the
+# default qemu-system-common; take qemu-system-x86 from qemu-utils' suite.
+qemu_from_utils_suite() {
+  installed qemu-utils || return 1
+  local v rel
+  v=$(dpkg-query -W -f='${Version}' qemu-utils)
+  rel=$(apt-cache madison qemu-utils | awk -F' [|] ' -v v="$v" '$2 == v {split($3, a, " "); sub("/.*", "", a[2]); print a[2]; exit}')
+  [ -n "$rel" ] || return 1
+  log "retrying qemu-system-x86 from $rel (the suite of the installed qemu-utils $v)"
+  QEMU_CMD="apt-get install -y --no-install-recommends -t $rel qemu-system-x86"
+  apt_install -t "$rel" qemu-system-x86
+}
+ensure_packages() {
+  local missing=() p rest=()
+  for p in "${HOST_PKGS[@]}"; do installed "$p" || missing+=("$p"); done
+  [ ${#missing[@]} -eq 0 ] && return 0
+  local cmd="apt-get install -y --no-install-recommends ${missing[*]}"
+  [ "$(id -u)" = 0 ] || die "host packages missing; as root run: $cmd"
+  log "installing ${missing[*]} (log: $LOG_DIR/apt.log)"
+  apt_install "${missing[@]}" && return 0
+  apt-get update >> "$LOG_DIR/apt.log" 2>&1
+  apt_install "${missing[@]}" && return 0
+  for p in "${missing[@]}"; do [ "$p" = qemu-system-x86 ] || rest+=("$p"); done
+  if [ ${#rest[@]} -lt ${#missing[@]} ]; then
+    QEMU_CMD=
+    { [ ${#rest[@]} -eq 0 ] || apt_install "${rest[@]}"; } && qemu_from_utils_suite && return 0
+    [ -n "$QEMU_CMD" ] && cmd="$cmd  (and also failed: $QEMU_CMD)"
+  fi
+  tail -n 5 "$LOG_DIR/apt.log" >&2
+  die "cannot install host packages; this failed: $cmd"
+}
+
+kernel_deb() {
+  if [ -n "${IRONSAN_VM_KERNEL_DEB:-}" ]; then
+    [ -f "$IRONSAN_VM_KERNEL_DEB" ] || die "IRONSAN_VM_KERNEL_DEB=$IRONSAN_VM_KERNEL_DEB does not exist"
+    echo "$IRONSAN_VM_KERNEL_DEB"; return
+  fi
+  local f pkg
+  mkdir -p "$CACHE/debs"
+  f=$(ls -1 "$CACHE"/debs/linux-image-*.deb 2>/dev/null | sort -V | tail -n1)
+  [ -n "$f" ] && { echo "$f"; return; }
+  pkg=$(apt-cache depends linux-image-amd64 2>/dev/null | awk '/Depends: linux-image-[0-9]/ {print $2; exit}')
+  if [ -z "$pkg" ]; then
+    apt-get update >> "$LOG_DIR/apt.log" 2>&1
+    pkg=$(apt-cache depends linux-image-amd64 2>/dev/null | awk '/Depends: linux-image-[0-9]/ {print $2; exit}')
+  fi
+  [ -n "$pkg" ] || die "cannot resolve linux-image-amd64 (apt-get update failed?)"
+  log "downloading $pkg"
+  (cd "$CACHE/debs" && apt-get download "$pkg" >> "$LOG_DIR/apt.log" 2>&1) \
+    || die "kernel download failed: (cd $CACHE/debs && apt-get download $pkg)"
+  ls -1 "$CACHE/debs/${pkg}"_*.deb | tail -n1
+}
+
+# ---- guest image (kernel + initramfs of this host's binaries) ----------------
+# Builds $1/vmlinuz and $1/base.img from kernel .deb $2. Its own text is part
+# of the cache key, so editing it rebuilds the image.
+build_image() {
+  local out=$1 kdeb=$2 w kver r
+  w=$(mktemp -d "$CACHE/build.XXXXXX") || return 1
+  dpkg-deb -x "$kdeb" "$w/k" || return 1
+  [ -d "$w/k/lib/modules" ] || ln -s usr/lib "$w/k/lib"
+  kver=$(ls "$w/k/lib/modules" | head -n1)
+  depmod -b "$w/k" "$kver" || return 1
+  r=$w/root
+  mkdir -p "$r"/{usr/bin,usr/sbin,usr/lib,usr/lib64,etc/iscsi,etc/ivm,proc,sys,dev,run,tmp,mnt}
+  ln -s usr/bin "$r/bin"; ln -s usr/sbin "$r/sbin"; ln -s usr/lib "$r/lib"; ln -s usr/lib64 "$r/lib64"
+  ln -s ../run "$r/var"
+  local m src rel
+  for m in "${MODULES[@]}"; do
+    modprobe -d "$w/k" -S "$kver" --show-depends "$m" || { echo "no module $m in $kver" >&2; return 1; }
+  done | awk '$1 == "insmod" && !seen[$2]++ {print $2}' > "$w/mods"
+  while read -r src; do   # uncompressed copies, so busybox insmod can load them
+    rel=${src##*/}; rel=${rel%.xz}; rel=${rel%.zst}
+    case "$src" in
+      *.ko.xz) xz -dc "$src" > "$r/etc/ivm/$rel" ;;
+      *.ko.zst) zstd -qdc "$src" > "$r/etc/ivm/$rel" ;;
+      *) cp "$src" "$r/etc/ivm/$rel" ;;
+    esac || return 1
+    echo "/etc/ivm/$rel" >> "$r/etc/ivm/modules"
+  done < "$w/mods"
+  local b lib
+  for b in /usr/bin/busybox /usr/sbin/iscsid /usr/sbin/iscsiadm /usr/sbin/mke2fs; do
+    cp "$b" "$r$b" || return 1
+    for lib in $(ldd "$b" 2>/dev/null | awk '/=> \// {print $3} /^\t\/[^ ]+ \(/ {print $1}'); do
+      [ -e "$r$lib" ] || { mkdir -p "$r${lib%/*}" && cp -L "$lib" "$r$lib"; } || return 1
+    done
+  done
+  ln -s mke2fs "$r/usr/sbin/mkfs.ext4"
+  "$r/usr/bin/busybox" --list-full | while read -r a; do [ -e "$r/$a" ] || ln -s /usr/bin/busybox "$r/$a"; done
+  echo 'root:x:0:0:root:/:/bin/sh' > "$r/etc/passwd"
+  ln -s /proc/mounts "$r/etc/mtab"
+  cp /etc/mke2fs.conf "$r/etc/" || return 1
+  sed 's|^iscsid.startup *=.*|iscsid.startup = /sbin/iscsid|' /etc/iscsi/iscsid.conf > "$r/etc/iscsi/iscsid.conf" || return 1
+  cp "$w/k/boot/vmlinuz-$kver" "$out/vmlinuz" || return 1
+  (cd "$r" && find . -mindepth 1 | LC_ALL=C sort | cpio -o -H newc -R 0:0 --quiet) | zstd -q -T0 -3 > "$out/base.img" || return 1
+  echo "kernel $kver, $(wc -l < "$r/etc/ivm/modules") modules, initramfs $(( $(stat -c %s "$out/base.img") / 1048576 )) MiB" > "$out/info"
+  rm -rf "$w"
+}
+
+ensure_image() {
+  mkdir -p "$CACHE" || die "cannot create $CACHE (set IRONSAN_VM_CACHE)"
+  exec 8> "$CACHE/.lock" && flock 8 || die "cannot lock $CACHE/.lock"
+  local kdeb key
+  kdeb=$(kernel_deb) || exit 1
+  key=$( { declare -f build_image; echo "${MODULES[*]}"; basename "$kdeb"; stat -c %s "$kdeb"
+           dpkg-query -W open-iscsi busybox-static e2fsprogs libc6 kmod; } | sha256sum | cut -c1-16)
+  IMG=$CACHE/img-$key
+  if [ ! -f "$IMG/ok" ]; then
+    log "building guest image $IMG from $(basename "$kdeb")"
+    rm -rf "$IMG" "$CACHE"/build.*; mkdir -p "$IMG"
+    build_image "$IMG" "$kdeb" >> "$LOG_DIR/build.log" 2>&1 || { tail -n 5 "$LOG_DIR/build.log" >&2; rm -rf "$IMG"; die "guest image build failed (see $LOG_DIR/build.log)"; }
+    touch "$IMG/ok"
+    for d in "$CACHE"/img-*; do [ "$d" = "$IMG" ] || rm -rf "$d"; done
+    log "built in $((SECONDS - T0))s: $(cat "$IMG/info")"
+  fi
+  exec 8>&-
+}
+
+# ---- run ----------------------------------------------------------------------
+timeout 5 bash -c "exec 3<>/dev/tcp/127.0.0.1/$PORT" 2>/dev/null \
+  || die "nothing listens on 127.0.0.1:$PORT (start the target first)"
+ensure_packages
+ensure_image
+
+# Per-run parameters (incl. secrets) and the guest script go into a small
+# uncompressed cpio appended to the cached initramfs; the kernel unpacks both.
+sq() { printf "'%s'" "${1//\'/\'\\\'\'}"; }
+OV=$LOG_DIR/overlay
+rm -rf "$OV"; mkdir -p "$OV/etc" || die "cannot create $OV"
+install -m 755 "$HERE/guest-init.sh" "$OV/init" || die "cannot copy guest-init.sh"
+{
+  echo "PORT=$PORT IQN=$IQN HOST=10.0.2.2 FILEMB=$FILEMB"
+  echo "CHAP_USER=$(sq "${CHAP%%:*}") CHAP_SECRET=$(sq "${CHAP#*:}")"
+  echo "MUTUAL_USER=$(sq "${MUTUAL%%:*}") MUTUAL_SECRET=$(sq "${MUTUAL#*:}")"
+} > "$OV/etc/ivm.conf"
+[ -n "$CHAP" ] || sed -i 's/^CHAP_USER=.*/CHAP_USER= CHAP_SECRET=/' "$OV/etc/ivm.conf"
+[ -n "$MUTUAL" ] || sed -i 's/^MUTUAL_USER=.*/MUTUAL_USER= MUTUAL_SECRET=/' "$OV/etc/ivm.conf"
+INITRD=$LOG_DIR/initrd.img
+{
+  cat "$IMG/base.img"
+  # the next archive must start 4-byte aligned; the kernel skips zero padding
+  head -c $(( (512 - $(stat -c %s "$IMG/base.img") % 512) % 512 )) /dev/zero
+  (cd "$OV" && printf '%s\n' init etc etc/ivm.conf | cpio -o -H newc -R 0:0 --quiet)
+} > "$INITRD" || die "cannot write $INITRD"
+rm -rf "$OV"
+
+CONSOLE=$LOG_DIR/console.log RESULTS=$LOG_DIR/results.log
+: > "$CONSOLE"; : > "$RESULTS"
+AUTH=none; [ -n "$CHAP" ] && AUTH="CHAP user ${CHAP%%:*}"; [ -n "$MUTUAL" ] && AUTH="$AUTH, mutual user ${MUTUAL%%:*}"
+echo "INFO vm: $IQN at 127.0.0.1:$PORT, auth: $AUTH; $(cat "$IMG/info"); limit ${TIMEOUT}s; logs $LOG_DIR"
+T_BOOT=$SECONDS
+timeout -k 5 "$TIMEOUT" qemu-system-x86_64 -accel tcg -cpu max -smp "$SMP" -m "$MEM" \
+  -nodefaults -no-user-config -display none -no-reboot -monitor none \
+  -serial "file:$CONSOLE" -serial "file:$RESULTS" \
+  -kernel "$IMG/vmlinuz" -initrd "$INITRD" -append "console=ttyS0 panic=1 loglevel=4" \
+  -netdev user,id=n0 -device virtio-net-pci,netdev=n0,romfile= \
+  < /dev/null > "$LOG_DIR/qemu.out" 2>&1 &
+QPID=$!
+trap 'kill "$QPID" 2>/dev/null; rm -f "$INITRD"; echo "FAIL interrupted"; echo "0 passed, 1 failed"; exit 1' INT TERM
+
+DONE=
+while IFS= read -r line; do
+  line=${line%$'\r'}
+  case "$line" in
+    "IVM DONE "*) DONE=${line#IVM DONE } ;;
+    "IVM "*) echo "${line#IVM }" ;;
+  esac
+done < <(tail -n +1 -f --pid="$QPID" "$RESULTS" 2>/dev/null)
+wait "$QPID"; QRC=$?
+trap - INT TERM
+rm -f "$INITRD"   # holds the CHAP secrets
+
+PASSED=$(tr -d '\r' < "$RESULTS" | grep -ac '^IVM PASS ')
+FAILED=$(tr -d '\r' < "$RESULTS" | grep -ac '^IVM FAIL ')
+if [ -z "$DONE" ]; then
+  FAILED=$((FAILED + 1))
+  if [ "$QRC" = 124 ] || [ "$QRC" = 137 ]; then
+    echo "FAIL VM finished within ${TIMEOUT}s (killed after $((SECONDS - T_BOOT))s)"
+  else
+    echo "FAIL VM finished (qemu exited with status $QRC before the guest reported DONE)"
+  fi
+  echo "---- last console lines ($CONSOLE)"; tr -d '\r' < "$CONSOLE" | tail -n 20
+  [ -s "$LOG_DIR/qemu.out" ] && { echo "---- qemu.out"; tail -n 5 "$LOG_DIR/qemu.out"; }
+elif [ "$DONE" != "passed=$PASSED failed=$FAILED" ]; then
+  echo "FAIL result lines lost (guest says $DONE, host saw passed=$PASSED failed=$FAILED)"
+  FAILED=$((FAILED + 1))
+fi
+echo "INFO vm: $((SECONDS - T0))s in total, $((SECONDS - T_BOOT))s of it in the VM; console log $CONSOLE"
+echo "$PASSED passed, $FAILED failed"
+[ "$FAILED" -eq 0 ] && [ "$PASSED" -gt 0 ]

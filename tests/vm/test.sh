@@ -1,0 +1,124 @@
+#!/bin/bash
+# test.sh - build ironsan, serve a 256 MiB volume with `ironsan dev`, and run
+# the Linux kernel initiator against it (tests/vm/run.sh) three times:
+# without CHAP, then (restarted on the same data dir with --chap and
+# --mutual-chap) with one-way CHAP and with mutual CHAP. Each ironsan must stop
+# on SIGTERM with exit status 0.
+#
+# usage: tests/vm/test.sh          (non-interactive; needs root + apt + cargo)
+# Output: the run.sh lines prefixed with their phase, a summary, and as the
+# last line "N passed, N failed". Exit status 0 only if everything passed.
+# env: IRONSAN_VM_KEEP=1 keeps the temp dir (logs, data) even on success;
+#      the IRONSAN_VM_* knobs of run.sh pass through.
+set -uo pipefail
+
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+REPO=$(cd "$HERE/../.." && pwd)
+IQN=iqn.2026-11.io.ironsan:vol1
+CHAP=ironsan-test:vm-test-secret-1
+MUTUAL=ironsan-target:vm-target-secret-2
+T0=$SECONDS
+
+PASSED=0 FAILED=0 SUMMARY=() TPID= PORT=0
+pass() { PASSED=$((PASSED + 1)); echo "PASS $*"; SUMMARY+=("PASS $*"); }
+fail() { FAILED=$((FAILED + 1)); echo "FAIL $*"; SUMMARY+=("FAIL $*"); }
+finish() {
+  local where="logs in $WORK"
+  [ "$FAILED" -eq 0 ] && [ "${IRONSAN_VM_KEEP:-0}" != 1 ] && where="logs deleted: all passed; IRONSAN_VM_KEEP=1 keeps them"
+  echo "==== summary ($((SECONDS - T0))s, $where)"
+  printf '%s\n' "${SUMMARY[@]}"
+  echo "$PASSED passed, $FAILED failed"
+  [ "$FAILED" -eq 0 ] && [ "$PASSED" -gt 0 ]
+  exit
+}
+
+WORK=$(mktemp -d /tmp/ironsan-vm-test.XXXXXX) || { echo "FAIL mktemp"; echo "0 passed, 1 failed"; exit 1; }
+cleanup() {
+  if [ -n "$TPID" ] && kill -0 "$TPID" 2>/dev/null; then
+    kill -TERM "$TPID"; sleep 2; kill -KILL "$TPID" 2>/dev/null
+  fi
+  rm -rf "$WORK/data"
+  if [ "$FAILED" -eq 0 ] && [ "${IRONSAN_VM_KEEP:-0}" != 1 ]; then rm -rf "$WORK"; fi
+}
+trap cleanup EXIT
+trap 'fail "interrupted"; finish' INT TERM
+
+# ---- build ---------------------------------------------------------------------
+echo "==== cargo build -p ironsan"
+if (cd "$REPO" && cargo build -p ironsan) > "$WORK/build.log" 2>&1; then
+  TDIR=$(cd "$REPO" && cargo metadata --format-version 1 --no-deps 2>/dev/null | sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')
+  BIN=${TDIR:-$REPO/target}/debug/ironsan
+  [ -x "$BIN" ] && pass "cargo build -p ironsan" || { fail "cargo build -p ironsan: no binary at $BIN"; finish; }
+else
+  tail -n 20 "$WORK/build.log"; fail "cargo build -p ironsan (log: $WORK/build.log)"; finish
+fi
+
+# start_target NAME ARGS...: start ironsan dev on $PORT (0 = any free port),
+# wait for "portal ready", set TPID and PORT.
+start_target() {
+  local name=$1 log=$WORK/target-$1.log i; shift
+  "$BIN" dev --data-dir "$WORK/data" --portal "127.0.0.1:$PORT" --volume vol1:256MiB "$@" > "$log" 2>&1 &
+  TPID=$!
+  for i in $(seq 300); do
+    grep -q 'portal ready' "$log" && break
+    kill -0 "$TPID" 2>/dev/null || break
+    sleep 0.1
+  done
+  if ! grep -q 'portal ready' "$log"; then
+    tail -n 5 "$log"; kill -KILL "$TPID" 2>/dev/null; wait "$TPID" 2>/dev/null; TPID=
+    return 1
+  fi
+  PORT=$(sed -n 's/.*portal ready.*addr=[^ ]*:\([0-9]*\).*/\1/p' "$log" | head -n1)
+  echo "ironsan dev ($name) pid $TPID on 127.0.0.1:$PORT, log $log"
+}
+
+stop_target() {
+  local name=$1 rc log=$WORK/target-$1.log
+  if ! kill -0 "$TPID" 2>/dev/null; then
+    wait "$TPID"; rc=$?; TPID=
+    fail "ironsan ($name) was already gone before our SIGTERM (exit status $rc; last log lines below)"
+    tail -n 3 "$log" | cut -c1-200 | sed 's/^/  /'
+    return
+  fi
+  kill -TERM "$TPID"
+  timeout 30 tail --pid="$TPID" -f /dev/null
+  kill -0 "$TPID" 2>/dev/null && { kill -KILL "$TPID"; fail "ironsan ($name) still running 30s after SIGTERM"; }
+  wait "$TPID"; rc=$?; TPID=
+  [ "$rc" -eq 0 ] && pass "ironsan ($name) stopped by SIGTERM, exit status 0" \
+    || fail "ironsan ($name) exit status $rc after SIGTERM"
+  if grep -q 'panicked' "$log"; then fail "ironsan ($name) log shows a panic"; grep -A3 panicked "$log" | head; fi
+  echo "ironsan ($name) log: $(grep -c ' WARN ' "$log") WARN, $(grep -c ' ERROR ' "$log") ERROR lines"
+  grep -E ' (WARN|ERROR) ' "$log" | head -n 5 | cut -c1-200 | sed 's/^/  /'
+}
+
+# vm PHASE RUN.SH-ARGS...: one run.sh pass; adds its counts to ours
+vm() {
+  local phase=$1 last p f; shift
+  echo "==== $phase: run.sh $*" | sed 's/\(--[a-z-]*chap [^:]*:\)[^ ]*/\1***/g'
+  IRONSAN_VM_LOG_DIR=$WORK/vm-$phase "$HERE/run.sh" "$@" "$PORT" "$IQN" 2>&1 | tee "$WORK/run-$phase.out" | sed "s/^/[$phase] /"
+  last=$(tail -n 1 "$WORK/run-$phase.out")
+  if [[ "$last" =~ ^([0-9]+)\ passed,\ ([0-9]+)\ failed$ ]]; then p=${BASH_REMATCH[1]} f=${BASH_REMATCH[2]}; else p=0 f=1; fi
+  PASSED=$((PASSED + p)) FAILED=$((FAILED + f))
+  kill -0 "$TPID" 2>/dev/null || echo "WARNING: ironsan (pid $TPID) exited during phase $phase; see the end of its log"
+  SUMMARY+=("$phase: $p passed, $f failed")
+}
+
+echo "==== target without CHAP"
+if start_target plain; then
+  pass "ironsan dev started (no CHAP)"
+  vm nochap
+  stop_target plain
+else
+  fail "ironsan dev started (no CHAP)"
+fi
+
+echo "==== target with --chap and --mutual-chap, same data dir"
+if start_target chap --chap "$CHAP" --mutual-chap "$MUTUAL" || { PORT=0; start_target chap --chap "$CHAP" --mutual-chap "$MUTUAL"; }; then
+  pass "ironsan dev restarted with CHAP on the same data dir"
+  vm chap --chap "$CHAP"
+  vm mutual --chap "$CHAP" --mutual-chap "$MUTUAL"
+  stop_target chap
+else
+  fail "ironsan dev restarted with CHAP on the same data dir"
+fi
+finish
