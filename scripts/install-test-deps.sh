@@ -37,7 +37,8 @@ while [ $# -gt 0 ]; do
 done
 
 PKGS=(libiscsi-bin libiscsi-dev tgt sg3-utils fio jq coreutils procps
-      dpkg-dev gcc make pkg-config libaio-dev zlib1g-dev libnbd-dev)
+      dpkg-dev gcc make pkg-config libaio-dev zlib1g-dev libnbd-dev
+      open-iscsi busybox-static e2fsprogs kmod cpio zstd)
 
 installed_version() { dpkg-query -W -f='${db:Status-Status} ${Version}\n' "$1" 2>/dev/null | awk '$1 == "installed" {print $2}'; }
 
@@ -47,8 +48,9 @@ for p in "${PKGS[@]}"; do
 done
 QU=$(installed_version qemu-utils)
 QB=$(installed_version qemu-block-extra)
+QS=$(installed_version qemu-system-x86)
 qemu_ok=0
-[ -n "$QU" ] && [ "$QU" = "$QB" ] && qemu_ok=1
+[ -n "$QU" ] && [ "$QU" = "$QB" ] && [ "$QU" = "$QS" ] && qemu_ok=1
 
 if [ ${#missing[@]} -eq 0 ] && [ "$qemu_ok" = 1 ]; then
     log "Debian packages present (qemu-utils = qemu-block-extra = $QU)"
@@ -75,20 +77,21 @@ else
         if [ -n "$QU" ]; then
             # qemu-utils is installed (from backports or not): take the block modules of exactly
             # that version from whichever suite carries it.
-            log "apt-get install qemu-block-extra=$QU (matching qemu-utils)"
-            apt-get install -y -qq --no-install-recommends ${BPO:+-t "$BPO"} "qemu-block-extra=$QU" \
-                || die "could not install qemu-block-extra=$QU to match qemu-utils $QU"
+            log "apt-get install qemu-block-extra=$QU qemu-system-x86=$QU (matching qemu-utils)"
+            apt-get install -y -qq --no-install-recommends ${BPO:+-t "$BPO"} "qemu-block-extra=$QU" "qemu-system-x86=$QU" \
+                || die "could not install qemu-block-extra=$QU qemu-system-x86=$QU to match qemu-utils $QU"
         elif [ -n "$BPO" ]; then
-            log "apt-get install -t $BPO qemu-utils qemu-block-extra"
-            apt-get install -y -qq --no-install-recommends -t "$BPO" qemu-utils qemu-block-extra \
-                || die "apt-get install -t $BPO qemu-utils qemu-block-extra failed"
+            log "apt-get install -t $BPO qemu-utils qemu-block-extra qemu-system-x86"
+            apt-get install -y -qq --no-install-recommends -t "$BPO" qemu-utils qemu-block-extra qemu-system-x86 \
+                || die "apt-get install -t $BPO qemu-utils qemu-block-extra qemu-system-x86 failed"
         else
-            apt-get install -y -qq --no-install-recommends qemu-utils qemu-block-extra \
-                || die "apt-get install qemu-utils qemu-block-extra failed"
+            apt-get install -y -qq --no-install-recommends qemu-utils qemu-block-extra qemu-system-x86 \
+                || die "apt-get install qemu-utils qemu-block-extra qemu-system-x86 failed"
         fi
     fi
-    QU=$(installed_version qemu-utils) QB=$(installed_version qemu-block-extra)
-    [ -n "$QU" ] && [ "$QU" = "$QB" ] || die "qemu-utils ($QU) and qemu-block-extra ($QB) versions differ"
+    QU=$(installed_version qemu-utils) QB=$(installed_version qemu-block-extra) QS=$(installed_version qemu-system-x86)
+    [ -n "$QU" ] && [ "$QU" = "$QB" ] && [ "$QU" = "$QS" ] \
+        || die "qemu-utils ($QU), qemu-block-extra ($QB) and qemu-system-x86 ($QS) versions differ"
 fi
 ls /usr/lib/*/qemu/block-iscsi.so >/dev/null 2>&1 || die "qemu's block-iscsi.so is missing after installing qemu-block-extra"
 

@@ -1,6 +1,6 @@
 #!/bin/bash
 # test.sh - THE test command: dependencies, format, lints, all tests (unit + real-initiator
-# integration tests), then a bounded fuzz run. Runs every step even after a failure, prints a
+# integration tests), a bounded fuzz run, then the Linux-initiator VM test. Runs every step even after a failure, prints a
 # summary and exits non-zero if anything failed. The last line is "N passed, N failed", counting
 # each nextest test plus each other step (fmt, clippy, one per fuzz target).
 #
@@ -17,20 +17,22 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 
 usage() {
     cat <<EOF
-Usage: $PROG [--no-deps] [--no-fuzz] [--fuzz-time SEC] [--fuzz-targets LIST] [-h]
+Usage: $PROG [--no-deps] [--no-fuzz] [--no-vm] [--fuzz-time SEC] [--fuzz-targets LIST] [-h]
   --no-deps          do not run scripts/install-test-deps.sh
   --no-fuzz          skip the fuzz step
+  --no-vm            skip the Linux-initiator VM test (tests/vm/test.sh)
   --fuzz-time SEC    seconds per fuzz target (default \$FUZZ_TIME or 45)
   --fuzz-targets L   comma-separated fuzz targets (default: pdu,cdb,size)
 Environment: CARGO_TARGET_DIR is honoured (fuzz builds go to \$CARGO_TARGET_DIR/fuzz).
 EOF
 }
 
-DEPS=1 FUZZ=1 FUZZ_TIME=${FUZZ_TIME:-45} FUZZ_TARGETS=pdu,cdb,size
+DEPS=1 FUZZ=1 VM=1 FUZZ_TIME=${FUZZ_TIME:-45} FUZZ_TARGETS=pdu,cdb,size
 while [ $# -gt 0 ]; do
     case "$1" in
         --no-deps) DEPS=0; shift;;
         --no-fuzz) FUZZ=0; shift;;
+        --no-vm) VM=0; shift;;
         --fuzz-time) FUZZ_TIME=$2; shift 2;;
         --fuzz-targets) FUZZ_TARGETS=$2; shift 2;;
         -h|--help) usage; exit 0;;
@@ -122,11 +124,16 @@ if [ "$FUZZ" = 1 ]; then
     done
 fi
 
+# The Linux kernel initiator (open-iscsi in a qemu VM): no CHAP, one-way and mutual CHAP.
+if [ "$VM" = 1 ]; then
+    step "vm initiator" tests/vm/test.sh
+fi
+
 banner "summary ($(( $(date +%s) - T0 ))s, logs in $LOGDIR)"
 for i in "${!STEPS[@]}"; do
     printf '  %-22s %-16s %5ss\n' "${STEPS[$i]}" "${RESULTS[$i]}" "${TIMES[$i]}"
 done
 [ -n "${summary:-}" ] && echo "  nextest:${summary#*]}"
-echo "(checks below = each nextest test + fmt, clippy and each fuzz target)"
+echo "(checks below = each nextest test + fmt, clippy, each fuzz target and the VM test)"
 echo "$PASSED passed, $FAILED failed"
 [ "$FAILED" = 0 ]
