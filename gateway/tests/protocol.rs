@@ -477,54 +477,48 @@ async fn malformed_pdus_harm_nothing_else() {
     );
 }
 
+type Pairs<'a> = &'a [(&'a str, &'a str)];
+
+/// One login straight to Full Feature Phase on a new connection: (class, detail, keys).
+async fn try_login(addr: std::net::SocketAddr, pairs: Pairs<'_>) -> (u8, u8, Keys) {
+    let mut c = Client::connect(addr, 8).await;
+    let (class, detail, _, reply) = c.login_step(1, 3, true, keys(pairs)).await;
+    (class, detail, reply)
+}
+
 #[tokio::test]
 async fn login_refusals_carry_the_right_status() {
     let s = server(GatewayConfig::default()).await;
-    let mut c = Client::connect(s.addr, 8).await;
-    let (class, detail, _, _) = c
-        .login_step(
-            1,
-            3,
-            true,
-            keys(&[
-                ("InitiatorName", INITIATOR),
-                ("TargetName", "iqn.2026-11.io.ironsan:nope"),
-            ]),
-        )
-        .await;
-    assert_eq!((class, detail), (2, 3), "target not found");
-    let mut c = Client::connect(s.addr, 8).await;
-    let (class, detail, _, _) = c
-        .login_step(1, 3, true, keys(&[("TargetName", TARGET)]))
-        .await;
-    assert_eq!((class, detail), (2, 7), "missing InitiatorName");
-    let mut c = Client::connect(s.addr, 8).await;
-    let (class, detail, _, _) = c
-        .login_step(
-            1,
-            3,
-            true,
-            keys(&[
+    let unknown = [
+        ("InitiatorName", INITIATOR),
+        ("TargetName", "iqn.2026-11.io.ironsan:nope"),
+    ];
+    let cases: [(Pairs<'_>, (u8, u8), &str); 3] = [
+        (&unknown, (2, 3), "target not found"),
+        (&[("TargetName", TARGET)], (2, 7), "missing InitiatorName"),
+        (
+            &[
                 ("InitiatorName", INITIATOR),
                 ("TargetName", "iqn.2026-11.io.ironsan:other"),
-            ]),
-        )
-        .await;
-    assert_eq!((class, detail), (2, 2), "ACL refuses");
-    let mut c = Client::connect(s.addr, 8).await;
-    let (class, _, _, reply) = c
-        .login_step(
-            1,
-            3,
-            true,
-            keys(&[
-                ("InitiatorName", INITIATOR),
-                ("TargetName", TARGET),
-                ("X-com.example.Foo", "1"),
-                ("MaxConnections", "4"),
-            ]),
-        )
-        .await;
+            ],
+            (2, 2),
+            "ACL refuses",
+        ),
+    ];
+    for (pairs, want, why) in cases {
+        let (class, detail, _) = try_login(s.addr, pairs).await;
+        assert_eq!((class, detail), want, "{why}");
+    }
+    let (class, _, reply) = try_login(
+        s.addr,
+        &[
+            ("InitiatorName", INITIATOR),
+            ("TargetName", TARGET),
+            ("X-com.example.Foo", "1"),
+            ("MaxConnections", "4"),
+        ],
+    )
+    .await;
     assert_eq!(class, 0);
     assert_eq!(
         get(&reply, "X-com.example.Foo").as_deref(),

@@ -1024,29 +1024,21 @@ async fn execute(
             }
         }
     }
-    let resp = match lun_index(lun_field) {
-        Some(0) => {
+    // REPORT LUNS may be sent to any LUN; INQUIRY to an absent LUN reports "not present".
+    let to_lun0 = lun_index(lun_field) == Some(0) || cdb.first() == Some(&0xa0);
+    let resp = match cdb.first() {
+        _ if to_lun0 => {
+            let nexus = &session.nexus;
             target
                 .lun
                 .execute(Command {
                     cdb,
                     data_out,
-                    nexus: &session.nexus,
+                    nexus,
                 })
                 .await
         }
-        // REPORT LUNS may be sent to any LUN; INQUIRY to an absent LUN reports "not present".
-        _ if cdb.first() == Some(&0xa0) => {
-            target
-                .lun
-                .execute(Command {
-                    cdb,
-                    data_out,
-                    nexus: &session.nexus,
-                })
-                .await
-        }
-        _ if cdb.first() == Some(&0x12) => {
+        Some(0x12) => {
             let alloc = cdb
                 .get(3..5)
                 .map(|b| u16::from_be_bytes([b[0], b[1]]) as usize)

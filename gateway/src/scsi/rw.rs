@@ -61,18 +61,8 @@ impl Lun {
     }
 
     pub(super) async fn write(&self, cdb: &[u8], data: &Bytes) -> Done {
-        let e = self.extent(cdb)?;
         let fua = cdb.len() > 6 && Fields(cdb).bit(1, 3);
-        if e.blocks == 0 {
-            return Ok(Bytes::new());
-        }
-        let payload = Self::payload(data, u64::from(e.blocks))?;
-        let _order = self.io_order.read().await;
-        self.device
-            .write(e.lba * LOGICAL_BLOCK, payload, fua)
-            .await
-            .map_err(write_error)?;
-        Ok(Bytes::new())
+        self.write_extent(cdb, data, fua).await
     }
 
     /// WRITE AND VERIFY: written through (FUA) so the verification SBC asks for is against
@@ -82,6 +72,10 @@ impl Lun {
         if bytchk > 1 {
             return Err(INVALID_FIELD_IN_CDB.into());
         }
+        self.write_extent(cdb, data, true).await
+    }
+
+    async fn write_extent(&self, cdb: &[u8], data: &Bytes, fua: bool) -> Done {
         let e = self.extent(cdb)?;
         if e.blocks == 0 {
             return Ok(Bytes::new());
@@ -89,7 +83,7 @@ impl Lun {
         let payload = Self::payload(data, u64::from(e.blocks))?;
         let _order = self.io_order.read().await;
         self.device
-            .write(e.lba * LOGICAL_BLOCK, payload, true)
+            .write(e.lba * LOGICAL_BLOCK, payload, fua)
             .await
             .map_err(write_error)?;
         Ok(Bytes::new())
