@@ -742,8 +742,9 @@ fn conformance_iscsi_test_cu() {
             .count(),
     );
     println!(
-        "{table}\niscsi-test-cu: {p} passed, {} failed, {s} skipped",
-        failed.len()
+        "{table}\niscsi-test-cu: {p} passed, {} failed, {s} skipped, {} known failure(s) (cli/tests/data/conformance-known-failures.txt)",
+        failed.len(),
+        known.iter().filter(|k| matches!(results.get(**k), Some((Outcome::Fail, _)))).count()
     );
     for (name, (_, why)) in &failed {
         println!("  FAIL {name}: {why}");
