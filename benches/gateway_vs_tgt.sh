@@ -167,16 +167,24 @@ for side in ironsan tgt; do
     say "[$N/$TOTAL] prefill $side ($SIZE sequential 1M writes)"
     run_job "$side" "$url" prefill > /dev/null || die "prefill of $side failed"
 done
+# Write the prefills' dirty pages back now: left to the kernel, writeback starts ~30 s later
+# and lands on whichever job runs then.
+say "sync (flush the prefills' dirty pages before measuring)"
+sync
 say "load average before runs: $(cut -d' ' -f1-3 /proc/loadavg)"
 declare -A RES
 FAILED=0
+ORDER=(ironsan tgt)
 for t in "$@"; do
-    for side in ironsan tgt; do   # alternate targets per test, so drift hits both alike
+    # Who goes first alternates from job to job, so drift (writeback, thermal, neighbours)
+    # does not always hit the same target.
+    for side in "${ORDER[@]}"; do
         N=$((N + 1)); url=$IURL; [ "$side" = tgt ] && url=$TURL
         say "[$N/$TOTAL] ${LABEL[$t]} on $side (${RUNTIME}s + ${RAMP}s ramp)"
         if r=$(run_job "$side" "$url" "${JOB[$t]}"); then RES[$side.$t]=$r; else RES[$side.$t]="- - -"; FAILED=1; fi
         say "        -> $(awk '{printf "%.0f IOPS, %.1f MB/s, p99 %.0f us", $1, $2, $3}' <<<"${RES[$side.$t]}" 2>/dev/null || echo failed)"
     done
+    ORDER=("${ORDER[1]}" "${ORDER[0]}")
 done
 
 echo
