@@ -170,12 +170,7 @@ impl Lun {
     /// PRE-FETCH: range check only; the backend has no cache to warm. Answers GOOD rather
     /// than CONDITION MET, which libiscsi's PreFetch tests do not accept as success.
     pub(super) fn prefetch(&self, cdb: &[u8]) -> Done {
-        let f = Fields(cdb);
-        let (lba, blocks) = if cdb.len() == 10 {
-            (u64::from(f.u32(2)), u64::from(f.u16(7)))
-        } else {
-            (f.u64(2), u64::from(f.u32(10)))
-        };
+        let (lba, blocks) = range_10_or_16(cdb);
         self.check_range(lba, blocks)?;
         Ok(Bytes::new())
     }
@@ -183,12 +178,7 @@ impl Lun {
     /// SYNCHRONIZE CACHE: flushes the whole device (the range only bounds-checks). IMMED
     /// is honoured by flushing before answering anyway, which SBC permits.
     pub(super) async fn synchronize_cache(&self, cdb: &[u8]) -> Done {
-        let f = Fields(cdb);
-        let (lba, blocks) = if cdb.len() == 10 {
-            (u64::from(f.u32(2)), u64::from(f.u16(7)))
-        } else {
-            (f.u64(2), u64::from(f.u32(10)))
-        };
+        let (lba, blocks) = range_10_or_16(cdb);
         self.check_range(lba, blocks)?;
         self.device.flush().await.map_err(write_error)?;
         Ok(Bytes::new())
@@ -202,5 +192,15 @@ fn compare(stored: &[u8], expected: &[u8]) -> ScsiResult<()> {
         Some(at) => Err(MISCOMPARE_DURING_VERIFY
             .with_information(u32::try_from(at).unwrap_or(u32::MAX))
             .into()),
+    }
+}
+
+/// LBA and block count of the 10- and 16-byte forms of PRE-FETCH and SYNCHRONIZE CACHE.
+fn range_10_or_16(cdb: &[u8]) -> (u64, u64) {
+    let f = Fields(cdb);
+    if cdb.len() == 10 {
+        (u64::from(f.u32(2)), u64::from(f.u16(7)))
+    } else {
+        (f.u64(2), u64::from(f.u32(10)))
     }
 }
