@@ -397,12 +397,7 @@ impl Conn {
             if write && !bhs.final_bit() {
                 self.discard_itt(itt);
             }
-            let sense = scsi::sense(scsi::sense::key::ILLEGAL_REQUEST, 0x24, 0x00);
-            let resp = Response {
-                status: Status::CheckCondition,
-                sense: Some(sense),
-                data: Bytes::new(),
-            };
+            let resp = Response::check_condition(scsi::sense::key::ILLEGAL_REQUEST, 0x24, 0x00);
             self.responder(bhs.lun(), itt)
                 .respond(resp, edtl, flags, None);
             return Ok(());
@@ -490,12 +485,7 @@ impl Conn {
             tracing::warn!(itt, "Data-Out sequence error: {what}");
             crate::metrics::pdu_rejected();
             self.discard_itt(itt);
-            let sense = scsi::sense(scsi::sense::key::ABORTED_COMMAND, 0x4b, 0x00);
-            let resp = Response {
-                status: Status::CheckCondition,
-                sense: Some(sense),
-                data: Bytes::new(),
-            };
+            let resp = Response::check_condition(scsi::sense::key::ABORTED_COMMAND, 0x4b, 0x00);
             self.responder(pw.cmd.lun(), itt)
                 .respond(resp, pw.edtl, pw.cmd.flags(), None);
             return Ok(());
@@ -988,12 +978,7 @@ async fn execute(
             let residual_of = |d: u64| d.min(u32::MAX as u64) as u32;
             if edtl != spdtl && !is_plain_write(cdb) {
                 // COMPARE AND WRITE, WRITE SAME, ORWRITE, VERIFY with data: no partial form.
-                let sense = scsi::sense(scsi::sense::key::ILLEGAL_REQUEST, 0x24, 0x00);
-                let resp = Response {
-                    status: Status::CheckCondition,
-                    sense: Some(sense),
-                    data: Bytes::new(),
-                };
+                let resp = Response::check_condition(scsi::sense::key::ILLEGAL_REQUEST, 0x24, 0x00);
                 return (
                     resp,
                     Some((edtl < spdtl, residual_of(edtl.abs_diff(spdtl)))),
@@ -1055,11 +1040,7 @@ async fn execute(
                 data: Bytes::from(d),
             }
         }
-        _ => Response {
-            status: Status::CheckCondition,
-            sense: Some(scsi::sense(scsi::sense::key::ILLEGAL_REQUEST, 0x25, 0x00)),
-            data: Bytes::new(),
-        },
+        _ => Response::check_condition(scsi::sense::key::ILLEGAL_REQUEST, 0x25, 0x00),
     };
     (resp, residual)
 }

@@ -90,6 +90,17 @@ pub struct Response {
     pub data: Bytes,
 }
 
+impl Response {
+    /// CHECK CONDITION with fixed-format sense `key`/`asc`/`ascq` and no data.
+    pub fn check_condition(key: u8, asc: u8, ascq: u8) -> Self {
+        Self {
+            status: Status::CheckCondition,
+            sense: Some(sense(key, asc, ascq)),
+            data: Bytes::new(),
+        }
+    }
+}
+
 /// Identity a LUN reports in INQUIRY and its VPD pages.
 #[derive(Debug, Clone)]
 pub struct LunIdentity {
