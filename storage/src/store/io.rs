@@ -82,7 +82,7 @@ impl Bell {
 
 pub enum Io {
     Ring {
-        ring: IoUring,
+        ring: Box<IoUring>,
         bell_buf: &'static mut [u8; 8],
         efd: RawFd,
         armed: bool,
@@ -102,7 +102,7 @@ impl Io {
                     // memory whatever the teardown order.
                     let bell_buf = Box::leak(Box::new([0u8; 8]));
                     let io = Io::Ring {
-                        ring,
+                        ring: Box::new(ring),
                         bell_buf,
                         efd: bell.efd.as_raw_fd(),
                         armed: false,
