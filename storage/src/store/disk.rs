@@ -231,6 +231,18 @@ impl Disk {
     }
 }
 
+impl Drop for Disk {
+    /// Closing the channel stops the thread once its in-flight I/O is done (no checkpoint:
+    /// that is [`Req::Shutdown`]'s job; recovery covers the rest).
+    fn drop(&mut self) {
+        self.tx = None;
+        if let Some(b) = &self.bell {
+            b.ring_always();
+        }
+        self.join();
+    }
+}
+
 fn set_state_gauge(dir: &str, state: &DiskState) {
     let v = match state {
         DiskState::Healthy => 0.0,
