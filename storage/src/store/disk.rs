@@ -29,6 +29,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use rocksdb::WriteBatch;
@@ -378,6 +379,8 @@ struct Op {
 
 struct IoSlot {
     op: usize,
+    /// Bytes the operation must transfer (0: fdatasync, fallocate).
+    want: u32,
     /// For reads: the buffer being filled, handed back to the op on completion.
     read_buf: Option<AlignedBuf>,
     /// Which block a read-modify-write edge read is for.
@@ -402,7 +405,16 @@ struct Engine {
     batch_chunks: HashSet<ChunkId>,
     batch_waiters: Vec<usize>,
     closing: Option<Reply<()>>,
+    space: Space,
     _lock: File,
+}
+
+/// Free space below which the directory takes no more writes, so that RocksDB (and the
+/// checkpoints it needs) never meet ENOSPC themselves. Checked at most every 50 ms.
+struct Space {
+    reserve: u64,
+    free: u64,
+    checked: Instant,
 }
 
 fn errno_of(e: &io::Error) -> i32 {
@@ -454,6 +466,11 @@ impl Engine {
             batch_chunks: HashSet::new(),
             batch_waiters: Vec::new(),
             closing: None,
+            space: Space {
+                reserve: space_reserve(dir),
+                free: u64::MAX,
+                checked: Instant::now() - Duration::from_secs(1),
+            },
             _lock: lock,
         };
         e.recover()?;
@@ -499,7 +516,7 @@ impl Engine {
                 }
             }
         }
-        self.meta.write(batch, true).map_err(|e| e.to_string())?;
+        self.meta.write(batch, true)?;
         self.remove_orphans(&known);
         let ids: Vec<ChunkId> = self.chunks.keys().copied().collect();
         for id in ids {
@@ -617,7 +634,7 @@ impl Engine {
         for &b in &c.bad {
             Meta::put_bad(&mut batch, id, b);
         }
-        self.meta.write(batch, false).map_err(|e| e.to_string())
+        self.meta.write(batch, false)
     }
 
     /// Synchronous checkpoint used at open: tables, fdatasync, records.
@@ -638,7 +655,7 @@ impl Engine {
             c.rec.checkpoint_lsn = c.rec.lsn;
             Meta::put_chunk(&mut batch, *id, &c.rec);
         }
-        self.meta.write(batch, true).map_err(|e| e.to_string())
+        self.meta.write(batch, true)
     }
 
     // ---- the loop ------------------------------------------------------------------------
@@ -786,8 +803,36 @@ impl Engine {
         }
     }
 
+    /// Like [`Self::has_room`], and counts `bytes` as used until the next look at the
+    /// filesystem (overwrites are counted too: the estimate errs on the full side).
+    fn take_room(&mut self, bytes: u64) -> bool {
+        let ok = self.has_room();
+        self.space.free = self.space.free.saturating_sub(bytes);
+        ok
+    }
+
+    /// Whether the directory has room for more data; moves it between Healthy and Full.
+    fn has_room(&mut self) -> bool {
+        if self.space.checked.elapsed() >= Duration::from_millis(50) {
+            self.space.free = free_bytes(&self.dir);
+            self.space.checked = Instant::now();
+        }
+        let state = self.shared.state();
+        if self.space.free < self.space.reserve {
+            self.set_state(DiskState::Full);
+            return false;
+        }
+        if state == DiskState::Full
+            && self.space.free >= self.space.reserve + self.space.reserve / 2
+            && !self.meta.is_broken()
+        {
+            self.set_state_healthy();
+        }
+        true
+    }
+
     fn meta_error(&self, reason: String) -> Error {
-        if reason.contains("No space") || reason.contains("ENOSPC") {
+        if reason.contains("No space") {
             self.set_state(DiskState::Full);
             return Error::NoSpace {
                 dir: self.name.clone(),
@@ -859,6 +904,24 @@ impl Engine {
                 }
                 let i = self.ops.insert(op);
                 self.flush_start(i, id);
+            }
+            Req::Write { ref data, .. } if !self.take_room(data.len() as u64) => {
+                refuse(
+                    req,
+                    Error::NoSpace {
+                        dir: self.name.clone(),
+                    },
+                );
+            }
+            Req::Zero {
+                unmap: false, len, ..
+            } if !self.take_room(len) => {
+                refuse(
+                    req,
+                    Error::NoSpace {
+                        dir: self.name.clone(),
+                    },
+                );
             }
             Req::Write {
                 id,
@@ -1176,7 +1239,16 @@ impl Engine {
         read_buf: Option<AlignedBuf>,
         edge: Option<u64>,
     ) {
-        let slot = self.ios.insert(IoSlot { op, read_buf, edge });
+        let want = match req {
+            IoReq::Read { len, .. } | IoReq::Write { len, .. } => len,
+            _ => 0,
+        };
+        let slot = self.ios.insert(IoSlot {
+            op,
+            want,
+            read_buf,
+            edge,
+        });
         if let Some(o) = self.ops.get_mut(op) {
             o.ios += 1;
         }
@@ -1308,10 +1380,7 @@ impl Engine {
         }
         let sync = std::mem::take(&mut self.batch_sync);
         let waiters = std::mem::take(&mut self.batch_waiters);
-        let result = self
-            .meta
-            .write(batch, sync)
-            .map_err(|e| self.meta_error(e.to_string()));
+        let result = self.meta.write(batch, sync).map_err(|e| self.meta_error(e));
         for i in waiters {
             match &result {
                 Ok(()) => self.after_batch(i),
@@ -1337,6 +1406,8 @@ impl Engine {
                     }
                     let waiting: Vec<usize> = c.waiting.into_iter().collect();
                     self.shared.chunks.fetch_sub(1, Ordering::Relaxed);
+                    // Space was freed: look at the filesystem again on the next write.
+                    self.space.checked = Instant::now() - Duration::from_secs(1);
                     self.finish(i, Ok(Done::Unit));
                     for w in waiting {
                         self.finish(w, Err(Error::NotFound(id)));
@@ -1407,20 +1478,21 @@ impl Engine {
             return;
         };
         op.ios = op.ios.saturating_sub(1);
-        let expected = slot.read_buf.as_ref().map(|b| b.len() as i32);
         if res < 0 {
             let err = self.io_error(-res);
             return self.fail_op(i, err);
         }
-        if let Some(want) = expected {
-            // A short read of a regular file inside its size only happens on I/O trouble.
-            if res != want {
-                let err = Error::Io {
+        if slot.want != 0 && res as u32 != slot.want {
+            // Inside a file's size a short read means trouble, and a short write a full disk.
+            let err = if slot.read_buf.is_some() {
+                Error::Io {
                     dir: self.name.clone(),
-                    source: io::Error::other(format!("short read: {res} of {want} bytes")),
-                };
-                return self.fail_op(i, err);
-            }
+                    source: io::Error::other(format!("short read: {res} of {} bytes", slot.want)),
+                }
+            } else {
+                self.io_error(libc::ENOSPC)
+            };
+            return self.fail_op(i, err);
         }
         let Some(op) = self.ops.get_mut(i) else {
             return;
@@ -1568,6 +1640,38 @@ impl Engine {
         self.finish(i, Ok(Done::Read(ReadOut { data, version })));
     }
 
+    /// After a failed write, makes the table agree with whatever part of it reached the disk,
+    /// as recovery would, so an unacknowledged write leaves old or new data, not bad blocks.
+    fn settle(&mut self, id: ChunkId, b0: u64, new: &[u32]) {
+        if matches!(self.shared.state(), DiskState::Failed(_)) {
+            return;
+        }
+        let mut block = AlignedBuf::zeroed(BLOCK as usize);
+        let mut torn = Vec::new();
+        let Some(c) = self.chunks.get_mut(&id) else {
+            return;
+        };
+        let start = c.data_start();
+        for (k, &crc) in new.iter().enumerate() {
+            let b = b0 + k as u64;
+            if read_exact_at(&c.file, block.as_mut_slice(), start + b * BLOCK).is_err() {
+                torn.push(b);
+                continue;
+            }
+            let actual = stored_crc(block.as_slice());
+            if actual == crc && c.crcs[b as usize] != crc {
+                c.crcs[b as usize] = crc;
+                c.dirty_pages.insert(b / CRCS_PER_PAGE);
+                c.unsynced = true;
+            } else if actual != c.crcs[b as usize] {
+                torn.push(b);
+            }
+        }
+        for b in torn {
+            self.mark_bad(id, b);
+        }
+    }
+
     fn mark_bad(&mut self, id: ChunkId, block: u64) {
         metrics::counter!("ironsan_storage_checksum_errors_total", "dir" => self.name.clone())
             .increment(1);
@@ -1582,6 +1686,21 @@ impl Engine {
     /// Answers op `i`, releases its blocks and lets parked ops behind it run.
     fn finish(&mut self, i: usize, result: Result<Done>) {
         let Some(op) = self.ops.remove(i) else { return };
+        if let (
+            Err(_),
+            Kind::Write {
+                offset,
+                len,
+                lsn,
+                crcs,
+                ..
+            },
+        ) = (&result, &op.kind)
+        {
+            if *lsn != 0 {
+                self.settle(op.id, block_span(*offset, *len).0, crcs);
+            }
+        }
         if let Some(c) = self.chunks.get_mut(&op.id) {
             c.inflight.retain(|s| s.op != i);
             c.waiting.retain(|&w| w != i);
@@ -1731,13 +1850,10 @@ impl Engine {
         if self.chunks.contains_key(&id) {
             return Err(Error::Exists(id));
         }
-        if self.shared.state() == DiskState::Full {
-            if free_bytes(&self.dir) < 2 * size + (64 << 20) {
-                return Err(Error::NoSpace {
-                    dir: self.name.clone(),
-                });
-            }
-            self.set_state_healthy();
+        if !self.has_room() || self.shared.state() == DiskState::Full {
+            return Err(Error::NoSpace {
+                dir: self.name.clone(),
+            });
         }
         let path = layout::chunk_path(&self.dir, id);
         let made = (|| -> io::Result<File> {
@@ -1770,7 +1886,7 @@ impl Engine {
         Meta::put_chunk(&mut batch, id, &rec);
         if let Err(e) = self.meta.write(batch, true) {
             let _ = std::fs::remove_file(&path);
-            return Err(self.meta_error(e.to_string()));
+            return Err(self.meta_error(e));
         }
         let crcs = vec![0; layout::blocks(size) as usize];
         self.chunks.insert(id, new_chunk(file, rec, crcs));
@@ -1986,6 +2102,11 @@ fn probe_direct(dir: &Path) -> bool {
         tracing::warn!(dir = %dir.display(), "O_DIRECT unavailable ({e}); using the page cache");
     }
     r.is_ok()
+}
+
+/// A twentieth of the filesystem, between 8 MiB and 1 GiB.
+fn space_reserve(dir: &Path) -> u64 {
+    statvfs(dir).map_or(8 << 20, |s| (s.0 / 20).clamp(8 << 20, 1 << 30))
 }
 
 pub(super) fn free_bytes(dir: &Path) -> u64 {

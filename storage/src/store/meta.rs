@@ -8,6 +8,8 @@
 //! Records are written through the engine thread's batches, before the data they describe
 //! (without a WAL sync, like the data itself: both survive a process kill; a flush syncs both).
 
+use std::cell::RefCell;
+use std::mem::ManuallyDrop;
 use std::path::Path;
 
 use rocksdb::{Direction, IteratorMode, Options, WriteBatch, WriteOptions, DB};
@@ -197,7 +199,21 @@ fn sub_of(key: &[u8]) -> Option<u64> {
 }
 
 pub struct Meta {
-    db: DB,
+    db: ManuallyDrop<DB>,
+    /// The first failed write's error; see [`Meta::write`].
+    broken: RefCell<Option<String>>,
+}
+
+impl Drop for Meta {
+    fn drop(&mut self) {
+        if self.broken.borrow().is_some() {
+            // Closing a DB whose WAL writer saw an error can trip an assertion in Debian's
+            // librocksdb (built with asserts) and abort the daemon: leak it instead.
+            return;
+        }
+        // SAFETY: dropped exactly once, here.
+        unsafe { ManuallyDrop::drop(&mut self.db) };
+    }
 }
 
 impl Meta {
@@ -208,15 +224,36 @@ impl Meta {
         // and fits a nearly full disk.
         opts.set_write_buffer_size(4 << 20);
         opts.set_max_total_wal_size(64 << 20);
-        opts.set_keep_log_file_num(4);
+        // RocksDB's own info log lives on the same disk; once that disk fails, a second line
+        // logged through its failed writer trips an assertion in Debian's librocksdb and
+        // aborts the daemon. Errors reach our log through the returned statuses instead.
+        opts.set_log_level(rocksdb::LogLevel::Fatal);
+        opts.set_keep_log_file_num(1);
         let db = DB::open(&opts, path).map_err(|e| e.to_string())?;
-        Ok(Self { db })
+        Ok(Self {
+            db: ManuallyDrop::new(db),
+            broken: RefCell::new(None),
+        })
     }
 
-    pub fn write(&self, batch: WriteBatch, sync: bool) -> Result<(), rocksdb::Error> {
+    /// Writes a batch. After one failure every later write is refused without reaching
+    /// RocksDB: its WAL writer keeps the error, and Debian's librocksdb (built with assertions)
+    /// aborts the process on the next write through it. The directory is failed by then.
+    pub fn write(&self, batch: WriteBatch, sync: bool) -> Result<(), String> {
+        if let Some(e) = self.broken.borrow().as_ref() {
+            return Err(format!("stopped after an earlier write error: {e}"));
+        }
         let mut wo = WriteOptions::default();
         wo.set_sync(sync);
-        self.db.write_opt(batch, &wo)
+        self.db.write_opt(batch, &wo).map_err(|e| {
+            let e = e.to_string();
+            *self.broken.borrow_mut() = Some(e.clone());
+            e
+        })
+    }
+
+    pub fn is_broken(&self) -> bool {
+        self.broken.borrow().is_some()
     }
 
     pub fn put_chunk(batch: &mut WriteBatch, id: ChunkId, rec: &ChunkRecord) {
