@@ -94,7 +94,7 @@ impl Drop for AlignedBuf {
 
 /// Whether `data` may be handed to an O_DIRECT write as is.
 pub fn is_aligned(data: &[u8]) -> bool {
-    data.as_ptr() as usize % ALIGN == 0 && data.len() % ALIGN == 0
+    (data.as_ptr() as usize).is_multiple_of(ALIGN) && data.len().is_multiple_of(ALIGN)
 }
 
 #[cfg(test)]
