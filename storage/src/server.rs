@@ -32,6 +32,8 @@ use crate::wire::{self, Op, Request, Response, Status};
 
 /// Largest data frame of a copy stream.
 pub const COPY_PIECE: u64 = 1 << 20;
+/// How long answers may take to leave at shutdown before the connection is cut.
+const DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 /// Data frames a copy stream may have queued but not yet sent.
 const COPY_WINDOW: usize = 4;
 /// Most ranges one response lists; more are merged across their smallest gaps (copying a
@@ -159,10 +161,21 @@ async fn connection(ctx: Arc<Ctx>, sock: TcpStream, peer: SocketAddr, _slot: Own
     tasks.close();
     tasks.wait().await;
     drop(tx);
-    match writer.await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => tracing::debug!(%peer, error = %e, "connection write failed"),
-        Err(e) => tracing::error!(%peer, error = %e, "connection writer panicked"),
+    // A peer that stops reading would hold the writer (and so shutdown) forever: once
+    // shutting down, answers get DRAIN_TIMEOUT to leave, then the connection is cut.
+    let mut writer = writer;
+    let done = tokio::select! {
+        r = &mut writer => Some(r),
+        _ = ctx.shutdown.cancelled() => tokio::time::timeout(DRAIN_TIMEOUT, &mut writer).await.ok(),
+    };
+    match done {
+        Some(Ok(Ok(()))) => {}
+        Some(Ok(Err(e))) => tracing::debug!(%peer, error = %e, "connection write failed"),
+        Some(Err(e)) => tracing::error!(%peer, error = %e, "connection writer panicked"),
+        None => {
+            tracing::warn!(%peer, "client not reading its answers: connection cut at shutdown");
+            writer.abort();
+        }
     }
     metrics::connection_closed();
     tracing::debug!(%peer, "data-path connection closed");
