@@ -111,6 +111,7 @@ pub async fn run(args: StorageArgs) -> anyhow::Result<()> {
     let cfg = ServerConfig {
         max_connections: args.max_connections,
         max_inflight: args.max_inflight,
+        ..Default::default()
     };
     server::serve_with(listener, store.clone(), cfg, shutdown).await;
     store.shutdown().await;

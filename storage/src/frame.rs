@@ -55,6 +55,8 @@ pub enum FrameError {
     BadCrc { expected: u32, actual: u32 },
     #[error("connection closed in the middle of a frame")]
     Truncated,
+    #[error("frame not completed within {0:?}")]
+    Stalled(std::time::Duration),
     #[error("undecodable frame header: {0}")]
     BadHeader(#[from] prost::DecodeError),
     #[error(transparent)]
@@ -250,6 +252,9 @@ async fn write_batch<W: AsyncWrite + Unpin>(w: &mut W, batch: &[OutFrame]) -> io
 pub struct FrameReader<R> {
     inner: R,
     buf: BytesMut,
+    /// Once a frame has begun, the rest must arrive within this (a peer idling mid-frame
+    /// would otherwise hold its connection forever). Idle time between frames is unbounded.
+    stall: Option<std::time::Duration>,
 }
 
 impl<R: AsyncRead + Unpin> FrameReader<R> {
@@ -257,7 +262,14 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         Self {
             inner,
             buf: BytesMut::with_capacity(READ_CHUNK),
+            stall: None,
         }
+    }
+
+    /// Fails a frame with [`FrameError::Stalled`] if it is not complete `d` after it began.
+    pub fn with_stall_timeout(mut self, d: std::time::Duration) -> Self {
+        self.stall = Some(d);
+        self
     }
 
     /// Reads more bytes into the buffer; false on end of stream.
@@ -269,6 +281,19 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     /// The next frame; `Ok(None)` when the peer closed cleanly between frames. Not cancel-safe:
     /// dropping it mid-frame loses the frame (callers drop the connection then anyway).
     pub async fn read_frame(&mut self) -> Result<Option<Frame>, FrameError> {
+        if self.buf.is_empty() && !self.fill(PREFIX_LEN).await? {
+            return Ok(None);
+        }
+        match self.stall {
+            Some(d) => tokio::time::timeout(d, self.read_rest())
+                .await
+                .map_err(|_| FrameError::Stalled(d))?,
+            None => self.read_rest().await,
+        }
+    }
+
+    /// The rest of a frame of which at least one byte is buffered.
+    async fn read_rest(&mut self) -> Result<Option<Frame>, FrameError> {
         while self.buf.len() < PREFIX_LEN {
             if !self.fill(PREFIX_LEN).await? {
                 return if self.buf.is_empty() {
@@ -480,6 +505,21 @@ mod tests {
             r.read_frame().await,
             Err(FrameError::BadCrc { .. })
         ));
+    }
+
+    #[tokio::test]
+    async fn reader_stall_timeout_only_mid_frame() {
+        let (mut a, b) = tokio::io::duplex(1 << 16);
+        let d = std::time::Duration::from_millis(50);
+        let mut r = FrameReader::new(b).with_stall_timeout(d);
+        let full = encode(&req(1), b"x");
+        // Idle between frames: no timeout.
+        let idle = tokio::time::timeout(d * 4, r.read_frame()).await;
+        assert!(idle.is_err(), "still waiting, no error");
+        tokio::io::AsyncWriteExt::write_all(&mut a, &full[..5])
+            .await
+            .unwrap();
+        assert!(matches!(r.read_frame().await, Err(FrameError::Stalled(_))));
     }
 
     #[tokio::test]

@@ -46,6 +46,8 @@ pub struct ServerConfig {
     pub max_connections: usize,
     /// Requests in flight per connection before the reader stops reading.
     pub max_inflight: usize,
+    /// Time a frame may take from its first byte to its last before the connection is closed.
+    pub frame_timeout: std::time::Duration,
 }
 
 impl Default for ServerConfig {
@@ -53,6 +55,7 @@ impl Default for ServerConfig {
         Self {
             max_connections: 1024,
             max_inflight: 128,
+            frame_timeout: std::time::Duration::from_secs(30),
         }
     }
 }
@@ -118,7 +121,7 @@ async fn connection(ctx: Arc<Ctx>, sock: TcpStream, peer: SocketAddr, _slot: Own
     let writer = tokio::spawn(crate::frame::write_loop(wr, rx));
     let inflight = Arc::new(Semaphore::new(ctx.cfg.max_inflight.max(1)));
     let tasks = TaskTracker::new();
-    let mut reader = FrameReader::new(rd);
+    let mut reader = FrameReader::new(rd).with_stall_timeout(ctx.cfg.frame_timeout);
     loop {
         let permit = tokio::select! {
             _ = ctx.shutdown.cancelled() => break,
@@ -136,6 +139,10 @@ async fn connection(ctx: Arc<Ctx>, sock: TcpStream, peer: SocketAddr, _slot: Own
             Ok(None) => break,
             Err(FrameError::Io(e)) => {
                 tracing::debug!(%peer, error = %e, "connection read failed");
+                break;
+            }
+            Err(FrameError::Stalled(d)) => {
+                tracing::warn!(%peer, timeout = ?d, "frame not completed in time: closing the connection");
                 break;
             }
             Err(FrameError::Truncated) => {

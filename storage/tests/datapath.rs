@@ -225,10 +225,40 @@ async fn half_a_frame_then_gone_does_not_disturb_others() {
 }
 
 #[tokio::test]
+async fn a_stalled_half_frame_is_cut_after_the_frame_timeout() {
+    let d = Daemon::start(ServerConfig {
+        frame_timeout: Duration::from_millis(200),
+        ..Default::default()
+    })
+    .await;
+    let c = Client::connect(&d.addr, &cfg()).await.unwrap();
+    let f = frame::encode(
+        &Request {
+            request_id: 1,
+            op: Op::Info as i32,
+            ..Default::default()
+        },
+        &[],
+    );
+    let mut s = TcpStream::connect(&d.addr).await.unwrap();
+    s.write_all(&f[..f.len() - 1]).await.unwrap();
+    let mut out = Vec::new();
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out))
+        .await
+        .expect("closed by the daemon");
+    assert!(matches!(n, Ok(0)) || n.is_err());
+    // An idle connection between frames is not cut.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert!(answered(&c.info(C).await));
+    d.stop().await;
+}
+
+#[tokio::test]
 async fn connection_limit_refuses_extra_connections() {
     let d = Daemon::start(ServerConfig {
         max_connections: 1,
         max_inflight: 4,
+        ..Default::default()
     })
     .await;
     let c = Client::connect(&d.addr, &cfg()).await.unwrap();
