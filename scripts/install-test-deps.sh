@@ -8,6 +8,7 @@
 #                               image), qemu-block-extra is taken from there too.
 #   tgt sg3-utils fio jq        reference target, SCSI tools, benches
 #   fio build deps              dpkg-dev gcc make pkg-config libaio-dev zlib1g-dev libnbd-dev
+#   build deps                  scripts/install-build-deps.sh (librocksdb-dev, libclang-dev)
 #   cargo-fuzz, cargo-nextest   `cargo install` when missing
 # With --bench it also builds fio with the libiscsi engine (scripts/build-fio-libiscsi.sh).
 set -euo pipefail
@@ -39,6 +40,8 @@ done
 PKGS=(libiscsi-bin libiscsi-dev tgt sg3-utils fio jq coreutils procps
       dpkg-dev gcc make pkg-config libaio-dev zlib1g-dev libnbd-dev
       open-iscsi busybox-static e2fsprogs kmod cpio zstd)
+
+"$HERE/install-build-deps.sh" || die "installing the build dependencies failed"
 
 installed_version() { dpkg-query -W -f='${db:Status-Status} ${Version}\n' "$1" 2>/dev/null | awk '$1 == "installed" {print $2}'; }
 

@@ -4,9 +4,19 @@
 //! io_uring, chunk files and RocksDB; this module routes a request to the directory holding
 //! its chunk and places new chunks on the healthy directory with the most free space.
 
+mod disk;
+mod io;
+mod layout;
+mod meta;
+pub mod scrub;
+
+use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::RwLock;
 
 use bytes::Bytes;
+use disk::{Disk, Req};
 
 use crate::chunk::{ChunkId, ChunkInfo, WrittenRange};
 use crate::error::{Error, Result};
@@ -84,24 +94,111 @@ pub struct DiskStatus {
 
 /// Every data directory of one storage daemon.
 pub struct Store {
-    _cfg: StoreConfig,
+    disks: Vec<Disk>,
+    /// Which directory holds each chunk.
+    index: RwLock<HashMap<ChunkId, usize>>,
+    cfg: StoreConfig,
 }
 
 impl Store {
     /// Opens (or initialises) every directory, replaying each one's write log. Blocking: call it
     /// before the runtime serves requests or from `spawn_blocking`. A directory that cannot be
-    /// opened is reported as failed; the others serve.
+    /// opened is reported as failed and the others serve; it is an error only if none opens.
     pub fn open(cfg: StoreConfig) -> Result<Self> {
         if cfg.dirs.is_empty() {
             return Err(Error::Invalid("no data directory given".into()));
         }
-        Ok(Self { _cfg: cfg })
+        let want_ring = cfg.io_engine == IoEngine::Auto;
+        let mut disks = Vec::new();
+        let mut index = HashMap::new();
+        for (i, dir) in cfg.dirs.iter().enumerate() {
+            let (disk, ids) = Disk::open(i, dir.clone(), want_ring, cfg.log_keep);
+            for id in ids {
+                if let Some(other) = index.insert(id, i) {
+                    tracing::error!(chunk = %id, "chunk found in data directories {other} and {i}; serving the latter");
+                }
+            }
+            disks.push(disk);
+        }
+        if disks
+            .iter()
+            .all(|d| matches!(d.shared.state(), DiskState::Failed(_)))
+        {
+            let reasons: Vec<String> = disks.iter().map(|d| d.failed_error().to_string()).collect();
+            return Err(Error::Invalid(format!(
+                "no usable data directory: {}",
+                reasons.join("; ")
+            )));
+        }
+        Ok(Self {
+            disks,
+            index: RwLock::new(index),
+            cfg,
+        })
     }
 
-    /// Creates an empty (sparse) chunk of `size` bytes.
+    pub fn config(&self) -> &StoreConfig {
+        &self.cfg
+    }
+
+    fn disk_of(&self, id: ChunkId) -> Result<&Disk> {
+        let i = self
+            .index
+            .read()
+            .ok()
+            .and_then(|m| m.get(&id).copied())
+            .ok_or(Error::NotFound(id))?;
+        self.disks.get(i).ok_or(Error::NotFound(id))
+    }
+
+    /// Creates an empty (sparse) chunk of `size` bytes on the healthy directory with the most
+    /// free space.
     pub async fn create(&self, id: ChunkId, size: u64, epoch: u64) -> Result<ChunkInfo> {
-        let _ = (id, size, epoch);
-        Err(Error::Invalid("not implemented yet".into()))
+        if self
+            .index
+            .read()
+            .map(|m| m.contains_key(&id))
+            .unwrap_or(false)
+        {
+            return Err(Error::Exists(id));
+        }
+        let mut candidates: Vec<(u64, &Disk)> = self
+            .disks
+            .iter()
+            .filter(|d| !matches!(d.shared.state(), DiskState::Failed(_)))
+            .map(|d| (disk::free_bytes(&d.path), d))
+            .collect();
+        candidates.sort_by_key(|c| std::cmp::Reverse(c.0));
+        let mut last = None;
+        for (_, d) in candidates {
+            match d
+                .call(|reply| Req::Create {
+                    id,
+                    size,
+                    epoch,
+                    reply,
+                })
+                .await
+            {
+                Ok(info) => {
+                    if let Ok(mut m) = self.index.write() {
+                        m.insert(id, d.index);
+                    }
+                    return Ok(info);
+                }
+                // A full or failing directory: try the next one.
+                Err(
+                    e @ (Error::NoSpace { .. }
+                    | Error::DiskFailed { .. }
+                    | Error::Io { .. }
+                    | Error::Meta { .. }),
+                ) => last = Some(e),
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last.unwrap_or(Error::NoSpace {
+            dir: "every data directory".into(),
+        }))
     }
 
     /// Writes `data` at `offset`; returns the write's sequence number.
@@ -112,8 +209,15 @@ impl Store {
         data: Bytes,
         opts: WriteOpts,
     ) -> Result<u64> {
-        let _ = (id, offset, data, opts);
-        Err(Error::Invalid("not implemented yet".into()))
+        self.disk_of(id)?
+            .call(|reply| Req::Write {
+                id,
+                offset,
+                data,
+                opts,
+                reply,
+            })
+            .await
     }
 
     /// Zeroes `len` bytes at `offset`, releasing whole blocks when `unmap`.
@@ -125,49 +229,150 @@ impl Store {
         unmap: bool,
         opts: WriteOpts,
     ) -> Result<u64> {
-        let _ = (id, offset, len, unmap, opts);
-        Err(Error::Invalid("not implemented yet".into()))
+        self.disk_of(id)?
+            .call(|reply| Req::Zero {
+                id,
+                offset,
+                len,
+                unmap,
+                opts,
+                reply,
+            })
+            .await
     }
 
     /// Reads `len` bytes at `offset`, verifying every block's checksum. `epoch` 0 skips fencing.
     pub async fn read(&self, id: ChunkId, offset: u64, len: u64, epoch: u64) -> Result<ReadOut> {
-        let _ = (id, offset, len, epoch);
-        Err(Error::Invalid("not implemented yet".into()))
+        self.disk_of(id)?
+            .call(|reply| Req::Read {
+                id,
+                offset,
+                len,
+                epoch,
+                reply,
+            })
+            .await
+    }
+
+    /// Verifies the checksums of `[offset, offset+len)`; returns the blocks that fail (and
+    /// records them as bad).
+    pub async fn scrub(&self, id: ChunkId, offset: u64, len: u64) -> Result<Vec<u64>> {
+        self.disk_of(id)?
+            .call(|reply| Req::Scrub {
+                id,
+                offset,
+                len,
+                reply,
+            })
+            .await
     }
 
     /// Makes everything acknowledged before it durable: one chunk, or all chunks when `None`.
     pub async fn flush(&self, id: Option<ChunkId>) -> Result<()> {
-        let _ = id;
-        Err(Error::Invalid("not implemented yet".into()))
+        if let Some(id) = id {
+            return self
+                .disk_of(id)?
+                .call(|reply| Req::Flush {
+                    id: Some(id),
+                    reply: Some(reply),
+                })
+                .await;
+        }
+        let mut first_err = None;
+        for d in self
+            .disks
+            .iter()
+            .filter(|d| !matches!(d.shared.state(), DiskState::Failed(_)))
+        {
+            if let Err(e) = d
+                .call(|reply| Req::Flush {
+                    id: None,
+                    reply: Some(reply),
+                })
+                .await
+            {
+                first_err.get_or_insert(e);
+            }
+        }
+        first_err.map_or(Ok(()), Err)
+    }
+
+    /// Starts a checkpoint of every directory without waiting for it.
+    pub fn checkpoint(&self) {
+        for d in &self.disks {
+            d.send(Req::Flush {
+                id: None,
+                reply: None,
+            });
+        }
     }
 
     pub async fn info(&self, id: ChunkId) -> Result<ChunkInfo> {
-        let _ = id;
-        Err(Error::Invalid("not implemented yet".into()))
+        self.disk_of(id)?
+            .call(|reply| Req::Info { id, reply })
+            .await
     }
 
     /// Deletes a chunk replica and its records.
     pub async fn delete(&self, id: ChunkId, epoch: u64) -> Result<()> {
-        let _ = (id, epoch);
-        Err(Error::Invalid("not implemented yet".into()))
+        self.disk_of(id)?
+            .call(|reply| Req::Delete { id, epoch, reply })
+            .await?;
+        if let Ok(mut m) = self.index.write() {
+            m.remove(&id);
+        }
+        Ok(())
     }
 
     /// Ranges written after sequence number `since` (merged, sorted), and the chunk's version.
     /// [`Error::LogTruncated`] when the log no longer reaches back that far: copy everything.
     pub async fn written_since(&self, id: ChunkId, since: u64) -> Result<(Vec<WrittenRange>, u64)> {
-        let _ = (id, since);
-        Err(Error::Invalid("not implemented yet".into()))
+        self.disk_of(id)?
+            .call(|reply| Req::Since { id, since, reply })
+            .await
     }
 
-    /// Every chunk on every healthy directory.
+    /// Every chunk on every directory, sorted.
     pub fn list(&self) -> Vec<ChunkId> {
-        Vec::new()
+        let mut v: Vec<ChunkId> = self
+            .index
+            .read()
+            .map(|m| m.keys().copied().collect())
+            .unwrap_or_default();
+        v.sort_unstable();
+        v
     }
 
     pub fn disks(&self) -> Vec<DiskStatus> {
-        Vec::new()
+        self.disks
+            .iter()
+            .map(|d| {
+                let (total_bytes, free_bytes) = disk::statvfs(&d.path).unwrap_or((0, 0));
+                DiskStatus {
+                    index: d.index,
+                    path: d.path.clone(),
+                    state: d.shared.state(),
+                    total_bytes,
+                    free_bytes,
+                    chunks: d.shared.chunks.load(Ordering::Relaxed),
+                    io_engine: d.shared.engine,
+                }
+            })
+            .collect()
     }
 
-    /// Flushes everything and stops the engine threads.
-    pub async fn shutdown(&self) {}
+    /// Waits for in-flight requests, checkpoints every directory and stops the engine threads.
+    /// Requests arriving afterwards get [`Error::ShuttingDown`].
+    pub async fn shutdown(&self) {
+        for d in &self.disks {
+            if let Err(e) = d.call(|reply| Req::Shutdown { reply }).await {
+                if !matches!(e, Error::DiskFailed { .. }) {
+                    tracing::warn!(dir = %d.path.display(), "shutdown: {e}");
+                }
+            }
+        }
+        for d in &self.disks {
+            d.join();
+        }
+    }
 }
