@@ -89,8 +89,10 @@ for t in ${TESTS//,/ }; do
     prefill=()
     [ "$FIRST" = 1 ] && prefill=(--prefill)
     FIRST=0
-    d=$("$BIN" bench storage --addr "$ADDR" --volume "$VOL" --rw "$RW" --bs "$BS" \
-        --iodepth "$QD" --size "$SIZE_BYTES" --runtime "$RUNTIME" "${prefill[@]}" | head -1)
+    out=$("$BIN" bench storage --addr "$ADDR" --volume "$VOL" --rw "$RW" --bs "$BS" \
+        --iodepth "$QD" --size "$SIZE_BYTES" --runtime "$RUNTIME" "${prefill[@]}") \
+        || die "bench $t failed (daemon log: $WORK/daemon.log)"
+    d=$(grep -m1 '^rw=' <<<"$out")
     fio --name="$t" --filename="$WORK/fio/file" --size="$SIZE_BYTES" --ioengine=io_uring \
         --direct=1 --lat_percentiles=1 --rw="$RW" --bs="$BS" --iodepth="$QD" --time_based --runtime="$RUNTIME" \
         --output-format=json >"$WORK/fio/$t.json" 2>"$WORK/fio/$t.err"
