@@ -1,6 +1,8 @@
 //! `ironsan`: the one binary. It parses flags and calls into the component crates.
 
+mod bench;
 mod dev;
+mod storage;
 
 use clap::{Parser, Subcommand};
 
@@ -19,6 +21,11 @@ struct Cli {
 enum Command {
     /// Run a local IronSAN on this machine, serving volumes over iSCSI, until SIGTERM/SIGINT.
     Dev(dev::DevArgs),
+    /// Run a storage daemon serving the chunk store of its data directories.
+    Storage(storage::StorageArgs),
+    /// Load generators for benchmarks.
+    #[command(subcommand)]
+    Bench(bench::BenchCmd),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -29,5 +36,7 @@ fn main() -> anyhow::Result<()> {
         .build()?;
     match cli.command {
         Command::Dev(args) => runtime.block_on(dev::run(args)),
+        Command::Storage(args) => runtime.block_on(storage::run(args)),
+        Command::Bench(cmd) => runtime.block_on(bench::run(cmd)),
     }
 }

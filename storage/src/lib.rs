@@ -5,16 +5,23 @@
 //!   records, epochs, the write log).
 //! - [`frame`], [`server`], [`client`]: the data-path protocol (length-prefixed frames with a
 //!   prost header and a raw payload, CRC32C over both), the daemon's listener and the client
-//!   pool the gateway uses.
+//!   pool the gateway uses. [`wire`] translates errors and types to and from the protobuf
+//!   once; [`metrics`] holds the server's counters.
 //!
 //! The unit everything is addressed by is a [`ChunkId`]: a volume id and a chunk index.
 
 pub mod buf;
 pub mod chunk;
+pub mod client;
 pub mod error;
+pub mod frame;
+pub mod metrics;
+pub mod server;
 pub mod store;
+pub mod wire;
 
 pub use buf::AlignedBuf;
-pub use chunk::{ChunkId, ChunkInfo, WrittenRange, BLOCK, SECTOR};
+pub use chunk::{ChunkId, ChunkInfo, WrittenRange, BLOCK, MAX_IO, SECTOR};
+pub use client::{Client, ClientConfig, CopyStream, Pool};
 pub use error::{Error, Result};
 pub use store::{DiskState, DiskStatus, IoEngine, ReadOut, Store, StoreConfig, WriteOpts};
