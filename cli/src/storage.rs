@@ -79,6 +79,7 @@ pub async fn run(args: StorageArgs) -> anyhow::Result<()> {
         .context("open the chunk store")?
         .context("open the chunk store")?;
     let store = Arc::new(store);
+    store.start_background();
     for d in store.disks() {
         tracing::info!(disk = d.index, path = %d.path.display(), state = ?d.state, chunks = d.chunks, free = %ByteSize(d.free_bytes), io = d.io_engine, "data directory");
     }

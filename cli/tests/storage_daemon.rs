@@ -25,37 +25,63 @@ struct Daemon {
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 impl Daemon {
     fn start(dirs: &[PathBuf], extra: &[&str]) -> Daemon {
         let metrics = format!("127.0.0.1:{}", free_port());
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_ironsan"));
-        cmd.arg("storage").args(["--listen", "127.0.0.1:0", "--metrics", &metrics]);
+        cmd.arg("storage")
+            .args(["--listen", "127.0.0.1:0", "--metrics", &metrics]);
         for d in dirs {
             cmd.arg("--data-dir").arg(d);
         }
         cmd.args(extra).env("NO_COLOR", "1").env("RUST_LOG", "info");
-        let mut child = cmd.stdout(Stdio::null()).stderr(Stdio::piped()).spawn().expect("ironsan runs");
+        let mut child = cmd
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("ironsan runs");
         let stderr = child.stderr.take().unwrap();
         let log = Arc::new(Mutex::new(String::new()));
         let (tx, rx) = mpsc::channel();
         let l = log.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if line.contains("ready") {
+                if line.contains("storage ready") {
                     if let Some(a) = line.split("addr=").nth(1) {
-                        let _ = tx.send(a.split_whitespace().next().unwrap_or("").trim_matches('"').to_string());
+                        let _ = tx.send(
+                            a.split_whitespace()
+                                .next()
+                                .unwrap_or("")
+                                .trim_matches('"')
+                                .to_string(),
+                        );
                     }
                 }
                 l.lock().unwrap().push_str(&(line + "\n"));
             }
         });
-        let addr = rx.recv_timeout(Duration::from_secs(60)).unwrap_or_else(|_| {
-            panic!("no ready line from ironsan storage; log:\n{}", log.lock().unwrap())
-        });
-        Daemon { child, addr, metrics, dirs: dirs.to_vec(), log }
+        let addr = rx
+            .recv_timeout(Duration::from_secs(60))
+            .unwrap_or_else(|_| {
+                panic!(
+                    "no ready line from ironsan storage; log:\n{}",
+                    log.lock().unwrap()
+                )
+            });
+        Daemon {
+            child,
+            addr,
+            metrics,
+            dirs: dirs.to_vec(),
+            log,
+        }
     }
 
     fn kill9(&mut self) {
@@ -72,7 +98,10 @@ impl Daemon {
             }
             std::thread::sleep(Duration::from_millis(100));
         }
-        panic!("ironsan storage did not exit within 30 s of SIGTERM; log:\n{}", self.log());
+        panic!(
+            "ironsan storage did not exit within 30 s of SIGTERM; log:\n{}",
+            self.log()
+        );
     }
 
     fn log(&self) -> String {
@@ -98,7 +127,10 @@ impl Daemon {
     }
 
     async fn client(&self) -> Client {
-        let cfg = ClientConfig { request_timeout: Duration::from_secs(10), ..Default::default() };
+        let cfg = ClientConfig {
+            request_timeout: Duration::from_secs(10),
+            ..Default::default()
+        };
         Client::connect(&self.addr, &cfg).await.unwrap()
     }
 }
@@ -150,7 +182,18 @@ async fn kill_9_during_a_write_stream_loses_no_acknowledged_write() {
                 let slot = k + 16 * (gen % (slots / 16));
                 let len = 512 * (1 + (gen * 7 + k) % 128);
                 acked.lock().unwrap()[slot as usize].1 = gen;
-                match c.write(id, slot * SLOT, content(slot, gen, len as usize), WriteOpts { epoch: 1, ..Default::default() }).await {
+                match c
+                    .write(
+                        id,
+                        slot * SLOT,
+                        content(slot, gen, len as usize),
+                        WriteOpts {
+                            epoch: 1,
+                            ..Default::default()
+                        },
+                    )
+                    .await
+                {
                     Ok(_) => {
                         let mut a = acked.lock().unwrap();
                         a[slot as usize] = (gen, 0);
@@ -168,16 +211,32 @@ async fn kill_9_during_a_write_stream_loses_no_acknowledged_write() {
     for w in writers {
         total += w.await.unwrap();
     }
-    assert!(total > 200, "only {total} writes were issued before the kill");
+    assert!(
+        total > 200,
+        "only {total} writes were issued before the kill"
+    );
     let d = d.restart(&[]);
     let c = d.client().await;
+    // The checksum table on disk trailed the data; recovery settled it from the write log.
+    assert!(
+        d.log().contains("write log replayed"),
+        "no replay after kill -9; log:\n{}",
+        d.log()
+    );
     let acked = acked.lock().unwrap().clone();
     let mut checked = 0;
     for (slot, &(gen, inflight)) in acked.iter().enumerate() {
         let slot = slot as u64;
-        let got = c.read(id, slot * SLOT, SLOT, 0).await.unwrap_or_else(|e| panic!("slot {slot}: {e}")).data;
+        let got = c
+            .read(id, slot * SLOT, SLOT, 0)
+            .await
+            .unwrap_or_else(|e| panic!("slot {slot}: {e}"))
+            .data;
         if gen == 0 && inflight == 0 {
-            assert!(got.iter().all(|&b| b == 0), "slot {slot} never written but not zero");
+            assert!(
+                got.iter().all(|&b| b == 0),
+                "slot {slot} never written but not zero"
+            );
             continue;
         }
         // The slot holds the last acknowledged write, or the one in flight at the kill.
@@ -188,20 +247,32 @@ async fn kill_9_during_a_write_stream_loses_no_acknowledged_write() {
             let len = (512 * (1 + (g * 7 + slot % 16) % 128)) as usize;
             got[..len] == content(slot, g, len)[..]
         };
-        assert!(matches(gen) || matches(inflight), "slot {slot}: acknowledged gen {gen} lost (in flight: {inflight})");
+        assert!(
+            matches(gen) || matches(inflight),
+            "slot {slot}: acknowledged gen {gen} lost (in flight: {inflight})"
+        );
         checked += 1;
     }
     assert!(checked > 16, "only {checked} slots were written");
     // Every block still carries a valid checksum.
     for off in (0..64 * MIB).step_by(MIB as usize) {
-        c.read(id, off, MIB, 0).await.unwrap_or_else(|e| panic!("read at {off}: {e}"));
+        c.read(id, off, MIB, 0)
+            .await
+            .unwrap_or_else(|e| panic!("read at {off}: {e}"));
     }
 }
 
 fn flip_bit(dir: &Path, id: ChunkId, at: u64) {
     use std::os::unix::fs::FileExt;
-    let path = dir.join("chunks").join(format!("{:016x}", id.volume)).join(format!("{:08x}.chunk", id.index));
-    let f = std::fs::OpenOptions::new().read(true).write(true).open(path).unwrap();
+    let path = dir
+        .join("chunks")
+        .join(format!("{:016x}", id.volume))
+        .join(format!("{:08x}.chunk", id.index));
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap();
     let mut b = [0u8; 1];
     f.read_exact_at(&mut b, at).unwrap();
     b[0] ^= 0x01;
@@ -216,7 +287,9 @@ async fn flipped_bit_fails_reads_over_the_wire_and_scrub_reports_it() {
     let id = ChunkId::new(0xbad, 3);
     let c = d.client().await;
     c.create(id, 4 * MIB, 0).await.unwrap();
-    c.write(id, 0, content(1, 1, 256 * 1024), WriteOpts::default()).await.unwrap();
+    c.write(id, 0, content(1, 1, 256 * 1024), WriteOpts::default())
+        .await
+        .unwrap();
     c.flush(None).await.unwrap();
     assert!(d.sigterm().success(), "SIGTERM exit; log:\n{}", d.log());
     // 4 MiB chunk: 4 KiB header + 4 KiB checksum table, then data; block 17, byte 100.
@@ -225,7 +298,10 @@ async fn flipped_bit_fails_reads_over_the_wire_and_scrub_reports_it() {
     let c = d.client().await;
     let r = c.read(id, 0, 256 * 1024, 0).await;
     assert!(matches!(r, Err(Error::Checksum { block: 17, .. })), "{r:?}");
-    assert_eq!(c.read(id, 0, 17 * 4096, 0).await.unwrap().data, content(1, 1, 256 * 1024).slice(..17 * 4096));
+    assert_eq!(
+        c.read(id, 0, 17 * 4096, 0).await.unwrap().data,
+        content(1, 1, 256 * 1024).slice(..17 * 4096)
+    );
     let mut found = 0.0;
     for _ in 0..100 {
         found = metric(&d.metrics(), "ironsan_storage_scrub_bad_blocks_total");
@@ -234,7 +310,11 @@ async fn flipped_bit_fails_reads_over_the_wire_and_scrub_reports_it() {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert!(found >= 1.0, "scrub did not report the bad block; log:\n{}", d.log());
+    assert!(
+        found >= 1.0,
+        "scrub did not report the bad block; log:\n{}",
+        d.log()
+    );
     assert!(metric(&d.metrics(), "ironsan_storage_checksum_errors_total") >= 1.0);
     assert_eq!(c.info(id).await.unwrap().bad_blocks, 1);
 }
@@ -242,13 +322,26 @@ async fn flipped_bit_fails_reads_over_the_wire_and_scrub_reports_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_exits_cleanly_and_data_survives_restart() {
     let dir = tempfile::tempdir().unwrap();
-    let dirs = vec![dir.path().to_path_buf(), tempfile::tempdir().unwrap().keep()];
+    let dirs = vec![
+        dir.path().to_path_buf(),
+        tempfile::tempdir().unwrap().keep(),
+    ];
     let mut d = Daemon::start(&dirs, &[]);
     let c = d.client().await;
     let ids: Vec<ChunkId> = (0..4).map(|i| ChunkId::new(9, i)).collect();
     for (i, &id) in ids.iter().enumerate() {
         c.create(id, 4 * MIB, 2).await.unwrap();
-        c.write(id, 4096, content(i as u64, 2, 8192), WriteOpts { epoch: 2, ..Default::default() }).await.unwrap();
+        c.write(
+            id,
+            4096,
+            content(i as u64, 2, 8192),
+            WriteOpts {
+                epoch: 2,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
     }
     let st = d.sigterm();
     assert!(st.success(), "exit status {st:?}; log:\n{}", d.log());
@@ -257,9 +350,25 @@ async fn sigterm_exits_cleanly_and_data_survives_restart() {
     for (i, &id) in ids.iter().enumerate() {
         let info = c.info(id).await.unwrap();
         assert_eq!((info.epoch, info.version), (2, 1));
-        assert_eq!(c.read(id, 4096, 8192, 0).await.unwrap().data, content(i as u64, 2, 8192));
-        let r = c.write(id, 0, content(0, 0, 4096), WriteOpts { epoch: 1, ..Default::default() }).await;
-        assert!(matches!(r, Err(Error::StaleEpoch { current: 2, .. })), "{r:?}");
+        assert_eq!(
+            c.read(id, 4096, 8192, 0).await.unwrap().data,
+            content(i as u64, 2, 8192)
+        );
+        let r = c
+            .write(
+                id,
+                0,
+                content(0, 0, 4096),
+                WriteOpts {
+                    epoch: 1,
+                    ..Default::default()
+                },
+            )
+            .await;
+        assert!(
+            matches!(r, Err(Error::StaleEpoch { current: 2, .. })),
+            "{r:?}"
+        );
     }
     let _ = std::fs::remove_dir_all(&dirs[1]);
 }

@@ -13,7 +13,8 @@ pub mod scrub;
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
-use std::sync::RwLock;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
 
 use bytes::Bytes;
 use disk::{Disk, Req};
@@ -91,6 +92,11 @@ pub struct DiskStatus {
     pub chunks: u64,
     pub io_engine: &'static str,
 }
+
+/// How often dirty chunks are checkpointed in the background.
+pub const CHECKPOINT_EVERY: Duration = Duration::from_secs(5);
+/// Rest between two scrub passes over everything.
+pub const SCRUB_PAUSE: Duration = Duration::from_secs(3600);
 
 /// Every data directory of one storage daemon.
 pub struct Store {
@@ -295,6 +301,23 @@ impl Store {
             }
         }
         first_err.map_or(Ok(()), Err)
+    }
+
+    /// Starts the store's background work on the current runtime: a checkpoint of every
+    /// directory every [`CHECKPOINT_EVERY`] (bounding the write log that a restart replays, as
+    /// ext4's commit interval bounds its journal), and the scrubber at the configured rate.
+    pub fn start_background(self: &Arc<Self>) {
+        let store = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(CHECKPOINT_EVERY);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                let Some(s) = store.upgrade() else { return };
+                s.checkpoint();
+            }
+        });
+        tokio::spawn(scrub::run(self.clone(), self.cfg.scrub_rate, SCRUB_PAUSE));
     }
 
     /// Starts a checkpoint of every directory without waiting for it.
