@@ -76,22 +76,36 @@ async fn round_trip(engine: IoEngine) {
         assert_eq!(&r.data[..1024], &a[..1024]);
         assert!(r.data[1024..17 * 1024].iter().all(|&x| x == 0));
         assert_eq!(&r.data[17 * 1024..], &a[17 * 1024..]);
+        // FUA zeroing of a written range, unaligned at both ends: fallocate, edges, fdatasync.
+        s.write(id, 2 * MIB, pattern(7, 65536), w(1)).await.unwrap();
+        let fua = WriteOpts {
+            epoch: 1,
+            fua: true,
+            ..Default::default()
+        };
+        s.write_zeroes(id, 2 * MIB + 512, 60 * 1024, false, fua)
+            .await
+            .unwrap();
+        let r = s.read(id, 2 * MIB, 65536, 0).await.unwrap().data;
+        assert_eq!(&r[..512], &pattern(7, 512)[..]);
+        assert!(r[512..512 + 60 * 1024].iter().all(|&x| x == 0));
+        assert_eq!(&r[512 + 60 * 1024..], &pattern(7, 65536)[512 + 60 * 1024..]);
         let info = s.info(id).await.unwrap();
-        assert_eq!(info.version, 3);
+        assert_eq!(info.version, 5);
         assert!(
             info.used >= 48 * 1024 && info.used < 64 * 1024 + 8192,
             "used {}",
             info.used
         );
         let (ranges, v) = s.written_since(id, 1).await.unwrap();
-        assert_eq!(v, 3);
-        assert_eq!(ranges.len(), 2);
+        assert_eq!(v, 5);
+        assert_eq!(ranges.len(), 3);
         s.shutdown().await;
     }
     let s = open(&dirs, engine);
     let r = s.read(id, 0, 64 * 1024, 0).await.unwrap();
     assert!(r.data[1024..17 * 1024].iter().all(|&x| x == 0));
-    assert_eq!(s.info(id).await.unwrap().version, 3);
+    assert_eq!(s.info(id).await.unwrap().version, 5);
     s.shutdown().await;
 }
 

@@ -352,6 +352,9 @@ enum Kind {
         out: Vec<(u64, Bytes)>,
         /// New stored checksums of the span's blocks (zero for blocks left zero).
         crcs: Vec<u32>,
+        /// A FUA zeroing still owes its fdatasync (issued once its writes and fallocate are
+        /// done: io_uring does not order an fsync after operations submitted with it).
+        sync_due: bool,
     },
     Read {
         offset: u64,
@@ -1064,6 +1067,7 @@ impl Engine {
                 edges: Vec::new(),
                 out: Vec::new(),
                 crcs: Vec::new(),
+                sync_due: false,
             },
             answer,
             span: Some(Span {
@@ -1164,12 +1168,11 @@ impl Engine {
         let id = op.id;
         match &mut op.kind {
             Kind::Delete => {
-                if let Some(c) = self.chunks.get(&id) {
+                if self.chunks.contains_key(&id) {
                     Meta::delete_chunk(&mut self.batch, id);
                     self.batch_chunks.remove(&id);
                     self.batch_sync = true;
                     self.batch_waiters.push(i);
-                    let _ = c;
                 } else {
                     self.finish(i, Err(Error::NotFound(id)));
                 }
@@ -1195,10 +1198,8 @@ impl Engine {
                 };
                 self.submit_io(i, req, Some(b), None);
             }
-            Kind::Write {
-                offset, len, data, ..
-            } => {
-                let (offset, len, zero) = (*offset, *len, data.is_none());
+            Kind::Write { offset, len, .. } => {
+                let (offset, len) = (*offset, *len);
                 let Some(c) = self.chunks.get(&id) else {
                     return self.finish(i, Err(Error::NotFound(id)));
                 };
@@ -1212,8 +1213,7 @@ impl Engine {
                 if end % BLOCK != 0 && (b1 - 1 != b0 || edges.is_empty()) {
                     edges.push(b1 - 1);
                 }
-                // A zeroed block needs no old contents unless it is only partly zeroed.
-                let _ = zero;
+                // Only partly covered blocks need their old contents (for data and zeroes alike).
                 if edges.is_empty() {
                     return self.prepare_write(i);
                 }
@@ -1451,8 +1451,10 @@ impl Engine {
                             punch: *unmap,
                         });
                     }
-                    if opts.fua {
-                        reqs.push(IoReq::Fdatasync { fd });
+                    if let (true, Some(op)) = (opts.fua, self.ops.get_mut(i)) {
+                        if let Kind::Write { sync_due, .. } = &mut op.kind {
+                            *sync_due = true;
+                        }
                     }
                 }
                 if reqs.is_empty() {
@@ -1553,6 +1555,16 @@ impl Engine {
             return;
         };
         let id = op.id;
+        if let Kind::Write { sync_due, .. } = &mut op.kind {
+            if std::mem::take(sync_due) {
+                if let Some(fd) = self.chunks.get(&id).map(Chunk::fd) {
+                    return self.submit_io(i, IoReq::Fdatasync { fd }, None, None);
+                }
+            }
+        }
+        let Some(op) = self.ops.get_mut(i) else {
+            return;
+        };
         let Kind::Write {
             offset,
             len,

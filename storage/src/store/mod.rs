@@ -1,6 +1,6 @@
 //! The chunk store: every data directory of this daemon, behind one async API.
 //!
-//! Each directory ([`disk`]) is served by its own engine thread that owns the directory's
+//! Each directory (`disk.rs`) is served by its own engine thread that owns the directory's
 //! io_uring, chunk files and RocksDB; this module routes a request to the directory holding
 //! its chunk and places new chunks on the healthy directory with the most free space.
 
