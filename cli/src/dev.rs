@@ -145,14 +145,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         tracing::info!(volume = %v.name, iqn = %t.iqn, size = %ByteSize(size), io, "volume ready");
     }
 
-    if let Some(addr) = args.metrics {
-        let bound = ironsan_common::observe::serve_metrics(addr)
-            .await
-            .context("bind metrics")?;
-        tracing::info!(addr = %bound, "metrics ready");
-    } else {
-        ironsan_common::observe::metrics_handle();
-    }
+    start_metrics(args.metrics).await?;
 
     let listener = target::bind(args.portal)
         .await
@@ -163,6 +156,19 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     tracing::info!(addr = %addr, targets = wanted.len(), chap = args.chap.is_some(), "portal ready");
     gw.serve(listener, shutdown).await;
     tracing::info!("stopped cleanly");
+    Ok(())
+}
+
+/// Installs the metrics recorder (before anything records) and serves `/metrics` when asked.
+pub(crate) async fn start_metrics(addr: Option<std::net::SocketAddr>) -> anyhow::Result<()> {
+    if let Some(addr) = addr {
+        let bound = ironsan_common::observe::serve_metrics(addr)
+            .await
+            .context("bind metrics")?;
+        tracing::info!(addr = %bound, "metrics ready");
+    } else {
+        ironsan_common::observe::metrics_handle();
+    }
     Ok(())
 }
 

@@ -73,6 +73,8 @@ pub async fn run(args: StorageArgs) -> anyhow::Result<()> {
         scrub_rate: args.scrub_rate,
         ..Default::default()
     };
+    // Before the store opens, so that its first gauges are recorded.
+    crate::dev::start_metrics(args.metrics).await?;
     // Opening replays each directory's write log: blocking work, off the runtime's workers.
     let store = tokio::task::spawn_blocking(move || Store::open(cfg))
         .await
@@ -84,14 +86,6 @@ pub async fn run(args: StorageArgs) -> anyhow::Result<()> {
         tracing::info!(disk = d.index, path = %d.path.display(), state = ?d.state, chunks = d.chunks, free = %ByteSize(d.free_bytes), io = d.io_engine, "data directory");
     }
 
-    if let Some(addr) = args.metrics {
-        let bound = ironsan_common::observe::serve_metrics(addr)
-            .await
-            .context("bind metrics")?;
-        tracing::info!(addr = %bound, "metrics ready");
-    } else {
-        ironsan_common::observe::metrics_handle();
-    }
     if let Some(m) = &args.manager {
         tracing::info!(manager = %m, "manager given: registration arrives with the manager");
     }
