@@ -534,10 +534,11 @@ impl Engine {
             .open_file(&path, false)
             .map_err(|e| format!("{}: {e}", path.display()))?;
         let mut head = AlignedBuf::zeroed(BLOCK as usize);
-        read_exact_at(&file, head.as_mut_slice(), 0).map_err(|e| format!("reading header: {e}"))?;
+        file.read_exact_at(head.as_mut_slice(), 0)
+            .map_err(|e| format!("reading header: {e}"))?;
         layout::check_header(head.as_slice(), id, rec.size)?;
         let mut table = AlignedBuf::zeroed(layout::table_bytes(rec.size) as usize);
-        read_exact_at(&file, table.as_mut_slice(), layout::HEADER)
+        file.read_exact_at(table.as_mut_slice(), layout::HEADER)
             .map_err(|e| format!("reading checksums: {e}"))?;
         let crcs = table
             .as_slice()
@@ -613,7 +614,8 @@ impl Engine {
             if b >= c.crcs.len() as u64 {
                 continue;
             }
-            read_exact_at(&c.file, block.as_mut_slice(), start + b * BLOCK)
+            c.file
+                .read_exact_at(block.as_mut_slice(), start + b * BLOCK)
                 .map_err(|e| format!("replay read: {e}"))?;
             let actual = stored_crc(block.as_slice());
             if actual == c.crcs[b as usize] {
@@ -829,7 +831,7 @@ impl Engine {
             && self.space.free >= self.space.reserve + self.space.reserve / 2
             && !self.meta.is_broken()
         {
-            self.set_state_healthy();
+            self.set_state(DiskState::Healthy);
         }
         true
     }
@@ -1083,17 +1085,12 @@ impl Engine {
     }
 
     fn admit_read(&mut self, id: ChunkId, offset: u64, len: u64, opts: WriteOpts, answer: Answer) {
-        let max = if matches!(answer, Answer::Scrub(_)) {
-            MAX_CHUNK
-        } else {
-            MAX_IO
-        };
         let fenced = if opts.epoch == 0 {
             Ok(())
         } else {
             self.fence(id, opts.epoch)
         };
-        if let Err(e) = self.check_range(id, offset, len, max).and(fenced) {
+        if let Err(e) = self.check_range(id, offset, len, MAX_IO).and(fenced) {
             return finish_answer(answer, Err(e));
         }
         let (b0, b1) = block_span(offset, len);
@@ -1666,7 +1663,10 @@ impl Engine {
         let start = c.data_start();
         for (k, &crc) in new.iter().enumerate() {
             let b = b0 + k as u64;
-            if read_exact_at(&c.file, block.as_mut_slice(), start + b * BLOCK).is_err() {
+            if c.file
+                .read_exact_at(block.as_mut_slice(), start + b * BLOCK)
+                .is_err()
+            {
                 torn.push(b);
                 continue;
             }
@@ -1906,16 +1906,6 @@ impl Engine {
         self.info(id)
     }
 
-    fn set_state_healthy(&self) {
-        if let Ok(mut s) = self.shared.state.lock() {
-            if *s == DiskState::Full {
-                tracing::info!(dir = %self.name, "space available again");
-                *s = DiskState::Healthy;
-                set_state_gauge(&self.name, &DiskState::Healthy);
-            }
-        }
-    }
-
     fn info(&self, id: ChunkId) -> Result<ChunkInfo> {
         let c = self.chunks.get(&id).ok_or(Error::NotFound(id))?;
         Ok(ChunkInfo {
@@ -2089,10 +2079,6 @@ fn table_page(crcs: &[u32], p: u64) -> AlignedBuf {
         page.as_mut_slice()[k * 4..k * 4 + 4].copy_from_slice(&crc.to_le_bytes());
     }
     page
-}
-
-fn read_exact_at(f: &File, buf: &mut [u8], offset: u64) -> io::Result<()> {
-    f.read_exact_at(buf, offset)
 }
 
 /// Whether the filesystem under `dir` takes O_DIRECT (tmpfs before 6.6 and some FUSE do not).
