@@ -2,6 +2,7 @@
 
 mod bench;
 mod dev;
+mod manager;
 mod storage;
 
 use clap::{Parser, Subcommand};
@@ -21,6 +22,8 @@ struct Cli {
 enum Command {
     /// Run a local IronSAN on this machine, serving volumes over iSCSI, until SIGTERM/SIGINT.
     Dev(dev::DevArgs),
+    /// Run a cluster manager member (Raft group), or change the group's membership.
+    Manager(manager::ManagerArgs),
     /// Run a storage daemon serving the chunk store of its data directories.
     Storage(storage::StorageArgs),
     /// Load generators for benchmarks.
@@ -37,6 +40,7 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Dev(args) => runtime.block_on(dev::run(args)),
         Command::Storage(args) => runtime.block_on(storage::run(args)),
+        Command::Manager(args) => runtime.block_on(manager::run(args)),
         Command::Bench(cmd) => runtime.block_on(bench::run(cmd)),
     }
 }

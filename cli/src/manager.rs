@@ -1,0 +1,180 @@
+//! `ironsan manager`: one member of the manager's Raft group, serving the cluster API until
+//! SIGTERM/SIGINT. With a subcommand (`add-member`, `remove-member`, `transfer-leader`) it is
+//! instead a client that changes the running group.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::Args;
+use ironsan_manager::health::HealthConfig;
+use ironsan_manager::node::NodeConfig;
+use ironsan_manager::{Server, ServerConfig};
+
+#[derive(Args, Debug)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct ManagerArgs {
+    // MEMBER-SUBCOMMAND
+    #[command(flatten)]
+    pub daemon: DaemonArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct DaemonArgs {
+    /// This member's id in the Raft group (non-zero, unique, never reused).
+    #[arg(long, env = "IRONSAN_MANAGER_ID")]
+    id: Option<u64>,
+    /// gRPC address for clients and members.
+    #[arg(long, env = "IRONSAN_MANAGER_LISTEN", default_value = "127.0.0.1:7400")]
+    listen: SocketAddr,
+    /// Address the other members and clients reach this member at (default: --listen).
+    #[arg(long, env = "IRONSAN_MANAGER_ADVERTISE")]
+    advertise: Option<String>,
+    /// Raft log, hard state and snapshots (a RocksDB under DIR/raft).
+    #[arg(long, env = "IRONSAN_MANAGER_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// Another member of the group, ID=HOST:PORT. Repeat for each; omit for a 1-member group.
+    #[arg(long = "peer", value_parser = parse_peer, env = "IRONSAN_MANAGER_PEERS", value_delimiter = ',')]
+    peers: Vec<(u64, String)>,
+    /// Join an existing group (after `add-member`) instead of bootstrapping a new one.
+    #[arg(long)]
+    join: bool,
+    /// Serve Prometheus metrics on /metrics and /healthz at this address.
+    #[arg(long, env = "IRONSAN_METRICS")]
+    metrics: Option<SocketAddr>,
+    /// A storage node silent this long is declared Down (e.g. 10s).
+    #[arg(long, value_parser = parse_duration, default_value = "10s")]
+    node_timeout: Duration,
+    /// A Down node's chunks get new replicas after this long (e.g. 30s).
+    #[arg(long, value_parser = parse_duration, default_value = "30s")]
+    recovery_grace: Duration,
+    /// Heartbeat interval asked of storage daemons.
+    #[arg(long, value_parser = parse_duration, default_value = "1s")]
+    heartbeat_interval: Duration,
+    /// Raft tick: elections time out after 10 to 20 ticks.
+    #[arg(long, value_parser = parse_duration, default_value = "100ms")]
+    raft_tick: Duration,
+    /// Snapshot the state and compact the Raft log every this many entries.
+    #[arg(long, default_value_t = 5000)]
+    snapshot_every: u64,
+    /// Manager to send a member command to (with a subcommand).
+    #[arg(
+        long,
+        env = "IRONSAN_MANAGER",
+        default_value = "127.0.0.1:7400",
+        global = true
+    )]
+    manager: String,
+    /// Print JSON instead of a table (with a subcommand).
+    #[arg(long, global = true)]
+    json: bool,
+}
+
+fn parse_peer(s: &str) -> Result<(u64, String), String> {
+    let (id, addr) = s
+        .split_once('=')
+        .ok_or_else(|| format!("peer {s:?} is not ID=HOST:PORT"))?;
+    let id: u64 = id
+        .trim()
+        .parse()
+        .map_err(|_| format!("peer id {id:?} is not a number"))?;
+    let addr = addr.trim();
+    if id == 0 || !addr.contains(':') {
+        return Err(format!("peer {s:?} is not ID=HOST:PORT with a non-zero ID"));
+    }
+    Ok((id, addr.to_string()))
+}
+
+/// `250ms`, `10s`, `2m`, or a bare number of seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, unit) = s
+        .find(|c: char| !c.is_ascii_digit())
+        .map_or((s, "s"), |i| s.split_at(i));
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("duration {s:?} is not a number with ms, s or m"))?;
+    let d = match unit {
+        "ms" => Duration::from_millis(n),
+        "s" => Duration::from_secs(n),
+        "m" => Duration::from_secs(n * 60),
+        _ => return Err(format!("duration {s:?}: unit must be ms, s or m")),
+    };
+    if d.is_zero() {
+        return Err(format!("duration {s:?} must be positive"));
+    }
+    Ok(d)
+}
+
+pub async fn run(args: ManagerArgs) -> anyhow::Result<()> {
+    // MEMBER-RUN
+    let a = args.daemon;
+    let id = a.id.context("--id is required to run a manager member")?;
+    let data_dir = a
+        .data_dir
+        .context("--data-dir is required to run a manager member")?;
+    let mut peers = BTreeMap::new();
+    for (pid, addr) in a.peers {
+        if peers.insert(pid, addr).is_some() {
+            bail!("--peer {pid} given twice");
+        }
+    }
+    let advertise = match a.advertise {
+        Some(a) => a,
+        None if a.listen.ip().is_unspecified() => {
+            bail!(
+                "--listen {} is a wildcard address: give --advertise HOST:PORT",
+                a.listen
+            )
+        }
+        None => a.listen.to_string(),
+    };
+    crate::dev::start_metrics(a.metrics).await?;
+    let mut raft = NodeConfig::new(id);
+    raft.tick = a.raft_tick;
+    raft.snapshot_every = a.snapshot_every.max(1);
+    let cfg = ServerConfig {
+        id,
+        listen: a.listen,
+        advertise,
+        data_dir,
+        peers,
+        join: a.join,
+        raft,
+        health: HealthConfig {
+            node_timeout: a.node_timeout,
+            recovery_grace: a.recovery_grace,
+            heartbeat_interval: a.heartbeat_interval,
+            ..Default::default()
+        },
+    };
+    let server = Server::start(cfg).await?;
+    tracing::info!(addr = %server.addr, "manager listening");
+    let stop = tokio_util::sync::CancellationToken::new();
+    crate::dev::wait_for_signal(stop).await;
+    server.shutdown().await;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peers_and_durations() {
+        assert_eq!(
+            parse_peer("2=10.0.0.2:7400"),
+            Ok((2, "10.0.0.2:7400".into()))
+        );
+        assert!(parse_peer("0=a:1").is_err());
+        assert!(parse_peer("x=a:1").is_err());
+        assert!(parse_peer("2").is_err());
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("3"), Ok(Duration::from_secs(3)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert!(parse_duration("0s").is_err());
+        assert!(parse_duration("5h").is_err());
+    }
+}

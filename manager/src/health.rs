@@ -1,0 +1,273 @@
+//! Health arbitration on the leader: heartbeats are soft state (never log entries); only the
+//! decisions they lead to are committed.
+//!
+//! Given a node that heartbeats, when it falls silent for `node_timeout`, then the leader
+//! commits it Down. Given a chunk with a replica on a node Down for `recovery_grace` (or on a
+//! Draining node, or short of replicas), when no task exists for it, then the leader plans a
+//! replacement with the placement rules and commits a recovery task (the new replica joins the
+//! chunk's set as `joining` until the copy completes). Given a Down node that heartbeats again,
+//! then it is committed Up and its replicas still in sets are listed for resync; replicas it
+//! lost are listed for dropping until it confirms.
+//!
+//! A new leader knows nothing of the old leader's timers: it starts every node's silence and
+//! every Down node's grace from its own election, so a leader change only ever delays a
+//! decision, never hastens one.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use ironsan_common::proto::manager::{
+    command::Op, CreateTasksCmd, Disk, DiskState, HeartbeatRequest, HeartbeatResponse, NodeChunks,
+    NodeState, RecoveryTask, SetNodeStateCmd, TaskState,
+};
+
+use crate::placement::{Candidate, Placer};
+use crate::state::State;
+
+#[derive(Debug, Clone)]
+pub struct HealthConfig {
+    /// A node silent this long is committed Down.
+    pub node_timeout: Duration,
+    /// A Down node's chunks get recovery tasks after this long.
+    pub recovery_grace: Duration,
+    /// What the leader asks storage daemons to use.
+    pub heartbeat_interval: Duration,
+    /// Recovery tasks planned per round, so one failure does not flood the log.
+    pub max_tasks_per_round: usize,
+    pub scatter_width: usize,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        HealthConfig {
+            node_timeout: Duration::from_secs(10),
+            recovery_grace: Duration::from_secs(30),
+            heartbeat_interval: Duration::from_secs(1),
+            max_tasks_per_round: 256,
+            scatter_width: 4,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Seen {
+    at: Instant,
+    disks: Vec<Disk>,
+}
+
+/// The leader's soft state about storage nodes.
+#[derive(Default)]
+pub struct Health {
+    seen: Mutex<HashMap<String, Seen>>,
+    down_since: Mutex<HashMap<String, Instant>>,
+    /// When this member last became leader (None while follower).
+    leader_since: Mutex<Option<Instant>>,
+}
+
+impl Health {
+    fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+        match m.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        }
+    }
+
+    /// Called when leadership is gained or lost: soft state never crosses terms.
+    pub fn set_leader(&self, leader: bool) {
+        let mut since = Self::lock(&self.leader_since);
+        match (leader, since.is_some()) {
+            (true, false) => {
+                *since = Some(Instant::now());
+                Self::lock(&self.seen).clear();
+                Self::lock(&self.down_since).clear();
+            }
+            (false, true) => *since = None,
+            _ => {}
+        }
+    }
+
+    /// Records a heartbeat and builds the answer; the caller commits what `follow_up` returns.
+    pub fn heartbeat(
+        &self,
+        state: &State,
+        req: &HeartbeatRequest,
+        cfg: &HealthConfig,
+    ) -> Result<(HeartbeatResponse, Vec<Op>), tonic::Status> {
+        let Some(node) = state.node(&req.id) else {
+            return Err(tonic::Status::not_found(format!(
+                "node {:?} is not registered; register first",
+                req.id
+            )));
+        };
+        Self::lock(&self.seen).insert(
+            req.id.clone(),
+            Seen {
+                at: Instant::now(),
+                disks: req.disks.clone(),
+            },
+        );
+        let mut follow_up = Vec::new();
+        if node.state == NodeState::NodeDown as i32 {
+            Self::lock(&self.down_since).remove(&req.id);
+            follow_up.push(Op::SetNodeState(SetNodeStateCmd {
+                id: req.id.clone(),
+                state: NodeState::NodeUp as i32,
+                reason: "heartbeat resumed".into(),
+            }));
+        }
+        if !req.dropped.is_empty() {
+            follow_up.push(Op::ClearOrphans(NodeChunks {
+                node_id: req.id.clone(),
+                chunks: req.dropped.clone(),
+            }));
+        }
+        let resp = HeartbeatResponse {
+            state: node.state,
+            heartbeat_interval_ms: cfg.heartbeat_interval.as_millis() as u64,
+            drop_chunks: state.orphans_of(&req.id),
+            resync_chunks: state.stale_of(&req.id),
+        };
+        metrics::counter!("ironsan_manager_heartbeats_total").increment(1);
+        Ok((resp, follow_up))
+    }
+
+    /// Free bytes and disk health as last heard, for placement and `node list`.
+    pub fn soft(&self, node: &str) -> Option<(u64, Vec<Disk>, Duration)> {
+        Self::lock(&self.seen).get(node).map(|s| {
+            (
+                s.disks.iter().map(|d| d.free).sum(),
+                s.disks.clone(),
+                s.at.elapsed(),
+            )
+        })
+    }
+
+    /// The placement view of every node: committed identity, soft free space and disk health.
+    pub fn candidates(&self, state: &State) -> Vec<Candidate> {
+        state
+            .nodes()
+            .map(|n| {
+                let disks = self
+                    .soft(&n.id)
+                    .map(|s| s.1)
+                    .unwrap_or_else(|| n.disks.clone());
+                let healthy = disks
+                    .iter()
+                    .any(|d| d.state == DiskState::DiskHealthy as i32);
+                Candidate {
+                    id: n.id.clone(),
+                    zone: n.zone.clone(),
+                    capacity: n.capacity,
+                    allocated: n.allocated,
+                    free: disks
+                        .iter()
+                        .filter(|d| d.state == DiskState::DiskHealthy as i32)
+                        .map(|d| d.free)
+                        .sum(),
+                    placeable: n.state == NodeState::NodeUp as i32 && healthy,
+                }
+            })
+            .collect()
+    }
+
+    /// One round of the leader's checks: what to commit now.
+    pub fn plan(&self, state: &State, cfg: &HealthConfig) -> Vec<Op> {
+        let Some(leader_since) = *Self::lock(&self.leader_since) else {
+            return Vec::new();
+        };
+        let now = Instant::now();
+        let mut ops = Vec::new();
+        {
+            let seen = Self::lock(&self.seen);
+            let mut down_since = Self::lock(&self.down_since);
+            for n in state.nodes() {
+                if n.state == NodeState::NodeDown as i32 {
+                    down_since.entry(n.id.clone()).or_insert(now);
+                    continue;
+                }
+                let last = seen
+                    .get(&n.id)
+                    .map_or(leader_since, |s| s.at.max(leader_since));
+                if now.duration_since(last) >= cfg.node_timeout {
+                    ops.push(Op::SetNodeState(SetNodeStateCmd {
+                        id: n.id.clone(),
+                        state: NodeState::NodeDown as i32,
+                        reason: format!("silent for {} ms", now.duration_since(last).as_millis()),
+                    }));
+                }
+            }
+        }
+        if !ops.is_empty() {
+            return ops;
+        }
+        let tasks = self.plan_recovery(state, cfg, now);
+        if !tasks.is_empty() {
+            ops.push(Op::CreateTasks(CreateTasksCmd { tasks }));
+        }
+        ops
+    }
+
+    fn plan_recovery(&self, state: &State, cfg: &HealthConfig, now: Instant) -> Vec<RecoveryTask> {
+        let down_since = Self::lock(&self.down_since).clone();
+        // A node is to be replaced when Draining, or Down past the grace period.
+        let replace = |id: &str| -> bool {
+            match state.node(id) {
+                None => true,
+                Some(n) if n.state == NodeState::NodeDraining as i32 => true,
+                Some(n) if n.state == NodeState::NodeDown as i32 => down_since
+                    .get(id)
+                    .is_some_and(|t| now.duration_since(*t) >= cfg.recovery_grace),
+                Some(_) => false,
+            }
+        };
+        let mut placers: HashMap<u32, Placer> = HashMap::new();
+        let candidates = self.candidates(state);
+        let mut tasks = Vec::new();
+        for c in state.all_chunks() {
+            if tasks.len() >= cfg.max_tasks_per_round {
+                break;
+            }
+            if !c.joining.is_empty() || state.has_task_for(c.volume_id, c.index) {
+                continue;
+            }
+            let Some((replicas, chunk_size)) = state.volume_replicas(c.volume_id) else {
+                continue;
+            };
+            let lost = c.replicas.iter().find(|r| replace(r)).cloned();
+            let short = c.replicas.len() < replicas as usize;
+            if lost.is_none() && !short {
+                continue;
+            }
+            let lost = lost.unwrap_or_default();
+            let placer = match placers.entry(replicas) {
+                std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
+                std::collections::hash_map::Entry::Vacant(v) => {
+                    match Placer::new(candidates.clone(), replicas as usize, cfg.scatter_width) {
+                        Ok(p) => v.insert(p),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "no placement for recovery");
+                            continue;
+                        }
+                    }
+                }
+            };
+            match placer.replace(&c.replicas, &lost, chunk_size) {
+                Ok(target) => tasks.push(RecoveryTask {
+                    id: 0,
+                    volume_id: c.volume_id,
+                    index: c.index,
+                    lost,
+                    target,
+                    state: TaskState::TaskPending as i32,
+                    created_ms: 0,
+                    copied_bytes: 0,
+                }),
+                Err(e) => {
+                    tracing::debug!(volume = c.volume_id, index = c.index, error = %e, "no replacement yet")
+                }
+            }
+        }
+        tasks
+    }
+}

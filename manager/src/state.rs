@@ -1,0 +1,966 @@
+//! The replicated state machine: storage nodes, volumes, chunk replica sets with epochs,
+//! attachments with leases, recovery tasks and Raft members.
+//!
+//! `apply` is a pure function of (state, command): every member applies the same log to the
+//! same result. Anything clock-dependent uses the `now_ms` the leader stamped into the command;
+//! anything placement-dependent was decided by the leader and is only *validated* here. A
+//! command that fails validation changes nothing and returns an error result, so no request is
+//! ever half-applied.
+//!
+//! Epochs: each volume has one counter. Attaching a gateway takes the next value as its writer
+//! epoch; every change of a chunk's replica set takes the next value as the chunk's epoch. A
+//! gateway sends `max(writer epoch, chunk epoch)` to storage, which refuses anything older than
+//! the newest it has seen, so both a new writer and a new replica set fence the old ones.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use ironsan_common::proto::manager::{
+    self as pb, apply_result, command::Op, ApplyError, ApplyResult, Attachment, Chunk, Command,
+    CompleteTaskResponse, Member, Node, NodeChunks, NodeState, RecoveryTask, StateSnapshot,
+    TaskState, Volume, VolumeEpoch, VolumeRef, VolumeState,
+};
+use tonic::Code;
+
+/// Limits that every member enforces identically at apply.
+pub const MIN_CHUNK: u64 = 1 << 20;
+pub const MAX_CHUNK: u64 = 1 << 30;
+pub const DEFAULT_CHUNK: u64 = 64 << 20;
+pub const DEFAULT_REPLICAS: u32 = 3;
+pub const MAX_REPLICAS: u32 = 5;
+/// Replica sets are stored per chunk, so the chunk count bounds the state (and a create's log
+/// entry): 256 Ki chunks is 16 TiB at the default chunk size.
+pub const MAX_CHUNKS_PER_VOLUME: u64 = 256 * 1024;
+pub const LOGICAL_BLOCK: u64 = 512;
+pub const DEFAULT_LEASE_MS: u64 = 10_000;
+pub const MAX_LEASE_MS: u64 = 300_000;
+pub const MAX_NAME: usize = 128;
+
+/// An apply-time rejection: a gRPC code and a message for the caller.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reject {
+    pub code: Code,
+    pub message: String,
+}
+
+impl Reject {
+    pub fn new(code: Code, message: impl Into<String>) -> Self {
+        Reject {
+            code,
+            message: message.into(),
+        }
+    }
+    fn not_found(what: impl Into<String>) -> Self {
+        Reject::new(Code::NotFound, what)
+    }
+    fn invalid(what: impl Into<String>) -> Self {
+        Reject::new(Code::InvalidArgument, what)
+    }
+    fn precondition(what: impl Into<String>) -> Self {
+        Reject::new(Code::FailedPrecondition, what)
+    }
+}
+
+/// Checks a volume name: what becomes the IQN suffix `iqn.2026-11.io.ironsan:<name>`.
+pub fn validate_name(name: &str) -> Result<(), Reject> {
+    if name.is_empty() || name.len() > MAX_NAME {
+        return Err(Reject::invalid(format!(
+            "volume name must be 1 to {MAX_NAME} characters"
+        )));
+    }
+    let ok = name
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.');
+    if !ok || name.starts_with(['-', '.']) {
+        return Err(Reject::invalid(format!(
+            "volume name {name:?} may hold only a-z, 0-9, '-' and '.', and starts with a letter or digit"
+        )));
+    }
+    Ok(())
+}
+
+/// Checks size, replica count and chunk size of a create; returns (replicas, chunk_size, chunks)
+/// with defaults filled in.
+pub fn validate_geometry(
+    size: u64,
+    replicas: u32,
+    chunk_size: u64,
+) -> Result<(u32, u64, u64), Reject> {
+    let replicas = if replicas == 0 {
+        DEFAULT_REPLICAS
+    } else {
+        replicas
+    };
+    let chunk_size = if chunk_size == 0 {
+        DEFAULT_CHUNK
+    } else {
+        chunk_size
+    };
+    if replicas > MAX_REPLICAS {
+        return Err(Reject::invalid(format!(
+            "replicas must be 1 to {MAX_REPLICAS}, not {replicas}"
+        )));
+    }
+    if !chunk_size.is_power_of_two() || !(MIN_CHUNK..=MAX_CHUNK).contains(&chunk_size) {
+        return Err(Reject::invalid(format!(
+            "chunk size must be a power of two from 1 MiB to 1 GiB, not {chunk_size}"
+        )));
+    }
+    let chunks = check_size(size, chunk_size)?;
+    Ok((replicas, chunk_size, chunks))
+}
+
+fn check_size(size: u64, chunk_size: u64) -> Result<u64, Reject> {
+    if size == 0 || size % LOGICAL_BLOCK != 0 {
+        return Err(Reject::invalid(format!(
+            "size must be a non-zero multiple of {LOGICAL_BLOCK} bytes, not {size}"
+        )));
+    }
+    let chunks = size.div_ceil(chunk_size);
+    if chunks > MAX_CHUNKS_PER_VOLUME {
+        return Err(Reject::invalid(format!(
+            "size {size} is beyond the limit of {} bytes for chunk size {chunk_size}",
+            MAX_CHUNKS_PER_VOLUME * chunk_size
+        )));
+    }
+    Ok(chunks)
+}
+
+/// The whole replicated state.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct State {
+    next_volume_id: u64,
+    next_task_id: u64,
+    nodes: BTreeMap<String, Node>,
+    volumes: BTreeMap<u64, Volume>,
+    names: BTreeMap<String, u64>,
+    chunks: BTreeMap<(u64, u64), Chunk>,
+    epochs: BTreeMap<u64, u64>,
+    tasks: BTreeMap<u64, RecoveryTask>,
+    /// Replicas a node still holds but no longer owns: node -> (volume, index) -> epoch.
+    orphans: BTreeMap<String, BTreeMap<(u64, u64), u64>>,
+    /// Replicas a node holds that missed writes while it was Down: resync before use.
+    stale: BTreeMap<String, BTreeMap<(u64, u64), u64>>,
+    members: BTreeMap<u64, String>,
+}
+
+type ApplyOutcome = Result<apply_result::Result, Reject>;
+
+impl State {
+    pub fn new() -> Self {
+        State {
+            next_volume_id: 1,
+            next_task_id: 1,
+            ..Default::default()
+        }
+    }
+
+    /// Applies one committed command. Never panics on its content.
+    pub fn apply(&mut self, cmd: &Command) -> ApplyResult {
+        let now = cmd.now_ms;
+        let outcome = match &cmd.op {
+            None => Err(Reject::invalid("empty command")),
+            Some(Op::Noop(_)) => Ok(apply_result::Result::Done(true)),
+            Some(Op::CreateVolume(c)) => self.create_volume(c, now),
+            Some(Op::ResizeVolume(c)) => self.resize_volume(c),
+            Some(Op::DeleteVolume(c)) => self.delete_volume(c, now),
+            Some(Op::Attach(c)) => self.attach(c, now),
+            Some(Op::Renew(c)) => self.renew(c, now),
+            Some(Op::Detach(c)) => self.detach(c),
+            Some(Op::RegisterNode(c)) => self.register_node(c),
+            Some(Op::SetNodeState(c)) => self.set_node_state(c),
+            Some(Op::RemoveReplica(c)) => self.remove_replica(c),
+            Some(Op::CreateTasks(c)) => self.create_tasks(&c.tasks, now),
+            Some(Op::CompleteTask(c)) => self.complete_task(c.id, c.success),
+            Some(Op::ReconcileNode(c)) => self.reconcile_node(&c.id),
+            Some(Op::NodeUsage(c)) => self.node_usage(&c.id, c.capacity),
+            Some(Op::ClearOrphans(c)) => {
+                self.clear_orphans(c);
+                Ok(apply_result::Result::Done(true))
+            }
+        };
+        ApplyResult {
+            result: Some(match outcome {
+                Ok(r) => r,
+                Err(e) => apply_result::Result::Error(ApplyError {
+                    code: e.code as i32,
+                    message: e.message,
+                }),
+            }),
+        }
+    }
+
+    // ---------- reads ----------
+
+    pub fn volume_id(&self, r: &VolumeRef) -> Result<u64, Reject> {
+        if r.id != 0 {
+            return if self.volumes.contains_key(&r.id) {
+                Ok(r.id)
+            } else {
+                Err(Reject::not_found(format!("volume id {} not found", r.id)))
+            };
+        }
+        if r.name.is_empty() {
+            return Err(Reject::invalid("volume id or name required"));
+        }
+        self.names
+            .get(&r.name)
+            .copied()
+            .ok_or_else(|| Reject::not_found(format!("volume {:?} not found", r.name)))
+    }
+
+    /// A volume as clients see it: with its attachment and degraded-chunk count.
+    pub fn volume(&self, r: &VolumeRef) -> Result<Volume, Reject> {
+        let id = self.volume_id(r)?;
+        Ok(self.volume_view(id))
+    }
+
+    fn volume_view(&self, id: u64) -> Volume {
+        let mut v = self.volumes.get(&id).cloned().unwrap_or_default();
+        v.degraded_chunks = self
+            .volume_chunks(id)
+            .filter(|c| self.chunk_degraded(c, v.replicas))
+            .count() as u64;
+        v
+    }
+
+    pub fn volumes(&self) -> Vec<Volume> {
+        self.volumes
+            .keys()
+            .map(|&id| self.volume_view(id))
+            .collect()
+    }
+
+    fn volume_chunks(&self, id: u64) -> impl Iterator<Item = &Chunk> {
+        self.chunks.range((id, 0)..=(id, u64::MAX)).map(|(_, c)| c)
+    }
+
+    /// Short of replicas, or holding a replica on a node that is not Up.
+    pub fn chunk_degraded(&self, c: &Chunk, replicas: u32) -> bool {
+        c.replicas.len() < replicas as usize
+            || c.replicas.iter().any(|n| {
+                self.nodes
+                    .get(n)
+                    .is_none_or(|n| n.state != NodeState::NodeUp as i32)
+            })
+    }
+
+    pub fn chunks(&self, r: &VolumeRef, first: u64, count: u64) -> Result<Vec<Chunk>, Reject> {
+        let id = self.volume_id(r)?;
+        let last = if count == 0 {
+            u64::MAX
+        } else {
+            first.saturating_add(count - 1)
+        };
+        Ok(self
+            .chunks
+            .range((id, first)..=(id, last))
+            .map(|(_, c)| c.clone())
+            .collect())
+    }
+
+    pub fn chunk(&self, volume: u64, index: u64) -> Option<&Chunk> {
+        self.chunks.get(&(volume, index))
+    }
+
+    pub fn all_chunks(&self) -> impl Iterator<Item = &Chunk> {
+        self.chunks.values()
+    }
+
+    pub fn node(&self, id: &str) -> Option<&Node> {
+        self.nodes.get(id)
+    }
+
+    pub fn nodes(&self) -> impl Iterator<Item = &Node> {
+        self.nodes.values()
+    }
+
+    pub fn tasks(&self) -> impl Iterator<Item = &RecoveryTask> {
+        self.tasks.values()
+    }
+
+    pub fn has_task_for(&self, volume: u64, index: u64) -> bool {
+        self.tasks
+            .values()
+            .any(|t| t.volume_id == volume && t.index == index)
+    }
+
+    pub fn volume_replicas(&self, id: u64) -> Option<(u32, u64)> {
+        self.volumes.get(&id).map(|v| (v.replicas, v.chunk_size))
+    }
+
+    pub fn orphans_of(&self, node: &str) -> Vec<Chunk> {
+        Self::listed(self.orphans.get(node))
+    }
+
+    pub fn stale_of(&self, node: &str) -> Vec<Chunk> {
+        Self::listed(self.stale.get(node))
+    }
+
+    fn listed(m: Option<&BTreeMap<(u64, u64), u64>>) -> Vec<Chunk> {
+        m.map(|m| {
+            m.iter()
+                .map(|(&(volume_id, index), &epoch)| Chunk {
+                    volume_id,
+                    index,
+                    epoch,
+                    ..Default::default()
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+    }
+
+    pub fn members(&self) -> &BTreeMap<u64, String> {
+        &self.members
+    }
+
+    pub fn volume_count(&self) -> usize {
+        self.volumes.len()
+    }
+
+    pub fn chunk_count(&self) -> usize {
+        self.chunks.len()
+    }
+
+    // ---------- members (from committed configuration changes) ----------
+
+    pub fn set_member(&mut self, id: u64, addr: String) {
+        self.members.insert(id, addr);
+    }
+
+    pub fn remove_member(&mut self, id: u64) {
+        self.members.remove(&id);
+    }
+
+    // ---------- volumes ----------
+
+    fn create_volume(&mut self, c: &pb::CreateVolumeCmd, now: u64) -> ApplyOutcome {
+        validate_name(&c.name)?;
+        if self.names.contains_key(&c.name) {
+            return Err(Reject::new(
+                Code::AlreadyExists,
+                format!("volume {:?} already exists", c.name),
+            ));
+        }
+        let (replicas, chunk_size, chunks) = validate_geometry(c.size, c.replicas, c.chunk_size)?;
+        if c.placement.len() as u64 != chunks {
+            return Err(Reject::new(
+                Code::Internal,
+                format!(
+                    "placement has {} sets for {chunks} chunks",
+                    c.placement.len()
+                ),
+            ));
+        }
+        for set in &c.placement {
+            self.check_set(&set.nodes, replicas)?;
+        }
+        let id = self.next_volume_id;
+        self.next_volume_id += 1;
+        self.epochs.insert(id, 1);
+        for (index, set) in c.placement.iter().enumerate() {
+            self.add_chunk(id, index as u64, set.nodes.clone(), chunk_size, 1);
+        }
+        let v = Volume {
+            id,
+            name: c.name.clone(),
+            size: c.size,
+            replicas,
+            chunk_size,
+            state: VolumeState::VolumeAvailable as i32,
+            created_ms: now,
+            degraded_chunks: 0,
+            attachment: None,
+        };
+        self.names.insert(c.name.clone(), id);
+        self.volumes.insert(id, v);
+        Ok(apply_result::Result::Volume(self.volume_view(id)))
+    }
+
+    /// A placement from the leader must still hold at apply: distinct, known, Up nodes.
+    fn check_set(&self, nodes: &[String], replicas: u32) -> Result<(), Reject> {
+        let distinct: BTreeSet<&String> = nodes.iter().collect();
+        if nodes.len() != replicas as usize || distinct.len() != nodes.len() {
+            return Err(Reject::new(
+                Code::Aborted,
+                "placement changed while the request was in flight; retry",
+            ));
+        }
+        for n in nodes {
+            match self.nodes.get(n) {
+                Some(node) if node.state == NodeState::NodeUp as i32 => {}
+                _ => {
+                    return Err(Reject::new(
+                        Code::Aborted,
+                        format!("node {n} left service while the request was in flight; retry"),
+                    ))
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn add_chunk(
+        &mut self,
+        volume_id: u64,
+        index: u64,
+        replicas: Vec<String>,
+        size: u64,
+        epoch: u64,
+    ) {
+        for n in &replicas {
+            self.account(n, size as i128, 1);
+        }
+        self.chunks.insert(
+            (volume_id, index),
+            Chunk {
+                volume_id,
+                index,
+                epoch,
+                replicas,
+                joining: String::new(),
+            },
+        );
+    }
+
+    fn account(&mut self, node: &str, bytes: i128, chunks: i64) {
+        if let Some(n) = self.nodes.get_mut(node) {
+            n.allocated = (n.allocated as i128 + bytes).max(0) as u64;
+            n.chunks = (n.chunks as i64 + chunks).max(0) as u64;
+        }
+    }
+
+    fn next_epoch(&mut self, volume: u64) -> u64 {
+        let e = self.epochs.entry(volume).or_insert(0);
+        *e += 1;
+        *e
+    }
+
+    fn resize_volume(&mut self, c: &pb::ResizeVolumeCmd) -> ApplyOutcome {
+        let id = self.volume_id(c.volume.as_ref().unwrap_or(&VolumeRef::default()))?;
+        let (old_size, replicas, chunk_size) = {
+            let v = &self.volumes[&id];
+            (v.size, v.replicas, v.chunk_size)
+        };
+        if c.size < old_size {
+            return Err(Reject::precondition(format!(
+                "shrinking is not supported: {} is below the current size {old_size}",
+                c.size
+            )));
+        }
+        let chunks = check_size(c.size, chunk_size)?;
+        let have = old_size.div_ceil(chunk_size);
+        if c.placement.len() as u64 != chunks - have {
+            return Err(Reject::new(
+                Code::Aborted,
+                "volume changed while the resize was in flight; retry",
+            ));
+        }
+        for set in &c.placement {
+            self.check_set(&set.nodes, replicas)?;
+        }
+        for (i, set) in c.placement.iter().enumerate() {
+            let epoch = self.next_epoch(id);
+            self.add_chunk(id, have + i as u64, set.nodes.clone(), chunk_size, epoch);
+        }
+        if let Some(v) = self.volumes.get_mut(&id) {
+            v.size = c.size;
+        }
+        Ok(apply_result::Result::Volume(self.volume_view(id)))
+    }
+
+    fn delete_volume(&mut self, c: &pb::DeleteVolumeCmd, now: u64) -> ApplyOutcome {
+        let id = self.volume_id(c.volume.as_ref().unwrap_or(&VolumeRef::default()))?;
+        if let Some(a) = self.volumes[&id].attachment.as_ref() {
+            if a.lease_expires_ms > now {
+                return Err(Reject::precondition(format!(
+                    "volume is attached to gateway {}; detach it first",
+                    a.gateway
+                )));
+            }
+        }
+        let keys: Vec<(u64, u64)> = self
+            .chunks
+            .range((id, 0)..=(id, u64::MAX))
+            .map(|(k, _)| *k)
+            .collect();
+        for key in keys {
+            if let Some(chunk) = self.chunks.remove(&key) {
+                let size = self.volumes[&id].chunk_size;
+                for n in chunk
+                    .replicas
+                    .iter()
+                    .chain(Some(&chunk.joining).filter(|j| !j.is_empty()))
+                {
+                    self.account(n, -(size as i128), -1);
+                    self.orphan(n, key, chunk.epoch);
+                }
+            }
+        }
+        self.tasks.retain(|_, t| t.volume_id != id);
+        for m in self.stale.values_mut() {
+            m.retain(|k, _| k.0 != id);
+        }
+        self.epochs.remove(&id);
+        if let Some(v) = self.volumes.remove(&id) {
+            self.names.remove(&v.name);
+        }
+        Ok(apply_result::Result::Done(true))
+    }
+
+    fn orphan(&mut self, node: &str, key: (u64, u64), epoch: u64) {
+        self.orphans
+            .entry(node.to_string())
+            .or_default()
+            .insert(key, epoch);
+        if let Some(s) = self.stale.get_mut(node) {
+            s.remove(&key);
+        }
+    }
+
+    fn clear_orphans(&mut self, c: &NodeChunks) {
+        if let Some(m) = self.orphans.get_mut(&c.node_id) {
+            for ch in &c.chunks {
+                // Only the entry that was listed: a newer orphaning of the same chunk stays.
+                if m.get(&(ch.volume_id, ch.index)) == Some(&ch.epoch) {
+                    m.remove(&(ch.volume_id, ch.index));
+                }
+            }
+            if m.is_empty() {
+                self.orphans.remove(&c.node_id);
+            }
+        }
+    }
+
+    // ---------- attachments ----------
+
+    fn attach(&mut self, c: &pb::AttachCmd, now: u64) -> ApplyOutcome {
+        let id = self.volume_id(c.volume.as_ref().unwrap_or(&VolumeRef::default()))?;
+        if c.gateway.is_empty() {
+            return Err(Reject::invalid("gateway id required"));
+        }
+        let lease_ms = match c.lease_ms {
+            0 => DEFAULT_LEASE_MS,
+            l if l <= MAX_LEASE_MS => l,
+            l => {
+                return Err(Reject::invalid(format!(
+                    "lease of {l} ms is beyond {MAX_LEASE_MS} ms"
+                )))
+            }
+        };
+        if let Some(a) = &self.volumes[&id].attachment {
+            if a.gateway != c.gateway && a.lease_expires_ms > now {
+                return Err(Reject::precondition(format!(
+                    "volume is attached to gateway {} for another {} ms",
+                    a.gateway,
+                    a.lease_expires_ms - now
+                )));
+            }
+        }
+        let writer_epoch = self.next_epoch(id);
+        let a = Attachment {
+            volume_id: id,
+            gateway: c.gateway.clone(),
+            writer_epoch,
+            lease_expires_ms: now + lease_ms,
+            lease_ms,
+        };
+        if let Some(v) = self.volumes.get_mut(&id) {
+            v.attachment = Some(a.clone());
+        }
+        Ok(apply_result::Result::Attachment(a))
+    }
+
+    fn current_attachment(
+        &self,
+        id: u64,
+        gateway: &str,
+        epoch: u64,
+        now: u64,
+    ) -> Result<&Attachment, Reject> {
+        match &self.volumes[&id].attachment {
+            Some(a)
+                if a.gateway == gateway && a.writer_epoch == epoch && a.lease_expires_ms > now =>
+            {
+                Ok(a)
+            }
+            Some(a) if a.gateway == gateway && a.writer_epoch == epoch => Err(
+                Reject::precondition("lease expired; attach again for a new writer epoch"),
+            ),
+            Some(a) => Err(Reject::precondition(format!(
+                "stale attachment: volume is held by gateway {} at writer epoch {}",
+                a.gateway, a.writer_epoch
+            ))),
+            None => Err(Reject::precondition("volume is not attached")),
+        }
+    }
+
+    fn renew(&mut self, c: &pb::RenewCmd, now: u64) -> ApplyOutcome {
+        let id = self.volume_id(c.volume.as_ref().unwrap_or(&VolumeRef::default()))?;
+        let lease_ms = self
+            .current_attachment(id, &c.gateway, c.writer_epoch, now)?
+            .lease_ms;
+        let v = self
+            .volumes
+            .get_mut(&id)
+            .ok_or_else(|| Reject::not_found("volume"))?;
+        let a = v
+            .attachment
+            .as_mut()
+            .ok_or_else(|| Reject::precondition("volume is not attached"))?;
+        a.lease_expires_ms = now + lease_ms;
+        Ok(apply_result::Result::Attachment(a.clone()))
+    }
+
+    fn detach(&mut self, c: &pb::DetachCmd) -> ApplyOutcome {
+        let id = self.volume_id(c.volume.as_ref().unwrap_or(&VolumeRef::default()))?;
+        let v = self
+            .volumes
+            .get_mut(&id)
+            .ok_or_else(|| Reject::not_found("volume"))?;
+        match &v.attachment {
+            None => Ok(apply_result::Result::Done(true)),
+            Some(a) if c.force || a.gateway == c.gateway => {
+                v.attachment = None;
+                Ok(apply_result::Result::Done(true))
+            }
+            Some(a) => Err(Reject::precondition(format!(
+                "volume is attached to gateway {}, not {:?} (use force to detach it)",
+                a.gateway, c.gateway
+            ))),
+        }
+    }
+
+    // ---------- nodes ----------
+
+    fn register_node(&mut self, c: &pb::RegisterNodeRequest) -> ApplyOutcome {
+        if c.id.is_empty() || c.id.len() > MAX_NAME {
+            return Err(Reject::invalid("node id must be 1 to 128 characters"));
+        }
+        if c.addr.parse::<std::net::SocketAddr>().is_err() && !c.addr.contains(':') {
+            return Err(Reject::invalid(format!(
+                "node address {:?} is not host:port",
+                c.addr
+            )));
+        }
+        let capacity = c.disks.iter().map(|d| d.capacity).sum();
+        let node = self.nodes.entry(c.id.clone()).or_insert_with(|| Node {
+            id: c.id.clone(),
+            state: NodeState::NodeUp as i32,
+            ..Default::default()
+        });
+        node.addr = c.addr.clone();
+        node.zone = c.zone.clone();
+        node.disks = c.disks.clone();
+        node.capacity = capacity;
+        // A Down node registering again comes back Up; a Draining one stays Draining.
+        if node.state == NodeState::NodeDown as i32 {
+            node.state = NodeState::NodeUp as i32;
+            self.mark_stale(&c.id);
+        }
+        Ok(apply_result::Result::Node(self.nodes[&c.id].clone()))
+    }
+
+    fn set_node_state(&mut self, c: &pb::SetNodeStateCmd) -> ApplyOutcome {
+        let state = NodeState::try_from(c.state)
+            .ok()
+            .filter(|s| *s != NodeState::Unspecified)
+            .ok_or_else(|| Reject::invalid(format!("bad node state {}", c.state)))?;
+        let node = self
+            .nodes
+            .get_mut(&c.id)
+            .ok_or_else(|| Reject::not_found(format!("node {:?} not found", c.id)))?;
+        let was = node.state;
+        node.state = state as i32;
+        if was == NodeState::NodeDown as i32 && state == NodeState::NodeUp {
+            self.mark_stale(&c.id);
+        }
+        Ok(apply_result::Result::Node(self.nodes[&c.id].clone()))
+    }
+
+    /// A node returning from Down still listed in replica sets may have missed writes.
+    fn mark_stale(&mut self, node: &str) {
+        let held: BTreeMap<(u64, u64), u64> = self
+            .chunks
+            .iter()
+            .filter(|(_, c)| c.replicas.iter().any(|r| r == node))
+            .map(|(k, c)| (*k, c.epoch))
+            .collect();
+        if !held.is_empty() {
+            self.stale.entry(node.to_string()).or_default().extend(held);
+        }
+    }
+
+    /// The node reported it resynced (or the rebuild path confirmed) its stale replicas.
+    fn reconcile_node(&mut self, id: &str) -> ApplyOutcome {
+        if !self.nodes.contains_key(id) {
+            return Err(Reject::not_found(format!("node {id:?} not found")));
+        }
+        self.stale.remove(id);
+        Ok(apply_result::Result::Done(true))
+    }
+
+    fn node_usage(&mut self, id: &str, capacity: u64) -> ApplyOutcome {
+        let node = self
+            .nodes
+            .get_mut(id)
+            .ok_or_else(|| Reject::not_found(format!("node {id:?} not found")))?;
+        node.capacity = capacity;
+        Ok(apply_result::Result::Node(node.clone()))
+    }
+
+    // ---------- replica sets and recovery ----------
+
+    fn remove_replica(&mut self, c: &pb::RemoveReplicaCmd) -> ApplyOutcome {
+        let key = (c.volume_id, c.index);
+        let (replicas, size) = self
+            .volume_replicas(c.volume_id)
+            .ok_or_else(|| Reject::not_found(format!("volume id {} not found", c.volume_id)))?;
+        let _ = replicas;
+        let chunk = self.chunks.get(&key).ok_or_else(|| {
+            Reject::not_found(format!("chunk {}/{} not found", c.volume_id, c.index))
+        })?;
+        if c.writer_epoch != 0 {
+            let current = self.volumes[&c.volume_id]
+                .attachment
+                .as_ref()
+                .map(|a| a.writer_epoch);
+            if current != Some(c.writer_epoch) {
+                return Err(Reject::precondition(format!(
+                    "writer epoch {} is not the volume's current attachment ({current:?})",
+                    c.writer_epoch
+                )));
+            }
+        }
+        let in_set = chunk.replicas.iter().any(|r| *r == c.node_id);
+        let joining = chunk.joining == c.node_id;
+        if !in_set && !joining {
+            // Already removed (a retried report): answer with the current set.
+            return Ok(apply_result::Result::Chunk(chunk.clone()));
+        }
+        if in_set && chunk.replicas.len() == 1 {
+            return Err(Reject::precondition(format!(
+                "node {} holds the last replica of chunk {}/{}",
+                c.node_id, c.volume_id, c.index
+            )));
+        }
+        let epoch = self.next_epoch(c.volume_id);
+        let chunk = self
+            .chunks
+            .get_mut(&key)
+            .ok_or_else(|| Reject::not_found("chunk"))?;
+        if joining {
+            chunk.joining.clear();
+        } else {
+            chunk.replicas.retain(|r| *r != c.node_id);
+        }
+        chunk.epoch = epoch;
+        let out = chunk.clone();
+        // A recovery task copying to a failed joiner is re-placed by the health loop.
+        if joining {
+            self.tasks
+                .retain(|_, t| !(t.volume_id == c.volume_id && t.index == c.index));
+        }
+        self.account(&c.node_id, -(size as i128), -1);
+        self.orphan(&c.node_id, key, epoch);
+        Ok(apply_result::Result::Chunk(out))
+    }
+
+    fn create_tasks(&mut self, tasks: &[RecoveryTask], now: u64) -> ApplyOutcome {
+        // All or nothing: validate every task first.
+        for t in tasks {
+            let chunk = self.chunks.get(&(t.volume_id, t.index)).ok_or_else(|| {
+                Reject::new(
+                    Code::Aborted,
+                    format!("chunk {}/{} is gone", t.volume_id, t.index),
+                )
+            })?;
+            let target_ok = self
+                .nodes
+                .get(&t.target)
+                .is_some_and(|n| n.state == NodeState::NodeUp as i32);
+            if !chunk.joining.is_empty()
+                || chunk.replicas.iter().any(|r| *r == t.target)
+                || !target_ok
+                || self.has_task_for(t.volume_id, t.index)
+            {
+                return Err(Reject::new(
+                    Code::Aborted,
+                    format!(
+                        "chunk {}/{} changed since the task was planned",
+                        t.volume_id, t.index
+                    ),
+                ));
+            }
+        }
+        for t in tasks {
+            let id = self.next_task_id;
+            self.next_task_id += 1;
+            let epoch = self.next_epoch(t.volume_id);
+            let size = self.volumes.get(&t.volume_id).map_or(0, |v| v.chunk_size);
+            if let Some(chunk) = self.chunks.get_mut(&(t.volume_id, t.index)) {
+                chunk.joining = t.target.clone();
+                chunk.epoch = epoch;
+            }
+            self.account(&t.target, size as i128, 1);
+            self.tasks.insert(
+                id,
+                RecoveryTask {
+                    id,
+                    state: TaskState::TaskPending as i32,
+                    created_ms: now,
+                    copied_bytes: 0,
+                    ..t.clone()
+                },
+            );
+        }
+        Ok(apply_result::Result::Done(true))
+    }
+
+    fn complete_task(&mut self, id: u64, success: bool) -> ApplyOutcome {
+        let task = self
+            .tasks
+            .remove(&id)
+            .ok_or_else(|| Reject::not_found(format!("recovery task {id} not found")))?;
+        let key = (task.volume_id, task.index);
+        let size = self
+            .volumes
+            .get(&task.volume_id)
+            .map_or(0, |v| v.chunk_size);
+        let epoch = self.next_epoch(task.volume_id);
+        let Some(chunk) = self.chunks.get_mut(&key) else {
+            return Err(Reject::not_found(format!(
+                "chunk {}/{} not found",
+                key.0, key.1
+            )));
+        };
+        chunk.joining.clear();
+        chunk.epoch = epoch;
+        let mut dropped = Vec::new();
+        if success {
+            if chunk.replicas.iter().any(|r| *r == task.lost) {
+                chunk.replicas.retain(|r| *r != task.lost);
+                dropped.push(task.lost.clone());
+            }
+            chunk.replicas.push(task.target.clone());
+        } else {
+            dropped.push(task.target.clone());
+        }
+        let out = chunk.clone();
+        for n in dropped {
+            self.account(&n, -(size as i128), -1);
+            self.orphan(&n, key, epoch);
+        }
+        Ok(apply_result::Result::Task(CompleteTaskResponse {
+            chunk: Some(out),
+        }))
+    }
+
+    // ---------- snapshots ----------
+
+    pub fn snapshot(&self) -> StateSnapshot {
+        let node_chunks = |m: &BTreeMap<String, BTreeMap<(u64, u64), u64>>| {
+            m.iter()
+                .map(|(n, cs)| NodeChunks {
+                    node_id: n.clone(),
+                    chunks: Self::listed(Some(cs)),
+                })
+                .collect()
+        };
+        StateSnapshot {
+            next_volume_id: self.next_volume_id,
+            next_task_id: self.next_task_id,
+            nodes: self.nodes.values().cloned().collect(),
+            volumes: self.volumes.values().cloned().collect(),
+            chunks: self.chunks.values().cloned().collect(),
+            attachments: Vec::new(),
+            tasks: self.tasks.values().cloned().collect(),
+            epochs: self
+                .epochs
+                .iter()
+                .map(|(&volume_id, &epoch)| VolumeEpoch { volume_id, epoch })
+                .collect(),
+            orphans: node_chunks(&self.orphans),
+            stale: node_chunks(&self.stale),
+            members: self
+                .members
+                .iter()
+                .map(|(&id, addr)| Member {
+                    id,
+                    addr: addr.clone(),
+                    ..Default::default()
+                })
+                .collect(),
+        }
+    }
+
+    pub fn restore(s: StateSnapshot) -> State {
+        let keyed = |v: Vec<NodeChunks>| {
+            v.into_iter()
+                .map(|nc| {
+                    let m = nc
+                        .chunks
+                        .into_iter()
+                        .map(|c| ((c.volume_id, c.index), c.epoch))
+                        .collect();
+                    (nc.node_id, m)
+                })
+                .collect()
+        };
+        let mut st = State {
+            next_volume_id: s.next_volume_id.max(1),
+            next_task_id: s.next_task_id.max(1),
+            nodes: s.nodes.into_iter().map(|n| (n.id.clone(), n)).collect(),
+            names: s.volumes.iter().map(|v| (v.name.clone(), v.id)).collect(),
+            volumes: s.volumes.into_iter().map(|v| (v.id, v)).collect(),
+            chunks: s
+                .chunks
+                .into_iter()
+                .map(|c| ((c.volume_id, c.index), c))
+                .collect(),
+            epochs: s
+                .epochs
+                .into_iter()
+                .map(|e| (e.volume_id, e.epoch))
+                .collect(),
+            tasks: s.tasks.into_iter().map(|t| (t.id, t)).collect(),
+            orphans: keyed(s.orphans),
+            stale: keyed(s.stale),
+            members: s.members.into_iter().map(|m| (m.id, m.addr)).collect(),
+        };
+        st.recount();
+        st
+    }
+
+    /// Recomputes per-node allocation from the chunk map (after a restore).
+    fn recount(&mut self) {
+        for n in self.nodes.values_mut() {
+            n.allocated = 0;
+            n.chunks = 0;
+        }
+        let sizes: BTreeMap<u64, u64> = self
+            .volumes
+            .iter()
+            .map(|(&id, v)| (id, v.chunk_size))
+            .collect();
+        let holders: Vec<(String, u64)> = self
+            .chunks
+            .values()
+            .flat_map(|c| {
+                let size = sizes.get(&c.volume_id).copied().unwrap_or(0);
+                c.replicas
+                    .iter()
+                    .chain(Some(&c.joining).filter(|j| !j.is_empty()))
+                    .map(move |n| (n.clone(), size))
+            })
+            .collect();
+        for (n, size) in holders {
+            self.account(&n, size as i128, 1);
+        }
+    }
+}
+
+/// Turns an apply error back into the status the caller sees.
+pub fn reject_status(e: &ApplyError) -> tonic::Status {
+    tonic::Status::new(Code::from_i32(e.code), e.message.clone())
+}
