@@ -22,6 +22,10 @@ use ironsan_storage::{
 pub enum BenchCmd {
     /// Drive a storage daemon's data path and report IOPS, bandwidth and latency.
     Storage(StorageBench),
+    /// Committed metadata operations per second on a manager group.
+    Manager(crate::bench_manager::ManagerBench),
+    /// The same closed-loop load as etcd puts (the peer figure for `bench manager`).
+    Etcd(crate::bench_manager::EtcdBench),
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -70,6 +74,8 @@ pub struct StorageBench {
 pub async fn run(cmd: BenchCmd) -> anyhow::Result<()> {
     match cmd {
         BenchCmd::Storage(b) => storage(b).await,
+        BenchCmd::Manager(b) => crate::bench_manager::manager(b).await,
+        BenchCmd::Etcd(b) => crate::bench_manager::etcd(b).await,
     }
 }
 

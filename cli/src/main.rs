@@ -1,6 +1,7 @@
 //! `ironsan`: the one binary. It parses flags and calls into the component crates.
 
 mod bench;
+mod bench_manager;
 mod dev;
 mod manager;
 mod storage;
