@@ -66,7 +66,11 @@ fn channel(addr: &str) -> anyhow::Result<Channel> {
 }
 
 /// Runs `count` operations with `concurrency` in flight; returns per-op latencies.
-async fn closed_loop<F, Fut>(count: u64, concurrency: usize, op: F) -> anyhow::Result<(Vec<Duration>, Duration)>
+async fn closed_loop<F, Fut>(
+    count: u64,
+    concurrency: usize,
+    op: F,
+) -> anyhow::Result<(Vec<Duration>, Duration)>
 where
     F: Fn(u64) -> Fut + Send + Sync + 'static,
     Fut: std::future::Future<Output = anyhow::Result<()>> + Send,
@@ -100,7 +104,10 @@ where
 fn report(what: &str, concurrency: usize, mut lat: Vec<Duration>, took: Duration) {
     lat.sort();
     let n = lat.len().max(1);
-    let pct = |p: f64| lat.get(((n as f64 * p) as usize).min(n - 1)).map_or(0, |d| d.as_micros());
+    let pct = |p: f64| {
+        lat.get(((n as f64 * p) as usize).min(n - 1))
+            .map_or(0, |d| d.as_micros())
+    };
     let rate = lat.len() as f64 / took.as_secs_f64();
     println!(
         "op={what} concurrency={concurrency} ops={} secs={:.2} ops_per_sec={rate:.0} lat_p50_us={} lat_p99_us={}",
@@ -117,7 +124,13 @@ fn report(what: &str, concurrency: usize, mut lat: Vec<Duration>, took: Duration
 }
 
 pub async fn manager(a: ManagerBench) -> anyhow::Result<()> {
-    let first = a.manager.split(',').next().unwrap_or_default().trim().to_string();
+    let first = a
+        .manager
+        .split(',')
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_string();
     let client = ManagerClient::new(channel(&first)?);
     for i in 0..a.register_nodes {
         client
@@ -144,9 +157,14 @@ pub async fn manager(a: ManagerBench) -> anyhow::Result<()> {
                 let mut c = c.clone();
                 let name = format!("bench-{run}-{i}");
                 async move {
-                    c.create_volume(CreateVolumeRequest { name, size: 1 << 30, replicas: 3, chunk_size: 0 })
-                        .await
-                        .context("create volume")?;
+                    c.create_volume(CreateVolumeRequest {
+                        name,
+                        size: 1 << 30,
+                        replicas: 3,
+                        chunk_size: 0,
+                    })
+                    .await
+                    .context("create volume")?;
                     Ok(())
                 }
             })
@@ -159,16 +177,32 @@ pub async fn manager(a: ManagerBench) -> anyhow::Result<()> {
             let chunk_size = 1u64 << 20;
             let name = format!("bench-rc-{run}");
             let mut c = client.clone();
-            c.create_volume(CreateVolumeRequest { name: name.clone(), size: a.count * chunk_size, replicas: 3, chunk_size })
-                .await
-                .context("create the replica-change volume")?;
+            c.create_volume(CreateVolumeRequest {
+                name: name.clone(),
+                size: a.count * chunk_size,
+                replicas: 3,
+                chunk_size,
+            })
+            .await
+            .context("create the replica-change volume")?;
             let att = c
-                .attach(pb::AttachRequest { volume: Some(VolumeRef { id: 0, name: name.clone() }), gateway: "bench".into(), lease_ms: 300_000 })
+                .attach(pb::AttachRequest {
+                    volume: Some(VolumeRef {
+                        id: 0,
+                        name: name.clone(),
+                    }),
+                    gateway: "bench".into(),
+                    lease_ms: 300_000,
+                })
                 .await
                 .context("attach")?
                 .into_inner();
             let chunks = c
-                .get_chunks(GetChunksRequest { volume: Some(VolumeRef { id: 0, name }), first: 0, count: 0 })
+                .get_chunks(GetChunksRequest {
+                    volume: Some(VolumeRef { id: 0, name }),
+                    first: 0,
+                    count: 0,
+                })
                 .await
                 .context("get chunks")?
                 .into_inner()
@@ -219,12 +253,18 @@ pub async fn etcd(a: EtcdBench) -> anyhow::Result<()> {
     let run = std::process::id();
     let (lat, took) = closed_loop(a.count, a.concurrency, move |i| {
         let mut grpc = tonic::client::Grpc::new(ch.clone());
-        let req = EtcdPut { key: format!("bench/{run}/{i}").into_bytes(), value: value.to_vec() };
+        let req = EtcdPut {
+            key: format!("bench/{run}/{i}").into_bytes(),
+            value: value.to_vec(),
+        };
         async move {
             grpc.ready().await.context("etcd connection")?;
             let path = tonic::codegen::http::uri::PathAndQuery::from_static("/etcdserverpb.KV/Put");
-            let codec: tonic_prost::ProstCodec<EtcdPut, EtcdPutResponse> = tonic_prost::ProstCodec::default();
-            grpc.unary(tonic::Request::new(req), path, codec).await.context("etcd put")?;
+            let codec: tonic_prost::ProstCodec<EtcdPut, EtcdPutResponse> =
+                tonic_prost::ProstCodec::default();
+            grpc.unary(tonic::Request::new(req), path, codec)
+                .await
+                .context("etcd put")?;
             Ok(())
         }
     })

@@ -1,10 +1,13 @@
 //! `ironsan`: the one binary. It parses flags and calls into the component crates.
 
+mod admin;
 mod bench;
 mod bench_manager;
 mod dev;
 mod manager;
 mod storage;
+
+use std::future::Future;
 
 use clap::{Parser, Subcommand};
 
@@ -27,6 +30,12 @@ enum Command {
     Manager(manager::ManagerArgs),
     /// Run a storage daemon serving the chunk store of its data directories.
     Storage(storage::StorageArgs),
+    /// Create, list, inspect, resize and delete volumes (through the manager).
+    Volume(admin::VolumeArgs),
+    /// List and drain storage nodes (through the manager).
+    Node(admin::NodeArgs),
+    /// Show the manager group and the cluster's health.
+    Status(admin::StatusArgs),
     /// Load generators for benchmarks.
     #[command(subcommand)]
     Bench(bench::BenchCmd),
@@ -34,14 +43,43 @@ enum Command {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    ironsan_common::observe::init_tracing("info");
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
     match cli.command {
-        Command::Dev(args) => runtime.block_on(dev::run(args)),
-        Command::Storage(args) => runtime.block_on(storage::run(args)),
-        Command::Manager(args) => runtime.block_on(manager::run(args)),
-        Command::Bench(cmd) => runtime.block_on(bench::run(cmd)),
+        Command::Dev(args) => daemon(dev::run(args)),
+        Command::Storage(args) => daemon(storage::run(args)),
+        Command::Manager(args) => match args.member {
+            Some(cmd) => admin(admin::run_member(
+                cmd,
+                &args.daemon.manager,
+                args.daemon.json,
+            )),
+            None => daemon(manager::run(args.daemon)),
+        },
+        Command::Bench(cmd) => daemon(bench::run(cmd)),
+        Command::Volume(args) => admin(admin::run_volume(args)),
+        Command::Node(args) => admin(admin::run_node(args)),
+        Command::Status(args) => admin(admin::run_status(args)),
     }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
+}
+
+/// A long-running command: logs at info; an error ends it through anyhow.
+fn daemon(run: impl Future<Output = anyhow::Result<()>>) -> anyhow::Result<()> {
+    ironsan_common::observe::init_tracing("info");
+    runtime()?.block_on(run)
+}
+
+/// An admin command: results on stdout, only warnings in the log, and an error as one readable
+/// line (no debug form, no backtrace) with exit status 1.
+fn admin(run: impl Future<Output = anyhow::Result<()>>) -> anyhow::Result<()> {
+    ironsan_common::observe::init_tracing("warn");
+    if let Err(e) = runtime()?.block_on(run) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+    Ok(())
 }

@@ -16,7 +16,8 @@ use ironsan_manager::{Server, ServerConfig};
 #[derive(Args, Debug)]
 #[command(args_conflicts_with_subcommands = true)]
 pub struct ManagerArgs {
-    // MEMBER-SUBCOMMAND
+    #[command(subcommand)]
+    pub member: Option<crate::admin::MemberCmd>,
     #[command(flatten)]
     pub daemon: DaemonArgs,
 }
@@ -66,10 +67,10 @@ pub struct DaemonArgs {
         default_value = "127.0.0.1:7400",
         global = true
     )]
-    manager: String,
+    pub manager: String,
     /// Print JSON instead of a table (with a subcommand).
     #[arg(long, global = true)]
-    json: bool,
+    pub json: bool,
 }
 
 fn parse_peer(s: &str) -> Result<(u64, String), String> {
@@ -108,9 +109,8 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(d)
 }
 
-pub async fn run(args: ManagerArgs) -> anyhow::Result<()> {
-    // MEMBER-RUN
-    let a = args.daemon;
+pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
+    let a = args;
     let id = a.id.context("--id is required to run a manager member")?;
     let data_dir = a
         .data_dir

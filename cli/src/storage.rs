@@ -1,14 +1,17 @@
 //! `ironsan storage`: one storage daemon serving the chunk store of its data directories on
 //! the data path until SIGTERM/SIGINT, then draining its connections and shutting the store
-//! down cleanly.
+//! down cleanly. With `--manager` it also registers with the cluster manager and heartbeats
+//! (`ironsan_storage::membership`), beside the data path and without delaying it.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use anyhow::Context;
+use anyhow::{bail, Context};
 use clap::Args;
+use ironsan_common::manager_client::{check_addr, ManagerClient};
 use ironsan_common::{parse_size, ByteSize};
+use ironsan_storage::membership::{self, MembershipConfig};
 use ironsan_storage::server::{self, ServerConfig};
 use ironsan_storage::{IoEngine, Store, StoreConfig};
 use tokio::net::TcpListener;
@@ -27,10 +30,14 @@ pub struct StorageArgs {
     /// Data-path address (port 0 picks a free port; the ready line shows it).
     #[arg(long, env = "IRONSAN_STORAGE_LISTEN")]
     listen: SocketAddr,
-    /// Manager to register with (registration arrives with the manager; logged only).
+    /// Manager members to register with, comma-separated HOST:PORT (none: run standalone).
     #[arg(long, env = "IRONSAN_MANAGER")]
     manager: Option<String>,
-    /// This node's id in the cluster.
+    /// Data-path address announced to the manager, HOST:PORT (default: the listen address,
+    /// with the bound port; required when listening on 0.0.0.0 or [::]).
+    #[arg(long, env = "IRONSAN_STORAGE_ADVERTISE")]
+    advertise: Option<String>,
+    /// This node's id in the cluster (default: the hostname).
     #[arg(long, env = "IRONSAN_NODE_ID")]
     node_id: Option<String>,
     /// Failure domain (zone) of this node.
@@ -60,7 +67,59 @@ enum Engine {
     Blocking,
 }
 
+/// What `--manager` needs, checked before anything starts.
+struct Registration {
+    client: ManagerClient,
+    node_id: String,
+    zone: String,
+}
+
+fn registration(args: &StorageArgs) -> anyhow::Result<Option<Registration>> {
+    let Some(members) = &args.manager else {
+        return Ok(None);
+    };
+    let client = ManagerClient::new(members).context("--manager")?;
+    let node_id = match &args.node_id {
+        Some(id) if id.trim().is_empty() => bail!("--node-id is empty"),
+        Some(id) => id.trim().to_string(),
+        None => hostname().context("no --node-id given and the hostname is unavailable")?,
+    };
+    match &args.advertise {
+        Some(a) => check_addr(a).map_err(|e| anyhow::anyhow!("--advertise: {e}"))?,
+        None if args.listen.ip().is_unspecified() => bail!(
+            "listening on {} (every interface): give --advertise HOST:PORT, the data-path \
+             address gateways and other nodes reach this daemon at",
+            args.listen
+        ),
+        None => {}
+    }
+    Ok(Some(Registration {
+        client,
+        node_id,
+        zone: args.zone.clone().unwrap_or_default(),
+    }))
+}
+
+fn hostname() -> anyhow::Result<String> {
+    let mut buf = [0u8; 256];
+    // SAFETY: gethostname(2) writes at most `buf.len()` bytes into the buffer we own.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error()).context("gethostname");
+    }
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    let name = std::str::from_utf8(&buf[..end])
+        .context("hostname is not UTF-8")?
+        .trim();
+    if name.is_empty() {
+        bail!("the hostname is empty");
+    }
+    Ok(name.to_string())
+}
+
 pub async fn run(args: StorageArgs) -> anyhow::Result<()> {
+    // Flag mistakes fail before the store opens.
+    let registration = registration(&args)?;
     for d in &args.data_dirs {
         std::fs::create_dir_all(d).with_context(|| format!("create {}", d.display()))?;
     }
@@ -86,19 +145,35 @@ pub async fn run(args: StorageArgs) -> anyhow::Result<()> {
         tracing::info!(disk = d.index, path = %d.path.display(), state = ?d.state, chunks = d.chunks, free = %ByteSize(d.free_bytes), io = d.io_engine, "data directory");
     }
 
-    if let Some(m) = &args.manager {
-        tracing::info!(manager = %m, "manager given: registration arrives with the manager");
-    }
-
     let listener = TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("bind data path {}", args.listen))?;
     let addr = listener.local_addr()?;
     let shutdown = CancellationToken::new();
     tokio::spawn(crate::dev::wait_for_signal(shutdown.clone()));
+    let node = registration
+        .as_ref()
+        .map(|r| r.node_id.clone())
+        .or_else(|| args.node_id.clone())
+        .unwrap_or_else(|| "-".into());
+    // Registration and heartbeats run beside the data path; they never hold it up.
+    let membership = registration.map(|r| {
+        let cfg = MembershipConfig {
+            node_id: r.node_id,
+            addr: args.advertise.clone().unwrap_or_else(|| addr.to_string()),
+            zone: r.zone,
+        };
+        tracing::info!(manager = ?r.client.members(), node = %cfg.node_id, advertise = %cfg.addr, "registering with the manager");
+        tokio::spawn(membership::run(
+            r.client,
+            store.clone(),
+            cfg,
+            shutdown.clone(),
+        ))
+    });
     tracing::info!(
         addr = %addr,
-        node = args.node_id.as_deref().unwrap_or("-"),
+        node = %node,
         zone = args.zone.as_deref().unwrap_or("-"),
         dirs = args.data_dirs.len(),
         "storage ready"
@@ -109,6 +184,10 @@ pub async fn run(args: StorageArgs) -> anyhow::Result<()> {
         ..Default::default()
     };
     server::serve_with(listener, store.clone(), cfg, shutdown).await;
+    if let Some(m) = membership {
+        // Cancelled with the server; it may be deleting a replica the manager ordered dropped.
+        let _ = m.await;
+    }
     store.shutdown().await;
     tracing::info!("stopped cleanly");
     Ok(())

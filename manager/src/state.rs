@@ -518,6 +518,16 @@ impl State {
         }
     }
 
+    /// A node placed on a chunk again must not be told to drop it.
+    fn unorphan(&mut self, node: &str, key: (u64, u64)) {
+        if let Some(m) = self.orphans.get_mut(node) {
+            m.remove(&key);
+            if m.is_empty() {
+                self.orphans.remove(node);
+            }
+        }
+    }
+
     fn clear_orphans(&mut self, c: &NodeChunks) {
         if let Some(m) = self.orphans.get_mut(&c.node_id) {
             for ch in &c.chunks {
@@ -803,6 +813,7 @@ impl State {
                 chunk.epoch = epoch;
             }
             self.account(&t.target, size as i128, 1);
+            self.unorphan(&t.target, (t.volume_id, t.index));
             self.tasks.insert(
                 id,
                 RecoveryTask {

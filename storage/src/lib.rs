@@ -7,6 +7,8 @@
 //!   prost header and a raw payload, CRC32C over both), the daemon's listener and the client
 //!   pool the gateway uses. [`wire`] translates errors and types to and from the protobuf
 //!   once; [`metrics`] holds the server's counters.
+//! - [`membership`]: registration with the cluster manager and heartbeats carrying disk health,
+//!   and the replica drops the manager orders in return.
 //!
 //! The unit everything is addressed by is a [`ChunkId`]: a volume id and a chunk index.
 
@@ -15,6 +17,7 @@ pub mod chunk;
 pub mod client;
 pub mod error;
 pub mod frame;
+pub mod membership;
 pub mod metrics;
 pub mod server;
 pub mod store;

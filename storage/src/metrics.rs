@@ -1,6 +1,7 @@
-//! Data-path server metrics: requests and latency by op, errors by status, bytes in and out,
-//! connections and dropped (corrupt) connections. Per-op handles are created once per server
-//! so a request only bumps atomics; errors are rare and use the macros.
+//! Storage daemon metrics: data-path requests and latency by op, errors by status, bytes in and
+//! out, connections and dropped (corrupt) connections; and the membership's registrations,
+//! heartbeats and ordered drops. Per-op handles are created once per server so a request only
+//! bumps atomics; errors and membership events are rare and use the macros.
 
 use std::time::Duration;
 
@@ -88,4 +89,19 @@ pub fn protocol_error() {
 /// A connection refused because the server is at its connection limit.
 pub fn connection_refused() {
     counter!("ironsan_storage_refused_connections_total").increment(1);
+}
+
+/// One heartbeat to the manager: `ok`, `not_found` (the manager forgot the node) or `error`.
+pub fn manager_heartbeat(result: &'static str) {
+    counter!("ironsan_storage_manager_heartbeats_total", "result" => result).increment(1);
+}
+
+/// One registration attempt with the manager: `ok` or `error`.
+pub fn manager_registration(result: &'static str) {
+    counter!("ironsan_storage_manager_registrations_total", "result" => result).increment(1);
+}
+
+/// A replica deleted on the manager's order.
+pub fn manager_chunk_dropped() {
+    counter!("ironsan_storage_manager_dropped_chunks_total").increment(1);
 }

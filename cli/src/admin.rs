@@ -1,0 +1,722 @@
+//! Operator commands that talk to the manager: `ironsan volume create|list|get|resize|delete`,
+//! `ironsan node list|drain`, `ironsan status`, and the member administration
+//! ([`MemberCmd`]: add-member, remove-member, transfer-leader) that `ironsan manager` hooks in.
+//!
+//! Every command takes `--manager HOST:PORT[,...]` (any member; the client fails over) and
+//! `--json`. Tables are aligned columns with a header line; sizes print human-readable. JSON
+//! mirrors the protobuf messages with their field names (stable across releases), sizes in
+//! bytes, times in milliseconds and enums as lowercase words (`available`, `up`, `draining`).
+//! A manager error becomes one readable line (`volume "x" not found`) and a non-zero exit.
+
+use anyhow::anyhow;
+use clap::{Args, Subcommand};
+use ironsan_common::manager_client::{ClientError, Code, ManagerClient};
+use ironsan_common::parse_size;
+use ironsan_common::proto::manager as pb;
+use serde_json::{json, Value};
+
+/// How to reach the manager and how to print; shared by every admin command.
+#[derive(Args, Debug, Clone)]
+pub struct Conn {
+    /// Manager members, comma-separated HOST:PORT (any member answers).
+    #[arg(
+        long,
+        env = "IRONSAN_MANAGER",
+        default_value = "127.0.0.1:7400",
+        global = true
+    )]
+    pub manager: String,
+    /// Print JSON instead of a table.
+    #[arg(long, global = true)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct VolumeArgs {
+    #[command(flatten)]
+    conn: Conn,
+    #[command(subcommand)]
+    cmd: VolumeCmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum VolumeCmd {
+    /// Create a volume (thin: disk space is used only where written).
+    Create {
+        name: String,
+        /// Size, e.g. 10GiB.
+        #[arg(long, value_parser = parse_size)]
+        size: u64,
+        /// Replicas per chunk (default: the cluster's, 3).
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+        replicas: Option<u32>,
+        /// Chunk size, e.g. 64MiB (default: the cluster's).
+        #[arg(long, value_parser = parse_size)]
+        chunk_size: Option<u64>,
+    },
+    /// List every volume.
+    List,
+    /// Show one volume.
+    Get { name: String },
+    /// Grow a volume to SIZE (volumes never shrink).
+    Resize {
+        name: String,
+        #[arg(value_parser = parse_size)]
+        size: u64,
+    },
+    /// Delete a volume and its chunks.
+    Delete { name: String },
+}
+
+#[derive(Args, Debug)]
+pub struct NodeArgs {
+    #[command(flatten)]
+    conn: Conn,
+    #[command(subcommand)]
+    cmd: NodeCmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum NodeCmd {
+    /// List storage nodes with their state and space.
+    List,
+    /// Move every chunk off a node, then leave it empty (for decommissioning).
+    Drain { id: String },
+}
+
+#[derive(Args, Debug)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    conn: Conn,
+}
+
+/// Raft group membership, run as `ironsan manager <cmd>`.
+
+#[derive(Subcommand, Debug, Clone)]
+pub enum MemberCmd {
+    /// Add a manager member (it must be started with the same cluster settings).
+    AddMember {
+        /// The new member's Raft id (non-zero, unused).
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+        id: u64,
+        /// Its member-to-member and API address, HOST:PORT.
+        #[arg(long)]
+        addr: String,
+    },
+    /// Remove a manager member from the group.
+    RemoveMember {
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+        id: u64,
+    },
+    /// Hand leadership to member N (default: any up-to-date follower).
+    TransferLeader {
+        #[arg(long)]
+        to: Option<u64>,
+    },
+}
+
+fn client(conn: &Conn) -> anyhow::Result<ManagerClient> {
+    Ok(ManagerClient::new(&conn.manager)?)
+}
+
+/// Turns a manager error into one readable line about `subject` (e.g. `volume "x"`).
+fn explain(e: ClientError, subject: &str) -> anyhow::Error {
+    let msg = e.message();
+    match e.code() {
+        Code::NotFound if !subject.is_empty() => anyhow!("{subject} not found"),
+        Code::AlreadyExists if !subject.is_empty() => anyhow!("{subject} already exists"),
+        Code::InvalidArgument => anyhow!("invalid request: {msg}"),
+        Code::ResourceExhausted => anyhow!("not enough storage nodes or space: {msg}"),
+        Code::FailedPrecondition if !subject.is_empty() => anyhow!("{subject}: {msg}"),
+        Code::Unavailable => anyhow!("manager unavailable: {e}"),
+        Code::DeadlineExceeded => anyhow!("manager did not answer in time: {msg}"),
+        _ => anyhow!("{e}"),
+    }
+}
+
+fn volume_ref(name: &str) -> pb::VolumeRef {
+    pb::VolumeRef {
+        id: 0,
+        name: name.to_string(),
+    }
+}
+
+pub async fn run_volume(args: VolumeArgs) -> anyhow::Result<()> {
+    let c = client(&args.conn)?;
+    let json = args.conn.json;
+    match args.cmd {
+        VolumeCmd::Create {
+            name,
+            size,
+            replicas,
+            chunk_size,
+        } => {
+            let req = pb::CreateVolumeRequest {
+                name: name.clone(),
+                size,
+                replicas: replicas.unwrap_or(0),
+                chunk_size: chunk_size.unwrap_or(0),
+            };
+            let v = c
+                .create_volume(req)
+                .await
+                .map_err(|e| explain(e, &format!("volume {name:?}")))?;
+            print_volume(&v, json);
+        }
+        VolumeCmd::List => {
+            let mut vols = c
+                .list_volumes(pb::ListVolumesRequest {})
+                .await
+                .map_err(|e| explain(e, ""))?
+                .volumes;
+            vols.sort_by(|a, b| a.name.cmp(&b.name));
+            if json {
+                let list: Vec<Value> = vols.iter().map(volume_json).collect();
+                println!("{:#}", json!({ "volumes": list }));
+            } else {
+                print!("{}", volumes_table(&vols));
+            }
+        }
+        VolumeCmd::Get { name } => {
+            let v = c
+                .get_volume(volume_ref(&name))
+                .await
+                .map_err(|e| explain(e, &format!("volume {name:?}")))?;
+            print_volume(&v, json);
+        }
+        VolumeCmd::Resize { name, size } => {
+            let req = pb::ResizeVolumeRequest {
+                volume: Some(volume_ref(&name)),
+                size,
+            };
+            let v = c
+                .resize_volume(req)
+                .await
+                .map_err(|e| explain(e, &format!("volume {name:?}")))?;
+            print_volume(&v, json);
+        }
+        VolumeCmd::Delete { name } => {
+            let req = pb::DeleteVolumeRequest {
+                volume: Some(volume_ref(&name)),
+            };
+            c.delete_volume(req)
+                .await
+                .map_err(|e| explain(e, &format!("volume {name:?}")))?;
+            if json {
+                println!("{:#}", json!({ "name": name, "deleted": true }));
+            } else {
+                println!("volume {name:?} deleted");
+            }
+        }
+    }
+    Ok(())
+}
+
+pub async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
+    let c = client(&args.conn)?;
+    let json = args.conn.json;
+    match args.cmd {
+        NodeCmd::List => {
+            let mut nodes = c
+                .list_nodes(pb::ListNodesRequest {})
+                .await
+                .map_err(|e| explain(e, ""))?
+                .nodes;
+            nodes.sort_by(|a, b| a.id.cmp(&b.id));
+            if json {
+                let list: Vec<Value> = nodes.iter().map(node_json).collect();
+                println!("{:#}", json!({ "nodes": list }));
+            } else {
+                print!("{}", nodes_table(&nodes));
+            }
+        }
+        NodeCmd::Drain { id } => {
+            let n = c
+                .drain_node(pb::DrainNodeRequest { id: id.clone() })
+                .await
+                .map_err(|e| explain(e, &format!("node {id:?}")))?;
+            if json {
+                println!("{:#}", node_json(&n));
+            } else {
+                print!("{}", nodes_table(std::slice::from_ref(&n)));
+            }
+        }
+    }
+    Ok(())
+}
+
+pub async fn run_status(args: StatusArgs) -> anyhow::Result<()> {
+    let c = client(&args.conn)?;
+    let st = c
+        .status(pb::StatusRequest {})
+        .await
+        .map_err(|e| explain(e, ""))?;
+    if args.conn.json {
+        println!("{:#}", status_json(&st));
+    } else {
+        print!("{}", status_text(&st));
+    }
+    Ok(())
+}
+
+/// Runs one member-administration command against the manager group at `manager`.
+
+pub async fn run_member(cmd: MemberCmd, manager: &str, json: bool) -> anyhow::Result<()> {
+    let c = ManagerClient::new(manager)?;
+    match cmd {
+        MemberCmd::AddMember { id, addr } => {
+            let r = c
+                .add_member(pb::AddMemberRequest {
+                    id,
+                    addr: addr.clone(),
+                })
+                .await
+                .map_err(|e| explain(e, &format!("member {id}")))?;
+            print_members(&r.members, json);
+        }
+        MemberCmd::RemoveMember { id } => {
+            let r = c
+                .remove_member(pb::RemoveMemberRequest { id })
+                .await
+                .map_err(|e| explain(e, &format!("member {id}")))?;
+            print_members(&r.members, json);
+        }
+        MemberCmd::TransferLeader { to } => {
+            let subject = to.map(|t| format!("member {t}")).unwrap_or_default();
+            let st = c
+                .transfer_leader(pb::TransferLeaderRequest {
+                    to: to.unwrap_or(0),
+                })
+                .await
+                .map_err(|e| explain(e, &subject))?;
+            if json {
+                println!("{:#}", status_json(&st));
+            } else {
+                print!("{}", status_text(&st));
+            }
+        }
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Rendering
+
+fn print_volume(v: &pb::Volume, json: bool) {
+    if json {
+        println!("{:#}", volume_json(v));
+    } else {
+        print!("{}", volume_text(v));
+    }
+}
+
+fn print_members(members: &[pb::Member], json: bool) {
+    if json {
+        let list: Vec<Value> = members.iter().map(member_json).collect();
+        println!("{:#}", json!({ "members": list }));
+    } else {
+        print!("{}", members_table(members));
+    }
+}
+
+/// Aligned columns, two spaces apart, with a header line; no trailing spaces.
+fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
+    let mut width: Vec<usize> = headers.iter().map(|h| h.chars().count()).collect();
+    for row in rows {
+        for (w, cell) in width.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    let header: Vec<String> = headers.iter().map(|h| h.to_string()).collect();
+    for row in std::iter::once(&header).chain(rows) {
+        let mut line = String::new();
+        for (i, cell) in row.iter().enumerate() {
+            if i > 0 {
+                line.push_str("  ");
+            }
+            line.push_str(cell);
+            let pad = width[i].saturating_sub(cell.chars().count());
+            line.extend(std::iter::repeat_n(' ', pad));
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+/// `Label:  value` lines with the values aligned.
+fn fields(pairs: &[(&str, String)]) -> String {
+    let w = pairs.iter().map(|(k, _)| k.len()).max().unwrap_or(0) + 1;
+    let mut out = String::new();
+    for (k, v) in pairs {
+        out.push_str(&format!("{:<w$}  {v}\n", format!("{k}:")));
+    }
+    out
+}
+
+/// A byte count for people: exact (`10GiB`, as `ByteSize` prints and parses it) when it is a
+/// whole number of its largest unit, else one decimal (`93.1GiB`).
+fn human(n: u64) -> String {
+    const UNITS: [&str; 5] = ["KiB", "MiB", "GiB", "TiB", "PiB"];
+    if n < 1024 {
+        return format!("{n}B");
+    }
+    let mut unit = 0;
+    while unit + 1 < UNITS.len() && n >= 1u64 << (10 * (unit + 2)) {
+        unit += 1;
+    }
+    let div = 1u64 << (10 * (unit + 1));
+    if n.is_multiple_of(div) {
+        format!("{}{}", n / div, UNITS[unit])
+    } else {
+        format!("{:.1}{}", n as f64 / div as f64, UNITS[unit])
+    }
+}
+
+/// `850ms`, `4.2s`, `3m12s`, `2h5m`; `-` for 0 (unknown).
+fn ago(ms: u64) -> String {
+    match ms {
+        0 => "-".into(),
+        1..=999 => format!("{ms}ms"),
+        1000..=59_999 => format!("{:.1}s", ms as f64 / 1000.0),
+        60_000..=3_599_999 => format!("{}m{}s", ms / 60_000, ms % 60_000 / 1000),
+        _ => format!("{}h{}m", ms / 3_600_000, ms % 3_600_000 / 60_000),
+    }
+}
+
+fn volume_state(s: i32) -> String {
+    match pb::VolumeState::try_from(s) {
+        Ok(pb::VolumeState::VolumeAvailable) => "available".into(),
+        Ok(pb::VolumeState::VolumeDeleting) => "deleting".into(),
+        Ok(pb::VolumeState::Unspecified) => "unknown".into(),
+        Err(_) => format!("unknown({s})"),
+    }
+}
+
+fn node_state(s: i32) -> String {
+    match pb::NodeState::try_from(s) {
+        Ok(pb::NodeState::NodeUp) => "up".into(),
+        Ok(pb::NodeState::NodeDown) => "down".into(),
+        Ok(pb::NodeState::NodeDraining) => "draining".into(),
+        Ok(pb::NodeState::Unspecified) => "unknown".into(),
+        Err(_) => format!("unknown({s})"),
+    }
+}
+
+fn disk_state(s: i32) -> String {
+    match pb::DiskState::try_from(s) {
+        Ok(pb::DiskState::DiskHealthy) => "healthy".into(),
+        Ok(pb::DiskState::DiskFull) => "full".into(),
+        Ok(pb::DiskState::DiskFailed) => "failed".into(),
+        Ok(pb::DiskState::Unspecified) => "unknown".into(),
+        Err(_) => format!("unknown({s})"),
+    }
+}
+
+fn or_dash(s: &str) -> String {
+    if s.is_empty() {
+        "-".into()
+    } else {
+        s.to_string()
+    }
+}
+
+fn volume_json(v: &pb::Volume) -> Value {
+    json!({
+        "id": v.id,
+        "name": v.name,
+        "size": v.size,
+        "replicas": v.replicas,
+        "chunk_size": v.chunk_size,
+        "state": volume_state(v.state),
+        "created_ms": v.created_ms,
+        "degraded_chunks": v.degraded_chunks,
+        "attachment": v.attachment.as_ref().map(|a| json!({
+            "volume_id": a.volume_id,
+            "gateway": a.gateway,
+            "writer_epoch": a.writer_epoch,
+            "lease_expires_ms": a.lease_expires_ms,
+            "lease_ms": a.lease_ms,
+        })),
+    })
+}
+
+fn volumes_table(vols: &[pb::Volume]) -> String {
+    let rows: Vec<Vec<String>> = vols
+        .iter()
+        .map(|v| {
+            vec![
+                v.name.clone(),
+                v.id.to_string(),
+                human(v.size),
+                v.replicas.to_string(),
+                human(v.chunk_size),
+                volume_state(v.state),
+                v.degraded_chunks.to_string(),
+                v.attachment
+                    .as_ref()
+                    .map_or_else(|| "-".into(), |a| or_dash(&a.gateway)),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "NAME", "ID", "SIZE", "REPLICAS", "CHUNK", "STATE", "DEGRADED", "ATTACHED",
+        ],
+        &rows,
+    )
+}
+
+fn volume_text(v: &pb::Volume) -> String {
+    let mut f = vec![
+        ("Name", v.name.clone()),
+        ("Id", v.id.to_string()),
+        ("Size", format!("{} ({} bytes)", human(v.size), v.size)),
+        ("Replicas", v.replicas.to_string()),
+        ("Chunk size", human(v.chunk_size)),
+        ("State", volume_state(v.state)),
+        ("Degraded chunks", v.degraded_chunks.to_string()),
+    ];
+    match &v.attachment {
+        Some(a) if !a.gateway.is_empty() => {
+            f.push(("Attached to", a.gateway.clone()));
+            f.push(("Writer epoch", a.writer_epoch.to_string()));
+        }
+        _ => f.push(("Attached to", "-".into())),
+    }
+    fields(&f)
+}
+
+fn node_json(n: &pb::Node) -> Value {
+    json!({
+        "id": n.id,
+        "addr": n.addr,
+        "zone": n.zone,
+        "state": node_state(n.state),
+        "capacity": n.capacity,
+        "free": n.free,
+        "allocated": n.allocated,
+        "chunks": n.chunks,
+        "last_seen_ms_ago": n.last_seen_ms_ago,
+        "disks": n.disks.iter().map(|d| json!({
+            "path": d.path,
+            "state": disk_state(d.state),
+            "capacity": d.capacity,
+            "free": d.free,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+fn nodes_table(nodes: &[pb::Node]) -> String {
+    let rows: Vec<Vec<String>> = nodes
+        .iter()
+        .map(|n| {
+            vec![
+                n.id.clone(),
+                or_dash(&n.addr),
+                or_dash(&n.zone),
+                node_state(n.state),
+                human(n.capacity),
+                human(n.free),
+                human(n.allocated),
+                n.chunks.to_string(),
+                ago(n.last_seen_ms_ago),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "ID",
+            "ADDR",
+            "ZONE",
+            "STATE",
+            "CAPACITY",
+            "FREE",
+            "ALLOCATED",
+            "CHUNKS",
+            "LAST SEEN",
+        ],
+        &rows,
+    )
+}
+
+fn member_json(m: &pb::Member) -> Value {
+    json!({
+        "id": m.id,
+        "addr": m.addr,
+        "leader": m.leader,
+        "voter": m.voter,
+        "matched": m.matched,
+    })
+}
+
+fn members_table(members: &[pb::Member]) -> String {
+    let mut members = members.to_vec();
+    members.sort_by_key(|m| m.id);
+    let rows: Vec<Vec<String>> = members
+        .iter()
+        .map(|m| {
+            let role = if m.leader {
+                "leader"
+            } else if m.voter {
+                "follower"
+            } else {
+                "learner"
+            };
+            vec![
+                m.id.to_string(),
+                or_dash(&m.addr),
+                role.to_string(),
+                m.matched.to_string(),
+            ]
+        })
+        .collect();
+    table(&["MEMBER", "ADDR", "ROLE", "MATCHED"], &rows)
+}
+
+fn status_json(s: &pb::ClusterStatus) -> Value {
+    json!({
+        "answered_by": s.answered_by,
+        "leader": s.leader,
+        "term": s.term,
+        "commit_index": s.commit_index,
+        "applied_index": s.applied_index,
+        "snapshot_index": s.snapshot_index,
+        "members": s.members.iter().map(member_json).collect::<Vec<_>>(),
+        "nodes_up": s.nodes_up,
+        "nodes_down": s.nodes_down,
+        "nodes_draining": s.nodes_draining,
+        "volumes": s.volumes,
+        "chunks": s.chunks,
+        "degraded_chunks": s.degraded_chunks,
+        "recovery_tasks": s.recovery_tasks,
+    })
+}
+
+fn status_text(s: &pb::ClusterStatus) -> String {
+    let leader = if s.leader == 0 {
+        "none".to_string()
+    } else {
+        s.leader.to_string()
+    };
+    let mut out = fields(&[
+        ("Leader", format!("{leader} (term {})", s.term)),
+        ("Answered by", s.answered_by.to_string()),
+        (
+            "Raft log",
+            format!(
+                "commit {}, applied {}, snapshot {}",
+                s.commit_index, s.applied_index, s.snapshot_index
+            ),
+        ),
+        (
+            "Nodes",
+            format!(
+                "{} up, {} down, {} draining",
+                s.nodes_up, s.nodes_down, s.nodes_draining
+            ),
+        ),
+        ("Volumes", s.volumes.to_string()),
+        (
+            "Chunks",
+            format!("{} ({} degraded)", s.chunks, s.degraded_chunks),
+        ),
+        ("Recovery tasks", s.recovery_tasks.to_string()),
+    ]);
+    out.push('\n');
+    out.push_str(&members_table(&s.members));
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tables_align_without_trailing_spaces() {
+        let t = table(
+            &["A", "LONGER", "C"],
+            &[
+                vec!["xxxx".into(), "1".into(), "".into()],
+                vec!["y".into(), "22".into(), "z".into()],
+            ],
+        );
+        assert_eq!(t, "A     LONGER  C\nxxxx  1\ny     22      z\n");
+    }
+
+    #[test]
+    fn human_sizes() {
+        assert_eq!(human(0), "0B");
+        assert_eq!(human(1023), "1023B");
+        assert_eq!(human(10 << 30), "10GiB");
+        assert_eq!(human(1536 << 20), "1.5GiB");
+        assert_eq!(human(64 << 20), "64MiB");
+        assert_eq!(human((100 << 30) - 1), "100.0GiB");
+        assert_eq!(human(3 << 50), "3PiB");
+        assert_eq!(ago(0), "-");
+        assert_eq!(ago(1500), "1.5s");
+        assert_eq!(ago(192_000), "3m12s");
+    }
+
+    #[test]
+    fn members_render_roles() {
+        let ms = vec![
+            pb::Member {
+                id: 2,
+                addr: "m2:7400".into(),
+                leader: false,
+                matched: 40,
+                voter: true,
+            },
+            pb::Member {
+                id: 1,
+                addr: "m1:7400".into(),
+                leader: true,
+                matched: 41,
+                voter: true,
+            },
+            pb::Member {
+                id: 4,
+                addr: "m4:7400".into(),
+                leader: false,
+                matched: 3,
+                voter: false,
+            },
+        ];
+        assert_eq!(
+            members_table(&ms),
+            "MEMBER  ADDR     ROLE      MATCHED\n\
+             1       m1:7400  leader    41\n\
+             2       m2:7400  follower  40\n\
+             4       m4:7400  learner   3\n"
+        );
+        let j = json!({ "members": ms.iter().map(member_json).collect::<Vec<_>>() });
+        assert_eq!(j["members"][1]["leader"], true);
+        assert_eq!(j["members"][2]["voter"], false);
+    }
+
+    #[test]
+    fn manager_errors_read_well() {
+        let e = ClientError::Status {
+            member: "m1:7400".into(),
+            status: tonic_status(Code::NotFound, "no volume named x"),
+        };
+        assert_eq!(
+            explain(e, "volume \"x\"").to_string(),
+            "volume \"x\" not found"
+        );
+        let e = ClientError::Status {
+            member: "m1:7400".into(),
+            status: tonic_status(Code::FailedPrecondition, "volumes cannot shrink"),
+        };
+        assert_eq!(
+            explain(e, "volume \"x\"").to_string(),
+            "volume \"x\": volumes cannot shrink"
+        );
+    }
+
+    fn tonic_status(code: Code, msg: &str) -> ironsan_common::manager_client::Status {
+        ironsan_common::manager_client::Status::new(code, msg)
+    }
+}

@@ -1,0 +1,432 @@
+//! The operator commands as a process: `ironsan volume|node|status` against a fake manager in
+//! the test process. Requests carry the parsed values, tables have their columns, `--json`
+//! parses with the documented fields, and manager errors give one readable line and a
+//! non-zero exit.
+
+mod fake_manager;
+
+use std::process::{Command, Output};
+
+use fake_manager::FakeManager;
+use ironsan_common::proto::manager as pb;
+use serde_json::Value;
+use tonic::Code;
+
+const GIB: u64 = 1 << 30;
+const MIB: u64 = 1 << 20;
+
+fn ironsan(fake: &FakeManager, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_ironsan"))
+        .args(args)
+        .args(["--manager", &fake.addr])
+        .env_remove("IRONSAN_MANAGER")
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("run ironsan")
+}
+
+/// Runs a command that must succeed; returns its stdout.
+fn ok(fake: &FakeManager, args: &[&str]) -> String {
+    let out = ironsan(fake, args);
+    assert!(
+        out.status.success(),
+        "ironsan {args:?} failed: {}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("utf-8 output")
+}
+
+/// Runs a command that must fail; returns its stderr.
+fn fails(fake: &FakeManager, args: &[&str]) -> String {
+    let out = ironsan(fake, args);
+    assert!(
+        !out.status.success(),
+        "ironsan {args:?} succeeded: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    String::from_utf8(out.stderr).expect("utf-8 stderr")
+}
+
+fn json(s: &str) -> Value {
+    serde_json::from_str(s).unwrap_or_else(|e| panic!("not JSON ({e}): {s}"))
+}
+
+/// The table's rows (header first), each split into its cells.
+fn rows(table: &str) -> Vec<Vec<String>> {
+    table
+        .lines()
+        .map(|l| l.split_whitespace().map(str::to_string).collect())
+        .collect()
+}
+
+#[test]
+fn volume_commands() {
+    let fake = FakeManager::start();
+
+    let out = ok(
+        &fake,
+        &[
+            "volume",
+            "create",
+            "vol1",
+            "--size",
+            "10GiB",
+            "--replicas",
+            "2",
+            "--chunk-size",
+            "32MiB",
+        ],
+    );
+    assert!(out.contains("Name:") && out.contains("vol1"), "{out}");
+    assert!(out.contains("10GiB"), "{out}");
+    let out = ok(
+        &fake,
+        &["volume", "create", "vol2", "--size", "1536MiB", "--json"],
+    );
+    assert_eq!(json(&out)["name"], "vol2");
+    assert_eq!(
+        fake.state()
+            .requests::<pb::CreateVolumeRequest>("create_volume"),
+        vec![
+            pb::CreateVolumeRequest {
+                name: "vol1".into(),
+                size: 10 * GIB,
+                replicas: 2,
+                chunk_size: 32 * MIB,
+            },
+            pb::CreateVolumeRequest {
+                name: "vol2".into(),
+                size: 1536 * MIB,
+                replicas: 0,
+                chunk_size: 0,
+            },
+        ]
+    );
+
+    // vol2 is attached and degraded.
+    {
+        let mut s = fake.state();
+        let v = s.volumes.iter_mut().find(|v| v.name == "vol2").unwrap();
+        v.degraded_chunks = 4;
+        v.attachment = Some(pb::Attachment {
+            volume_id: v.id,
+            gateway: "gw-a".into(),
+            writer_epoch: 9,
+            lease_expires_ms: 1_700_000_010_000,
+            lease_ms: 10_000,
+        });
+    }
+    let table = ok(&fake, &["volume", "list"]);
+    assert_eq!(
+        rows(&table),
+        vec![
+            vec!["NAME", "ID", "SIZE", "REPLICAS", "CHUNK", "STATE", "DEGRADED", "ATTACHED"],
+            vec!["vol1", "1", "10GiB", "2", "32MiB", "available", "0", "-"],
+            vec![
+                "vol2",
+                "2",
+                "1.5GiB",
+                "3",
+                "64MiB",
+                "available",
+                "4",
+                "gw-a"
+            ],
+        ],
+        "{table}"
+    );
+    // Columns line up: every row's second column starts where the header's does.
+    let lines: Vec<&str> = table.lines().collect();
+    let id_col = lines[0].find("ID").unwrap();
+    assert!(lines[1..]
+        .iter()
+        .all(|l| l[id_col..].starts_with(char::is_numeric)));
+
+    let list = json(&ok(&fake, &["volume", "list", "--json"]));
+    let vols = list["volumes"].as_array().unwrap();
+    assert_eq!(vols.len(), 2);
+    assert_eq!(vols[0]["name"], "vol1");
+    assert_eq!(vols[0]["size"], 10 * GIB);
+    assert_eq!(vols[0]["chunk_size"], 32 * MIB);
+    assert_eq!(vols[0]["state"], "available");
+    assert_eq!(vols[0]["attachment"], Value::Null);
+    assert_eq!(vols[1]["degraded_chunks"], 4);
+    assert_eq!(vols[1]["attachment"]["gateway"], "gw-a");
+    assert_eq!(vols[1]["attachment"]["writer_epoch"], 9);
+
+    let v = json(&ok(&fake, &["volume", "get", "vol2", "--json"]));
+    assert_eq!(
+        (v["id"].as_u64(), v["replicas"].as_u64()),
+        (Some(2), Some(3))
+    );
+    assert_eq!(
+        fake.state().requests::<pb::VolumeRef>("get_volume"),
+        vec![pb::VolumeRef {
+            id: 0,
+            name: "vol2".into()
+        }]
+    );
+    let out = ok(&fake, &["volume", "get", "vol2"]);
+    assert!(
+        out.contains("Attached to:") && out.contains("gw-a"),
+        "{out}"
+    );
+
+    let out = ok(&fake, &["volume", "resize", "vol1", "20GiB"]);
+    assert!(out.contains("20GiB"), "{out}");
+    let resizes = fake
+        .state()
+        .requests::<pb::ResizeVolumeRequest>("resize_volume");
+    assert_eq!(resizes.len(), 1);
+    assert_eq!(resizes[0].size, 20 * GIB);
+    assert_eq!(resizes[0].volume.as_ref().unwrap().name, "vol1");
+
+    // Manager refusals: one readable line, non-zero exit.
+    let err = fails(&fake, &["volume", "resize", "vol1", "1GiB"]);
+    assert_eq!(err.trim(), r#"error: volume "vol1": volumes cannot shrink"#);
+    let err = fails(&fake, &["volume", "create", "vol1", "--size", "1GiB"]);
+    assert_eq!(err.trim(), r#"error: volume "vol1" already exists"#);
+
+    let out = ok(&fake, &["volume", "delete", "vol2"]);
+    assert_eq!(out.trim(), r#"volume "vol2" deleted"#);
+    let err = fails(&fake, &["volume", "get", "vol2"]);
+    assert_eq!(err.trim(), r#"error: volume "vol2" not found"#);
+    let err = fails(&fake, &["volume", "delete", "vol2", "--json"]);
+    assert_eq!(err.trim(), r#"error: volume "vol2" not found"#);
+
+    // Other statuses keep the manager's message.
+    fake.state()
+        .fail
+        .insert("list_volumes", (Code::Internal, "disk on fire".into()));
+    let err = fails(&fake, &["volume", "list"]);
+    assert!(err.contains("disk on fire"), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+}
+
+#[test]
+fn bad_input_fails_before_any_call() {
+    let fake = FakeManager::start();
+    let err = fails(&fake, &["volume", "create", "x", "--size", "10XB"]);
+    assert!(
+        err.contains("--size") && err.contains("unknown unit"),
+        "{err}"
+    );
+    let err = fails(
+        &fake,
+        &["volume", "create", "x", "--size", "1GiB", "--replicas", "0"],
+    );
+    assert!(err.contains("--replicas"), "{err}");
+    let err = fails(&fake, &["volume", "resize", "x", "big"]);
+    assert!(err.contains("big"), "{err}");
+    let out = Command::new(env!("CARGO_BIN_EXE_ironsan"))
+        .args(["volume", "list", "--manager", "127.0.0.1:1,,b:2"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("empty entry"), "{err}");
+    assert!(fake.state().calls.is_empty(), "a call was made");
+}
+
+#[test]
+fn manager_address_from_the_environment() {
+    let fake = FakeManager::start();
+    let out = Command::new(env!("CARGO_BIN_EXE_ironsan"))
+        .args(["volume", "list", "--json"])
+        .env("IRONSAN_MANAGER", format!(" 127.0.0.1:1 , {} ", fake.addr))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        json(&String::from_utf8_lossy(&out.stdout))["volumes"],
+        serde_json::json!([])
+    );
+    assert_eq!(fake.state().count("list_volumes"), 1);
+}
+
+fn disk(path: &str, state: pb::DiskState, capacity: u64, free: u64) -> pb::Disk {
+    pb::Disk {
+        path: path.into(),
+        state: state as i32,
+        capacity,
+        free,
+    }
+}
+
+#[test]
+fn node_and_status_commands() {
+    let fake = FakeManager::start();
+    {
+        let mut s = fake.state();
+        s.nodes = vec![
+            pb::Node {
+                id: "s2".into(),
+                addr: "10.0.0.2:7500".into(),
+                zone: "b".into(),
+                state: pb::NodeState::NodeDown as i32,
+                capacity: 100 * GIB,
+                free: 0,
+                disks: vec![disk("/d0", pb::DiskState::DiskFailed, 100 * GIB, 0)],
+                allocated: 10 * GIB,
+                chunks: 160,
+                last_seen_ms_ago: 192_000,
+            },
+            pb::Node {
+                id: "s1".into(),
+                addr: "10.0.0.1:7500".into(),
+                zone: "a".into(),
+                state: pb::NodeState::NodeUp as i32,
+                capacity: 2048 * GIB,
+                free: 1536 * GIB + 100 * MIB,
+                disks: vec![
+                    disk("/d0", pb::DiskState::DiskHealthy, 1024 * GIB, 768 * GIB),
+                    disk(
+                        "/d1",
+                        pb::DiskState::DiskFull,
+                        1024 * GIB,
+                        768 * GIB + 100 * MIB,
+                    ),
+                ],
+                allocated: 64 * GIB,
+                chunks: 1024,
+                last_seen_ms_ago: 850,
+            },
+        ];
+        s.status = pb::ClusterStatus {
+            answered_by: 2,
+            leader: 1,
+            term: 7,
+            commit_index: 1200,
+            applied_index: 1199,
+            members: vec![
+                pb::Member {
+                    id: 1,
+                    addr: "10.0.0.11:7400".into(),
+                    leader: true,
+                    matched: 1200,
+                    voter: true,
+                },
+                pb::Member {
+                    id: 2,
+                    addr: "10.0.0.12:7400".into(),
+                    leader: false,
+                    matched: 1199,
+                    voter: true,
+                },
+            ],
+            nodes_up: 1,
+            nodes_down: 1,
+            nodes_draining: 0,
+            volumes: 3,
+            chunks: 480,
+            degraded_chunks: 160,
+            recovery_tasks: 12,
+            snapshot_index: 1000,
+        };
+    }
+
+    let table = ok(&fake, &["node", "list"]);
+    assert_eq!(
+        rows(&table),
+        vec![
+            vec![
+                "ID",
+                "ADDR",
+                "ZONE",
+                "STATE",
+                "CAPACITY",
+                "FREE",
+                "ALLOCATED",
+                "CHUNKS",
+                "LAST",
+                "SEEN"
+            ],
+            vec![
+                "s1",
+                "10.0.0.1:7500",
+                "a",
+                "up",
+                "2TiB",
+                "1.5TiB",
+                "64GiB",
+                "1024",
+                "850ms"
+            ],
+            vec![
+                "s2",
+                "10.0.0.2:7500",
+                "b",
+                "down",
+                "100GiB",
+                "0B",
+                "10GiB",
+                "160",
+                "3m12s"
+            ],
+        ],
+        "{table}"
+    );
+    let nodes = json(&ok(&fake, &["node", "list", "--json"]));
+    let n = &nodes["nodes"][0];
+    assert_eq!(n["id"], "s1");
+    assert_eq!(n["state"], "up");
+    assert_eq!(n["capacity"], 2048 * GIB);
+    assert_eq!(n["last_seen_ms_ago"], 850);
+    assert_eq!(n["disks"][1]["state"], "full");
+    assert_eq!(n["disks"][1]["path"], "/d1");
+
+    let drained = json(&ok(&fake, &["node", "drain", "s1", "--json"]));
+    assert_eq!(drained["state"], "draining");
+    assert_eq!(
+        fake.state().requests::<pb::DrainNodeRequest>("drain_node"),
+        vec![pb::DrainNodeRequest { id: "s1".into() }]
+    );
+    let err = fails(&fake, &["node", "drain", "s9"]);
+    assert_eq!(err.trim(), r#"error: node "s9" not found"#);
+
+    let text = ok(&fake, &["status"]);
+    let line = |label: &str| {
+        text.lines()
+            .find(|l| l.starts_with(label))
+            .unwrap_or_else(|| panic!("no {label} in:\n{text}"))
+            .split_once(':')
+            .unwrap()
+            .1
+            .trim()
+            .to_string()
+    };
+    assert_eq!(line("Leader"), "1 (term 7)");
+    assert_eq!(line("Raft log"), "commit 1200, applied 1199, snapshot 1000");
+    assert_eq!(line("Nodes"), "1 up, 1 down, 0 draining");
+    assert_eq!(line("Chunks"), "480 (160 degraded)");
+    assert_eq!(line("Recovery tasks"), "12");
+    let members: Vec<Vec<String>> = rows(&text)
+        .into_iter()
+        .skip_while(|r| r.first().map(String::as_str) != Some("MEMBER"))
+        .collect();
+    assert_eq!(
+        members,
+        vec![
+            vec!["MEMBER", "ADDR", "ROLE", "MATCHED"],
+            vec!["1", "10.0.0.11:7400", "leader", "1200"],
+            vec!["2", "10.0.0.12:7400", "follower", "1199"],
+        ],
+        "{text}"
+    );
+    let st = json(&ok(&fake, &["status", "--json"]));
+    assert_eq!(st["leader"], 1);
+    assert_eq!(st["term"], 7);
+    assert_eq!(st["commit_index"], 1200);
+    assert_eq!(st["applied_index"], 1199);
+    assert_eq!(st["nodes_up"], 1);
+    assert_eq!(st["nodes_down"], 1);
+    assert_eq!(st["degraded_chunks"], 160);
+    assert_eq!(st["recovery_tasks"], 12);
+    assert_eq!(st["members"][0]["leader"], true);
+    assert_eq!(st["members"][1]["matched"], 1199);
+}
