@@ -495,3 +495,121 @@ async fn health_down_recovery_and_return() {
         .unwrap_err();
     assert_eq!(e.code(), Code::NotFound);
 }
+
+fn cli(manager: &str, args: &[&str]) -> (bool, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ironsan"))
+        .args(args)
+        .args(["--manager", manager])
+        .env("NO_COLOR", "1")
+        .output()
+        .expect("ironsan runs");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Real storage daemons register and heartbeat; the operator CLI sees them and places volumes
+/// on them; a killed daemon is committed Down; the CLI fails over between members.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn storage_daemons_and_cli_against_a_real_group() {
+    let mut g = Group::start(
+        3,
+        &["--node-timeout", "2s", "--heartbeat-interval", "200ms"],
+    );
+    g.leader(Duration::from_secs(15)).await;
+    // Every --manager flag takes the member list: the storage daemons and the CLI get all three.
+    let all = g.all_addrs();
+    let dirs = tempfile::tempdir().unwrap();
+    let mut daemons = Vec::new();
+    for i in 1..=3 {
+        let port = managers::free_port();
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_ironsan"))
+            .args(["storage", "--listen", &format!("127.0.0.1:{port}")])
+            .arg("--data-dir")
+            .arg(dirs.path().join(format!("s{i}")))
+            .args([
+                "--manager",
+                &all,
+                "--node-id",
+                &format!("node{i}"),
+                "--zone",
+                &format!("z{i}"),
+            ])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        daemons.push(Guard(child));
+    }
+    let mut up = 0;
+    for _ in 0..100 {
+        let (ok, out, _) = cli(&all, &["node", "list", "--json"]);
+        if ok {
+            up = out.matches("\"state\": \"up\"").count();
+            if up == 3 {
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(up, 3, "three storage daemons registered and Up");
+
+    let (ok, out, err) = cli(&all, &["volume", "create", "vol1", "--size", "1GiB"]);
+    assert!(ok, "{out}{err}");
+    let (ok, _, err) = cli(&all, &["volume", "create", "vol1", "--size", "1GiB"]);
+    assert!(!ok && err.contains("already exists"), "{err}");
+    let (ok, _, err) = cli(
+        &all,
+        &[
+            "volume",
+            "create",
+            "vol2",
+            "--size",
+            "1GiB",
+            "--replicas",
+            "4",
+        ],
+    );
+    assert!(!ok && err.contains("cannot place"), "{err}");
+    let (ok, out, err) = cli(&all, &["volume", "list"]);
+    assert!(ok, "{err}");
+    assert!(out.lines().next().unwrap().starts_with("NAME"), "{out}");
+    assert!(out.contains("vol1") && !out.contains("vol2"), "{out}");
+
+    // The CLI reaches the group through any member, including when the first listed is dead.
+    let leader = g.leader(Duration::from_secs(5)).await;
+    let follower = *g.members.keys().find(|&&id| id != leader).unwrap();
+    g.members.get_mut(&follower).unwrap().kill();
+    let dead_first = format!("{},{}", g.addr(follower), g.addr(leader));
+    let (ok, out, err) = cli(&dead_first, &["status", "--json"]);
+    assert!(ok, "{err}");
+    assert!(out.contains(&format!("\"leader\": {leader}")), "{out}");
+
+    // A killed storage daemon is committed Down and its chunks count as degraded.
+    drop(daemons.remove(2));
+    let mut down = false;
+    for _ in 0..100 {
+        let (ok, out, _) = cli(&dead_first, &["node", "list", "--json"]);
+        if ok && out.matches("\"state\": \"down\"").count() == 1 {
+            down = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(down, "node3 committed Down");
+    let (ok, out, err) = cli(&dead_first, &["volume", "get", "vol1", "--json"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("\"degraded_chunks\": 16"), "{out}");
+}
+
+/// Kills the child on drop.
+struct Guard(std::process::Child);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
