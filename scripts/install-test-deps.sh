@@ -7,6 +7,8 @@
 #                               If qemu-utils comes from bookworm-backports (as on the dev
 #                               image), qemu-block-extra is taken from there too.
 #   tgt sg3-utils fio jq        reference target, SCSI tools, benches
+#   iproute2                    network namespaces for the manager's partition tests
+#   etcd-server                 the peer of benches/manager.sh
 #   fio build deps              dpkg-dev gcc make pkg-config libaio-dev zlib1g-dev libnbd-dev
 #   build deps                  scripts/install-build-deps.sh (librocksdb-dev, libclang-dev)
 #   cargo-fuzz, cargo-nextest   `cargo install` when missing
@@ -39,7 +41,7 @@ done
 
 PKGS=(libiscsi-bin libiscsi-dev tgt sg3-utils fio jq coreutils procps
       dpkg-dev gcc make pkg-config libaio-dev zlib1g-dev libnbd-dev
-      open-iscsi busybox-static e2fsprogs kmod cpio zstd)
+      open-iscsi busybox-static e2fsprogs kmod cpio zstd iproute2 etcd-server)
 
 "$HERE/install-build-deps.sh" || die "installing the build dependencies failed"
 
