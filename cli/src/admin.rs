@@ -91,7 +91,6 @@ pub struct StatusArgs {
 }
 
 /// Raft group membership, run as `ironsan manager <cmd>`.
-
 #[derive(Subcommand, Debug, Clone)]
 pub enum MemberCmd {
     /// Add a manager member (it must be started with the same cluster settings).
@@ -260,7 +259,6 @@ pub async fn run_status(args: StatusArgs) -> anyhow::Result<()> {
 }
 
 /// Runs one member-administration command against the manager group at `manager`.
-
 pub async fn run_member(cmd: MemberCmd, manager: &str, json: bool) -> anyhow::Result<()> {
     let c = ManagerClient::new(manager)?;
     match cmd {

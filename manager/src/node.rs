@@ -286,8 +286,10 @@ impl RaftNode {
         addr: Option<String>,
         timeout: Duration,
     ) -> Result<(), Error> {
-        let mut cc = ConfChange::default();
-        cc.node_id = id;
+        let mut cc = ConfChange {
+            node_id: id,
+            ..Default::default()
+        };
         let addr = match addr {
             Some(a) => {
                 cc.set_change_type(ConfChangeType::AddNode);

@@ -136,7 +136,7 @@ impl Service {
             let resp = tokio::time::timeout(
                 COMMIT_TIMEOUT + Duration::from_secs(1),
                 peer.forward(pb::ForwardRequest {
-                    command: cmd.encode_to_vec().into(),
+                    command: cmd.encode_to_vec(),
                 }),
             )
             .await
@@ -208,7 +208,7 @@ impl Service {
                         c.size, v.size
                     )));
                 }
-                if c.size == 0 || c.size % state::LOGICAL_BLOCK != 0 {
+                if c.size == 0 || !c.size.is_multiple_of(state::LOGICAL_BLOCK) {
                     return Err(Status::invalid_argument(
                         "size must be a non-zero multiple of 512",
                     ));
@@ -678,7 +678,7 @@ impl raft_peer_server::RaftPeer for Service {
         }
         let result = self.submit_as_leader(cmd).await?;
         Ok(Response::new(pb::ForwardResponse {
-            result: result.encode_to_vec().into(),
+            result: result.encode_to_vec(),
         }))
     }
 }

@@ -354,6 +354,16 @@ fn state_name(state: i32) -> &'static str {
     }
 }
 
+/// The outcome of one drop order.
+enum Dropped {
+    /// Deleted, or not held here.
+    Done,
+    /// Kept: the replica's epoch is newer than the order's.
+    Refused(ChunkId),
+    /// Failed for another reason; the order stays until it succeeds.
+    Retry,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -385,14 +395,4 @@ mod tests {
             "a failure after recovery is logged at once"
         );
     }
-}
-
-/// The outcome of one drop order.
-enum Dropped {
-    /// Deleted, or not held here.
-    Done,
-    /// Kept: the replica's epoch is newer than the order's.
-    Refused(ChunkId),
-    /// Failed for another reason; the order stays until it succeeds.
-    Retry,
 }
