@@ -76,14 +76,15 @@ leader_seen_by() {
         python3 -c 'import json,sys; print(json.load(sys.stdin).get("leader",0))' 2>/dev/null || echo 0
 }
 
-# Waits until every member in "$@" reports the same non-zero leader; prints it.
+# Waits until every member in "$@" reports the same non-zero leader other than $NOT; prints it.
+NOT=0
 wait_agreed_leader() {
     local deadline=$((SECONDS + 30)) l first
     while [ $SECONDS -lt $deadline ]; do
         first=""
         for m in "$@"; do
             l=$(leader_seen_by "$m")
-            if [ "$l" = 0 ] || { [ -n "$first" ] && [ "$l" != "$first" ]; }; then first=bad; break; fi
+            if [ "$l" = 0 ] || [ "$l" = "$NOT" ] || { [ -n "$first" ] && [ "$l" != "$first" ]; }; then first=bad; break; fi
             first=$l
         done
         if [ "$first" != bad ] && [ -n "$first" ]; then echo "$first"; return 0; fi
@@ -101,10 +102,10 @@ first=1
 for c in ${CONC//,/ }; do
     reg=0; [ $first = 1 ] && reg=3; first=0
     line=$("$BIN" bench manager --manager "${ADDR[$LEADER]}" --op create --count "$COUNT" \
-        --concurrency "$c" --register-nodes "$reg" | head -1)
+        --concurrency "$c" --register-nodes "$reg" | sed -n 1p)
     say "$line"; RESULTS+=("ironsan $line")
     line=$("$BIN" bench manager --manager "${ADDR[$LEADER]}" --op replica-change --count "$COUNT" \
-        --concurrency "$c" | head -1)
+        --concurrency "$c" | sed -n 1p)
     say "$line"; RESULTS+=("ironsan $line")
 done
 
@@ -133,7 +134,7 @@ if [ "$ETCD" = 1 ]; then
         fi
     done
     for c in ${CONC//,/ }; do
-        line=$("$BIN" bench etcd --endpoint "127.0.0.1:${EC[$eleader]}" --count "$COUNT" --concurrency "$c" | head -1)
+        line=$("$BIN" bench etcd --endpoint "127.0.0.1:${EC[$eleader]}" --count "$COUNT" --concurrency "$c" | sed -n 1p)
         say "$line"; RESULTS+=("etcd    $line")
     done
 fi
@@ -145,13 +146,15 @@ for r in $(seq 1 "$ROUNDS"); do
     survivors=(); for i in 1 2 3; do [ "$i" = "$LEADER" ] || survivors+=("$i"); done
     t0=$(date +%s%N)
     kill -9 "${PID[$LEADER]}"
+    NOT=$LEADER
     NEW=$(wait_agreed_leader "${survivors[@]}") || die "no new leader after killing $LEADER"
+    NOT=0
     t1=$(date +%s%N)
     ms=$(( (t1 - t0) / 1000000 ))
     say "round $r: killed leader $LEADER, member $NEW leads after $ms ms"
     TIMES+=("$ms")
     start_member "$LEADER"
-    sleep 1
+    sleep 2
 done
 
 echo

@@ -502,14 +502,20 @@ impl Driver {
                 self.read_waiting.push((rs.index, reply));
             }
         }
-        self.log.persist(rd.entries(), rd.hs(), true)?;
+        // Entries, votes and terms must be on disk before anyone hears of them; a hard state
+        // that only moved its commit index need not be synced (raft-rs's `must_sync`).
+        let sync = rd.must_sync();
+        self.log.persist(rd.entries(), rd.hs(), sync)?;
         if !rd.persisted_messages().is_empty() {
             self.transport.send(rd.take_persisted_messages());
         }
         let mut light = self.raw.advance(rd);
         if let Some(commit) = light.commit_index() {
-            // Saved before applying: a restart must never find applied > commit.
-            self.log.set_commit(commit, true)?;
+            // Saved before applying, but not synced: it rides on the next synced write. The
+            // state machine lives in memory and restarts from the snapshot, whose index the
+            // log store only accepts at or below a stored commit, so a commit index lost in a
+            // crash is just learned again from the leader.
+            self.log.set_commit(commit, false)?;
         }
         self.transport.send(light.take_messages());
         let committed = light.take_committed_entries();
