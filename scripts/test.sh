@@ -22,12 +22,12 @@ Usage: $PROG [--no-deps] [--no-fuzz] [--no-vm] [--fuzz-time SEC] [--fuzz-targets
   --no-fuzz          skip the fuzz step
   --no-vm            skip the Linux-initiator VM test (tests/vm/test.sh)
   --fuzz-time SEC    seconds per fuzz target (default \$FUZZ_TIME or 45)
-  --fuzz-targets L   comma-separated fuzz targets (default: pdu,cdb,size,frame)
+  --fuzz-targets L   comma-separated fuzz targets (default: pdu,cdb,size,frame,manager_apply)
 Environment: CARGO_TARGET_DIR is honoured (fuzz builds go to \$CARGO_TARGET_DIR/fuzz).
 EOF
 }
 
-DEPS=1 FUZZ=1 VM=1 FUZZ_TIME=${FUZZ_TIME:-45} FUZZ_TARGETS=pdu,cdb,size,frame
+DEPS=1 FUZZ=1 VM=1 FUZZ_TIME=${FUZZ_TIME:-45} FUZZ_TARGETS=pdu,cdb,size,frame,manager_apply
 while [ $# -gt 0 ]; do
     case "$1" in
         --no-deps) DEPS=0; shift;;
