@@ -136,7 +136,7 @@ impl Service {
             let resp = tokio::time::timeout(
                 COMMIT_TIMEOUT + Duration::from_secs(1),
                 peer.forward(pb::ForwardRequest {
-                    command: cmd.encode_to_vec().into(),
+                    command: cmd.encode_to_vec(),
                 }),
             )
             .await
@@ -281,7 +281,8 @@ impl Service {
         }
     }
 
-    /// Waits (briefly) until this member has applied a membership change it proposed.
+    /// The membership as this member's status shows it; the driver publishes a change before
+    /// it answers the change's caller, so this includes it.
     fn members(&self) -> pb::MembershipResponse {
         pb::MembershipResponse {
             members: self.node().status().members,
@@ -678,7 +679,7 @@ impl raft_peer_server::RaftPeer for Service {
         }
         let result = self.submit_as_leader(cmd).await?;
         Ok(Response::new(pb::ForwardResponse {
-            result: result.encode_to_vec().into(),
+            result: result.encode_to_vec(),
         }))
     }
 }

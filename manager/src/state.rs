@@ -110,7 +110,7 @@ pub fn validate_geometry(
 }
 
 fn check_size(size: u64, chunk_size: u64) -> Result<u64, Reject> {
-    if size == 0 || size % LOGICAL_BLOCK != 0 {
+    if size == 0 || !size.is_multiple_of(LOGICAL_BLOCK) {
         return Err(Reject::invalid(format!(
             "size must be a non-zero multiple of {LOGICAL_BLOCK} bytes, not {size}"
         )));
@@ -732,7 +732,7 @@ impl State {
                 )));
             }
         }
-        let in_set = chunk.replicas.iter().any(|r| *r == c.node_id);
+        let in_set = chunk.replicas.contains(&c.node_id);
         let joining = chunk.joining == c.node_id;
         if !in_set && !joining {
             // Already removed (a retried report): answer with the current set.
@@ -780,7 +780,7 @@ impl State {
                 .get(&t.target)
                 .is_some_and(|n| n.state == NodeState::NodeUp as i32);
             if !chunk.joining.is_empty()
-                || chunk.replicas.iter().any(|r| *r == t.target)
+                || chunk.replicas.contains(&t.target)
                 || !target_ok
                 || self.has_task_for(t.volume_id, t.index)
             {
@@ -838,7 +838,7 @@ impl State {
         chunk.epoch = epoch;
         let mut dropped = Vec::new();
         if success {
-            if chunk.replicas.iter().any(|r| *r == task.lost) {
+            if chunk.replicas.contains(&task.lost) {
                 chunk.replicas.retain(|r| *r != task.lost);
                 dropped.push(task.lost.clone());
             }
