@@ -57,7 +57,9 @@ pub struct DaemonArgs {
     /// Raft tick: elections time out after 10 to 20 ticks.
     #[arg(long, value_parser = parse_duration, default_value = "100ms")]
     raft_tick: Duration,
-    /// Snapshot the state and compact the Raft log every this many entries.
+    /// Snapshot the state and compact the Raft log every this many entries. The log keeps a
+    /// tail of at most this many entries (and at most 1000) behind the snapshot for lagging
+    /// followers; one further behind is sent the snapshot.
     #[arg(long, default_value_t = 5000)]
     snapshot_every: u64,
     /// Manager to send a member command to (with a subcommand).
@@ -135,6 +137,8 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
     let mut raft = NodeConfig::new(id);
     raft.tick = a.raft_tick;
     raft.snapshot_every = a.snapshot_every.max(1);
+    // A tail longer than the interval would mean the log is never truncated at small intervals.
+    raft.log_keep = raft.log_keep.min(raft.snapshot_every);
     let cfg = ServerConfig {
         id,
         listen: a.listen,

@@ -18,6 +18,10 @@ pub enum Error {
         "leadership changed before the request committed; its outcome is unknown, check and retry"
     )]
     LeadershipLost,
+    /// The leader has not yet applied its previous configuration change, or (newly elected)
+    /// the entries it inherited; Raft allows one change in flight.
+    #[error("the leader is still applying an earlier configuration change; retry")]
+    ConfChangePending,
     #[error("timed out waiting for the Raft group ({0}); the group may have lost its quorum")]
     Timeout(&'static str),
     #[error("member is shutting down")]
@@ -49,6 +53,7 @@ impl From<Error> for Status {
             e @ (Error::NoLeader { .. }
             | Error::LeadershipLost
             | Error::ShuttingDown
+            | Error::ConfChangePending
             | Error::Forward { .. }) => Status::unavailable(e.to_string()),
             e @ Error::Timeout(_) => Status::deadline_exceeded(e.to_string()),
             Error::Raft(raft::Error::ProposalDropped) => {

@@ -279,8 +279,31 @@ impl RaftNode {
         }
     }
 
-    /// Adds (`addr` given) or removes a voter; returns once the change is applied here.
+    /// Adds (`addr` given) or removes a voter; returns once the change is applied here. While
+    /// the leader still has to apply an earlier change (or, newly elected, its inherited tail)
+    /// the change is offered again until `timeout`.
     pub async fn change_member(
+        &self,
+        id: u64,
+        addr: Option<String>,
+        timeout: Duration,
+    ) -> Result<(), Error> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            match self.change_member_once(id, addr.clone(), left).await {
+                Err(Error::ConfChangePending) if tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Err(Error::ConfChangePending) => {
+                    return Err(Error::Timeout("configuration change"))
+                }
+                r => return r,
+            }
+        }
+    }
+
+    async fn change_member_once(
         &self,
         id: u64,
         addr: Option<String>,
@@ -405,6 +428,9 @@ impl Driver {
             }
             if Instant::now() >= next_tick {
                 self.raw.tick();
+                // ReadIndex requests raft-rs dropped (no leader yet, a leader new in its term)
+                // are retried by their callers as new requests: forget the abandoned ones.
+                self.reads.retain(|_, reply| !reply.is_closed());
                 next_tick = Instant::now() + self.cfg.tick;
             }
             if let Err(e) = self.on_ready() {
@@ -461,6 +487,11 @@ impl Driver {
                         tonic::Code::FailedPrecondition,
                         "another membership change is in progress",
                     ))));
+                } else if self.raw.raft.has_pending_conf() {
+                    // raft-rs would silently turn the change into an empty entry (a newly
+                    // elected leader counts its whole unapplied tail as a pending change), and
+                    // `conf_pending` would then wait for an entry that never comes.
+                    let _ = reply.send(Err(Error::ConfChangePending));
                 } else {
                     let id = cc.node_id;
                     match self.raw.propose_conf_change(addr.into_bytes(), cc) {
@@ -608,6 +639,8 @@ impl Driver {
                     }
                     if let Some((id, reply)) = self.conf_pending.take() {
                         if id == cc.node_id {
+                            // The caller reads the membership from the status next.
+                            self.publish();
                             let _ = reply.send(Ok(()));
                         } else {
                             self.conf_pending = Some((id, reply));

@@ -281,7 +281,8 @@ impl Service {
         }
     }
 
-    /// Waits (briefly) until this member has applied a membership change it proposed.
+    /// The membership as this member's status shows it; the driver publishes a change before
+    /// it answers the change's caller, so this includes it.
     fn members(&self) -> pb::MembershipResponse {
         pb::MembershipResponse {
             members: self.node().status().members,

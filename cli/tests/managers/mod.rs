@@ -28,6 +28,8 @@ pub struct Member {
     pub dir: PathBuf,
     pub child: Option<Child>,
     pub log: Arc<Mutex<String>>,
+    /// A command the member runs under, e.g. `ip netns exec NS` (empty: run directly).
+    pub prefix: Vec<String>,
 }
 
 impl Member {
@@ -100,6 +102,36 @@ impl Group {
                     dir,
                     child: None,
                     log: Arc::new(Mutex::new(String::new())),
+                    prefix: Vec::new(),
+                },
+            );
+        }
+        for id in 1..=n {
+            g.spawn(id, &[]);
+        }
+        g
+    }
+
+    /// Starts members at given addresses, each run under its `prefix` command (ids from 1).
+    pub fn start_at(members: Vec<(String, Vec<String>)>, extra: &[&str]) -> Group {
+        let root = tempfile::tempdir().unwrap();
+        let mut g = Group {
+            members: BTreeMap::new(),
+            root,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+        };
+        let n = members.len() as u64;
+        for (id, (addr, prefix)) in (1..).zip(members) {
+            let dir = g.root.path().join(format!("m{id}"));
+            g.members.insert(
+                id,
+                Member {
+                    id,
+                    addr,
+                    dir,
+                    child: None,
+                    log: Arc::new(Mutex::new(String::new())),
+                    prefix,
                 },
             );
         }
@@ -122,7 +154,15 @@ impl Group {
         let peers = self.peers_of(id);
         let m = self.members.get_mut(&id).expect("member known");
         m.kill();
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_ironsan"));
+        let bin = env!("CARGO_BIN_EXE_ironsan");
+        let mut cmd = match m.prefix.split_first() {
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(bin);
+                c
+            }
+            None => Command::new(bin),
+        };
         cmd.arg("manager")
             .args(["--id", &id.to_string(), "--listen", &m.addr])
             .arg("--data-dir")
@@ -159,6 +199,7 @@ impl Group {
                 dir,
                 child: None,
                 log: Arc::new(Mutex::new(String::new())),
+                prefix: Vec::new(),
             },
         );
         addr
