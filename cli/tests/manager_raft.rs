@@ -1070,6 +1070,19 @@ fn wiped_member_refuses_to_start() {
         let r = one(&g.addr(leader)).create_volume(create_req("w-0")).await;
         check!(g, r.is_ok(), "{r:?}");
         let wiped = (1..=3).rev().find(|&id| id != leader).unwrap();
+        // The leader records members that hold entries; only those are refused when empty.
+        let t = Instant::now();
+        while !statuses(&g, &[leader]).await[&leader]
+            .as_ref()
+            .is_ok_and(|s| s.members_seen.contains(&wiped))
+        {
+            check!(
+                g,
+                t.elapsed() < Duration::from_secs(5),
+                "member {wiped} never recorded as seen"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
         let s = g.members.get_mut(&wiped).unwrap().stop();
         check!(g, s.success(), "member {wiped} exit: {s:?}");
         std::fs::remove_dir_all(&g.members[&wiped].dir).unwrap();
@@ -1110,6 +1123,35 @@ fn wiped_member_refuses_to_start() {
         let r = one(&g.addr(up[0])).create_volume(create_req("w-1")).await;
         check!(g, r.is_ok(), "create after the refusal: {r:?}");
         check_everywhere(&g, &up, &["w-0".into(), "w-1".into()]).await;
+    });
+}
+
+/// An initial member that starts after the others have elected and committed is not mistaken
+/// for a wiped one: it never held entries, so it joins (a StatefulSet's pods start unevenly).
+#[test]
+fn late_initial_member_joins() {
+    run(async {
+        let mut g = Group::prepare(3, FLAGS);
+        g.spawn(1, &[]);
+        g.spawn(2, &[]);
+        let leader = agreed_leader(&g, &[1, 2], 0, Duration::from_secs(10))
+            .await
+            .0;
+        register_nodes(&g, &g.addr(leader)).await;
+        let r = one(&g.addr(leader))
+            .create_volume(create_req("late-0"))
+            .await;
+        check!(g, r.is_ok(), "{r:?}");
+        g.spawn(3, &[]);
+        agreed_leader(&g, &[1, 2, 3], 0, Duration::from_secs(10)).await;
+        check_everywhere(&g, &[1, 2, 3], &["late-0".into()]).await;
+        check!(
+            g,
+            g.members[&3]
+                .log()
+                .contains("never joined it and starts fresh"),
+            "member 3 took the late-start path"
+        );
     });
 }
 

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ironsan_common::proto::manager::{manager_client::ManagerClient, Command, StatusRequest};
+use ironsan_common::proto::manager::{command::Op, manager_client::ManagerClient, StatusRequest};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -139,9 +139,13 @@ fn tokio_stream_listener(
     })
 }
 
-/// A member whose data dir is empty must not bootstrap into a group that already exists: its
-/// earlier votes and log are gone, so counting it toward a quorum could lose commits. It is
-/// told how to rejoin instead (etcd makes the same rule).
+/// A member whose data dir is empty must not bootstrap into a group that already exists if it
+/// ever held entries there: its earlier votes and log are gone, so counting it toward a quorum
+/// could lose commits. It is told how to rejoin instead. The leader records each member that
+/// has matched entries (`MemberSeen`), so an initial member that merely starts late (pods of a
+/// StatefulSet started in parallel) is told apart and joins. The gap: a member wiped after it
+/// voted or persisted its first entries but before the leader recorded it is taken for a late
+/// starter.
 async fn refuse_if_group_exists(id: u64, peers: &BTreeMap<u64, String>) -> Result<(), Error> {
     for (peer, addr) in peers {
         let Ok(ep) = tonic::transport::Endpoint::from_shared(format!("http://{addr}")) else {
@@ -157,6 +161,15 @@ async fn refuse_if_group_exists(id: u64, peers: &BTreeMap<u64, String>) -> Resul
             continue;
         };
         let s = s.into_inner();
+        if s.commit_index > 0 && !s.members_seen.contains(&id) {
+            // An initial member starting late (its peers already elected and committed): it
+            // never held entries, so it has no votes or data to have lost.
+            info!(
+                member = id,
+                peer, "the group already runs; this member never joined it and starts fresh"
+            );
+            return Ok(());
+        }
         if s.commit_index > 0 {
             return Err(Error::Config(format!(
                 "member {id} has an empty data dir, but the group it names already exists \
@@ -194,7 +207,17 @@ async fn health_loop(
         }
         let ops = {
             let st = node.state();
-            health.plan(&st, &cfg)
+            let status = node.status();
+            let mut ops = health.plan(&st, &cfg);
+            // Record members once they hold entries (see `refuse_if_group_exists`).
+            ops.extend(
+                status
+                    .members
+                    .iter()
+                    .filter(|m| m.matched > 0 && !st.members_seen().contains(&m.id))
+                    .map(|m| Op::MemberSeen(m.id)),
+            );
+            ops
         };
         for op in ops {
             let what = format!("{op:?}");
@@ -212,13 +235,5 @@ fn truncate(s: &str) -> &str {
     match s.char_indices().nth(200) {
         Some((i, _)) => &s[..i],
         None => s,
-    }
-}
-
-/// A no-op command, for benchmarks of the bare commit path.
-pub fn noop() -> Command {
-    Command {
-        now_ms: 0,
-        op: Some(ironsan_common::proto::manager::command::Op::Noop(true)),
     }
 }

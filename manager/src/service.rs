@@ -278,6 +278,7 @@ impl Service {
             degraded_chunks: degraded,
             recovery_tasks: st.tasks().count() as u64,
             snapshot_index: s.snapshot_index,
+            members_seen: st.members_seen().iter().copied().collect(),
         }
     }
 

@@ -141,6 +141,7 @@ pub struct State {
     /// Replicas a node holds that missed writes while it was Down: resync before use.
     stale: BTreeMap<String, BTreeMap<(u64, u64), u64>>,
     members: BTreeMap<u64, String>,
+    members_seen: BTreeSet<u64>,
 }
 
 type ApplyOutcome = Result<apply_result::Result, Reject>;
@@ -173,6 +174,12 @@ impl State {
             Some(Op::CompleteTask(c)) => self.complete_task(c.id, c.success),
             Some(Op::ReconcileNode(c)) => self.reconcile_node(&c.id),
             Some(Op::NodeUsage(c)) => self.node_usage(&c.id, c.capacity),
+            Some(Op::MemberSeen(id)) => {
+                if *id != 0 {
+                    self.members_seen.insert(*id);
+                }
+                Ok(apply_result::Result::Done(true))
+            }
             Some(Op::ClearOrphans(c)) => {
                 self.clear_orphans(c);
                 Ok(apply_result::Result::Done(true))
@@ -312,6 +319,10 @@ impl State {
 
     pub fn members(&self) -> &BTreeMap<u64, String> {
         &self.members
+    }
+
+    pub fn members_seen(&self) -> &BTreeSet<u64> {
+        &self.members_seen
     }
 
     pub fn volume_count(&self) -> usize {
@@ -901,6 +912,7 @@ impl State {
                     ..Default::default()
                 })
                 .collect(),
+            members_seen: self.members_seen.iter().copied().collect(),
         }
     }
 
@@ -937,6 +949,7 @@ impl State {
             orphans: keyed(s.orphans),
             stale: keyed(s.stale),
             members: s.members.into_iter().map(|m| (m.id, m.addr)).collect(),
+            members_seen: s.members_seen.into_iter().collect(),
         };
         st.recount();
         st

@@ -85,6 +85,15 @@ pub struct Group {
 impl Group {
     /// Starts `n` members that bootstrap one group.
     pub fn start(n: u64, extra: &[&str]) -> Group {
+        let mut g = Group::prepare(n, extra);
+        for id in 1..=n {
+            g.spawn(id, &[]);
+        }
+        g
+    }
+
+    /// Names `n` members of one group (addresses, data dirs) without starting any.
+    pub fn prepare(n: u64, extra: &[&str]) -> Group {
         let root = tempfile::tempdir().unwrap();
         let mut g = Group {
             members: BTreeMap::new(),
@@ -105,9 +114,6 @@ impl Group {
                     prefix: Vec::new(),
                 },
             );
-        }
-        for id in 1..=n {
-            g.spawn(id, &[]);
         }
         g
     }
