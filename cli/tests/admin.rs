@@ -327,6 +327,7 @@ fn node_and_status_commands() {
             degraded_chunks: 160,
             recovery_tasks: 12,
             snapshot_index: 1000,
+            members_seen: vec![1, 2],
         };
     }
 
