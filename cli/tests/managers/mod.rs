@@ -83,6 +83,29 @@ pub struct Group {
 }
 
 impl Group {
+    fn empty(extra: &[&str]) -> Group {
+        Group {
+            members: BTreeMap::new(),
+            root: tempfile::tempdir().unwrap(),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
+    fn name(&mut self, id: u64, addr: String, prefix: Vec<String>) {
+        let dir = self.root.path().join(format!("m{id}"));
+        self.members.insert(
+            id,
+            Member {
+                id,
+                addr,
+                dir,
+                child: None,
+                log: Arc::new(Mutex::new(String::new())),
+                prefix,
+            },
+        );
+    }
+
     /// Starts `n` members that bootstrap one group.
     pub fn start(n: u64, extra: &[&str]) -> Group {
         let mut g = Group::prepare(n, extra);
@@ -94,52 +117,19 @@ impl Group {
 
     /// Names `n` members of one group (addresses, data dirs) without starting any.
     pub fn prepare(n: u64, extra: &[&str]) -> Group {
-        let root = tempfile::tempdir().unwrap();
-        let mut g = Group {
-            members: BTreeMap::new(),
-            root,
-            extra: extra.iter().map(|s| s.to_string()).collect(),
-        };
+        let mut g = Group::empty(extra);
         for id in 1..=n {
-            let addr = format!("127.0.0.1:{}", free_port());
-            let dir = g.root.path().join(format!("m{id}"));
-            g.members.insert(
-                id,
-                Member {
-                    id,
-                    addr,
-                    dir,
-                    child: None,
-                    log: Arc::new(Mutex::new(String::new())),
-                    prefix: Vec::new(),
-                },
-            );
+            g.name(id, format!("127.0.0.1:{}", free_port()), Vec::new());
         }
         g
     }
 
     /// Starts members at given addresses, each run under its `prefix` command (ids from 1).
     pub fn start_at(members: Vec<(String, Vec<String>)>, extra: &[&str]) -> Group {
-        let root = tempfile::tempdir().unwrap();
-        let mut g = Group {
-            members: BTreeMap::new(),
-            root,
-            extra: extra.iter().map(|s| s.to_string()).collect(),
-        };
+        let mut g = Group::empty(extra);
         let n = members.len() as u64;
         for (id, (addr, prefix)) in (1..).zip(members) {
-            let dir = g.root.path().join(format!("m{id}"));
-            g.members.insert(
-                id,
-                Member {
-                    id,
-                    addr,
-                    dir,
-                    child: None,
-                    log: Arc::new(Mutex::new(String::new())),
-                    prefix,
-                },
-            );
+            g.name(id, addr, prefix);
         }
         for id in 1..=n {
             g.spawn(id, &[]);
@@ -196,18 +186,7 @@ impl Group {
     /// Adds a member entry (not started) for `add-member` tests.
     pub fn reserve(&mut self, id: u64) -> String {
         let addr = format!("127.0.0.1:{}", free_port());
-        let dir = self.root.path().join(format!("m{id}"));
-        self.members.insert(
-            id,
-            Member {
-                id,
-                addr: addr.clone(),
-                dir,
-                child: None,
-                log: Arc::new(Mutex::new(String::new())),
-                prefix: Vec::new(),
-            },
-        );
+        self.name(id, addr.clone(), Vec::new());
         addr
     }
 
