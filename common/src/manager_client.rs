@@ -39,6 +39,10 @@ pub const DEFAULT_CALL_TIMEOUT: Duration = Duration::from_secs(5);
 pub const DEFAULT_DEADLINE: Duration = Duration::from_secs(10);
 /// How long a connection attempt to one member may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// Largest request the manager decodes from a client (gRPC's usual 4 MiB).
+pub const MAX_REQUEST: usize = 4 << 20;
+/// Largest answer: the chunk list of the largest volume (256 Ki chunks) fits.
+pub const MAX_RESPONSE: usize = 64 << 20;
 const BACKOFF_MIN: Duration = Duration::from_millis(50);
 const BACKOFF_MAX: Duration = Duration::from_millis(500);
 
@@ -93,6 +97,7 @@ impl Member {
                 .get_or_init(|| self.endpoint.connect_lazy())
                 .clone(),
         )
+        .max_decoding_message_size(MAX_RESPONSE)
     }
 }
 

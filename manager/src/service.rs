@@ -29,6 +29,7 @@ use crate::node::RaftNode;
 use crate::placement::Placer;
 use crate::state::{self, reject_status, Reject};
 use crate::transport::MAX_MESSAGE;
+use ironsan_common::manager_client::{MAX_REQUEST, MAX_RESPONSE};
 
 const COMMIT_TIMEOUT: Duration = Duration::from_secs(5);
 const READ_TIMEOUT: Duration = Duration::from_secs(3);
@@ -67,10 +68,12 @@ impl Service {
         }
     }
 
+    /// Client requests are small and come from anywhere that reaches the port: the usual
+    /// 4 MiB bound. Answers may carry a large volume's chunk list.
     pub fn manager_server(&self) -> manager_server::ManagerServer<Service> {
         manager_server::ManagerServer::new(self.clone())
-            .max_decoding_message_size(MAX_MESSAGE)
-            .max_encoding_message_size(MAX_MESSAGE)
+            .max_decoding_message_size(MAX_REQUEST)
+            .max_encoding_message_size(MAX_RESPONSE)
     }
 
     pub fn peer_server(&self) -> raft_peer_server::RaftPeerServer<Service> {
@@ -107,9 +110,7 @@ impl Service {
                 member: self.node().id(),
             })
         })?;
-        Ok(ManagerClient::new(self.channel(&addr)?)
-            .max_decoding_message_size(MAX_MESSAGE)
-            .max_encoding_message_size(MAX_MESSAGE))
+        Ok(ManagerClient::new(self.channel(&addr)?).max_decoding_message_size(MAX_RESPONSE))
     }
 
     fn is_leader(&self) -> bool {
