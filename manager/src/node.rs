@@ -681,6 +681,8 @@ impl Driver {
             self.cfg.log_keep
         };
         self.snapshot_now = false;
+        // The whole pause is measured: serialising the state stops this thread too.
+        let started = Instant::now();
         let data = {
             let st = match self.state.read() {
                 Ok(g) => g,
@@ -689,16 +691,19 @@ impl Driver {
             st.snapshot().encode_to_vec()
         };
         let cs = self.raw.raft.prs().conf().to_conf_state();
-        let started = Instant::now();
+        let bytes = data.len();
         self.log.compact(self.applied, &cs, data, keep)?;
         self.snapshot_index = self.applied;
         info!(
             member = self.cfg.id,
             index = self.applied,
+            bytes,
             took_ms = started.elapsed().as_millis() as u64,
             "state snapshot taken, log compacted"
         );
         metrics::counter!("ironsan_manager_snapshots_total").increment(1);
+        metrics::histogram!("ironsan_manager_snapshot_seconds")
+            .record(started.elapsed().as_secs_f64());
         Ok(())
     }
 
