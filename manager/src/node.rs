@@ -220,10 +220,6 @@ impl RaftNode {
             .map(|a| (leader, a))
     }
 
-    pub fn addr_of(&self, id: u64) -> Option<String> {
-        self.addrs.read().ok().and_then(|a| a.get(&id).cloned())
-    }
-
     /// Read access to the applied state. Never hold the guard across an await.
     pub fn state(&self) -> RwLockReadGuard<'_, State> {
         match self.state.read() {

@@ -265,10 +265,6 @@ impl State {
             .collect())
     }
 
-    pub fn chunk(&self, volume: u64, index: u64) -> Option<&Chunk> {
-        self.chunks.get(&(volume, index))
-    }
-
     pub fn all_chunks(&self) -> impl Iterator<Item = &Chunk> {
         self.chunks.values()
     }
