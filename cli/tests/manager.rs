@@ -3,6 +3,7 @@
 //! the API, and restart from RocksDB.
 
 mod managers;
+mod storaged;
 
 use std::time::Duration;
 
@@ -522,27 +523,15 @@ async fn storage_daemons_and_cli_against_a_real_group() {
     // Every --manager flag takes the member list: the storage daemons and the CLI get all three.
     let all = g.all_addrs();
     let dirs = tempfile::tempdir().unwrap();
-    let mut daemons = Vec::new();
-    for i in 1..=3 {
-        let port = managers::free_port();
-        let child = std::process::Command::new(env!("CARGO_BIN_EXE_ironsan"))
-            .args(["storage", "--listen", &format!("127.0.0.1:{port}")])
-            .arg("--data-dir")
-            .arg(dirs.path().join(format!("s{i}")))
-            .args([
-                "--manager",
-                &all,
-                "--node-id",
-                &format!("node{i}"),
-                "--zone",
-                &format!("z{i}"),
-            ])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        daemons.push(Guard(child));
-    }
+    let mut daemons: Vec<_> = (1..=3)
+        .map(|i| {
+            let (id, zone) = (format!("node{i}"), format!("z{i}"));
+            storaged::Daemon::start(
+                &[dirs.path().join(format!("s{i}"))],
+                &["--manager", &all, "--node-id", &id, "--zone", &zone],
+            )
+        })
+        .collect();
     let mut up = 0;
     for _ in 0..100 {
         let (ok, out, _) = cli(&all, &["node", "list", "--json"]);
@@ -602,14 +591,4 @@ async fn storage_daemons_and_cli_against_a_real_group() {
     let (ok, out, err) = cli(&dead_first, &["volume", "get", "vol1", "--json"]);
     assert!(ok, "{err}");
     assert!(out.contains("\"degraded_chunks\": 16"), "{out}");
-}
-
-/// Kills the child on drop.
-struct Guard(std::process::Child);
-
-impl Drop for Guard {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }

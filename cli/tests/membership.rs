@@ -5,100 +5,18 @@
 //! cleanly on SIGTERM.
 
 mod fake_manager;
+mod storaged;
 
-use std::io::{BufRead, BufReader};
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::sync::{mpsc, Arc, Mutex};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use fake_manager::FakeManager;
 use ironsan_common::proto::manager as pb;
 use ironsan_storage::{ChunkId, Client, ClientConfig, Error};
+use storaged::{metric, Daemon};
 
 const MIB: u64 = 1 << 20;
 const WAIT: Duration = Duration::from_secs(30);
-
-/// One `ironsan storage` process, killed on drop.
-struct Daemon {
-    child: Child,
-    addr: String,
-    metrics: String,
-    log: Arc<Mutex<String>>,
-}
-
-impl Daemon {
-    fn start(dir: &Path, extra: &[&str]) -> Daemon {
-        let metrics = {
-            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-            l.local_addr().unwrap().to_string()
-        };
-        let mut child = Command::new(env!("CARGO_BIN_EXE_ironsan"))
-            .args(["storage", "--listen", "127.0.0.1:0", "--metrics", &metrics])
-            .arg("--data-dir")
-            .arg(dir)
-            .args(extra)
-            .env("RUST_LOG", "info")
-            .env("NO_COLOR", "1")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start ironsan storage");
-        let stderr = child.stderr.take().unwrap();
-        let log = Arc::new(Mutex::new(String::new()));
-        let (tx, rx) = mpsc::channel();
-        let l = log.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if line.contains("storage ready") {
-                    if let Some(a) = line
-                        .split_whitespace()
-                        .find_map(|w| w.strip_prefix("addr="))
-                    {
-                        let _ = tx.send(a.to_string());
-                    }
-                }
-                l.lock().unwrap().push_str(&(line + "\n"));
-            }
-        });
-        let addr = rx
-            .recv_timeout(Duration::from_secs(60))
-            .unwrap_or_else(|_| panic!("no ready line; log:\n{}", log.lock().unwrap()));
-        Daemon {
-            child,
-            addr,
-            metrics,
-            log,
-        }
-    }
-
-    fn log(&self) -> String {
-        self.log.lock().unwrap().clone()
-    }
-
-    fn metrics(&self) -> String {
-        use std::io::{Read, Write};
-        let mut s = std::net::TcpStream::connect(&self.metrics).unwrap();
-        write!(s, "GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n").unwrap();
-        let mut out = String::new();
-        s.read_to_string(&mut out).unwrap();
-        out
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn metric(text: &str, prefix: &str) -> f64 {
-    text.lines()
-        .filter(|l| l.starts_with(prefix))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
 
 fn chunk(volume_id: u64, index: u64, epoch: u64) -> pb::Chunk {
     pb::Chunk {
@@ -116,7 +34,7 @@ fn storage_daemon_registers_heartbeats_and_obeys_drop_orders() {
     fake.state().heartbeat_interval_ms = 200;
     let dir = tempfile::tempdir().unwrap();
     let d = Daemon::start(
-        dir.path(),
+        &[dir.path().to_path_buf()],
         &[
             "--manager",
             &fake.addr,
@@ -269,7 +187,10 @@ fn storage_daemon_serves_before_the_manager_is_reachable_and_registers_once_it_i
         l.local_addr().unwrap().to_string()
     };
     let dir = tempfile::tempdir().unwrap();
-    let d = Daemon::start(dir.path(), &["--manager", &addr, "--node-id", "late"]);
+    let d = Daemon::start(
+        &[dir.path().to_path_buf()],
+        &["--manager", &addr, "--node-id", "late"],
+    );
     // Nothing listens at the manager's address: the data path serves anyway.
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
