@@ -66,6 +66,24 @@ enum VolumeCmd {
     },
     /// Delete a volume and its chunks.
     Delete { name: String },
+    /// Choose the gateway that serves a volume: it takes the lease and exports the target.
+    /// Refused while another gateway holds an unexpired lease (detach it first, or wait).
+    Attach {
+        name: String,
+        /// The gateway's node id (`ironsan gateway --node-id`).
+        #[arg(long = "node")]
+        node: String,
+        /// Lease length, e.g. 10s (default: the manager's, 10 s).
+        #[arg(long, value_parser = crate::manager::parse_duration)]
+        lease: Option<std::time::Duration>,
+    },
+    /// Release a volume from its gateway, which stops serving it.
+    Detach {
+        name: String,
+        /// Detach only if this gateway holds it (default: whoever holds it).
+        #[arg(long = "node")]
+        node: Option<String>,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -193,6 +211,43 @@ pub async fn run_volume(args: VolumeArgs) -> anyhow::Result<()> {
                 .await
                 .map_err(|e| explain(e, &format!("volume {name:?}")))?;
             print_volume(&v, json);
+        }
+        VolumeCmd::Attach { name, node, lease } => {
+            let req = pb::AttachRequest {
+                volume: Some(volume_ref(&name)),
+                gateway: node.clone(),
+                lease_ms: lease.map_or(0, |d| d.as_millis() as u64),
+            };
+            let a = c
+                .attach(req)
+                .await
+                .map_err(|e| explain(e, &format!("volume {name:?}")))?;
+            if json {
+                println!(
+                    "{:#}",
+                    json!({ "name": name, "gateway": a.gateway, "writer_epoch": a.writer_epoch, "lease_ms": a.lease_ms })
+                );
+            } else {
+                println!(
+                    "volume {name:?} attached to gateway {:?} (writer epoch {})",
+                    a.gateway, a.writer_epoch
+                );
+            }
+        }
+        VolumeCmd::Detach { name, node } => {
+            let req = pb::DetachRequest {
+                volume: Some(volume_ref(&name)),
+                force: node.is_none(),
+                gateway: node.unwrap_or_default(),
+            };
+            c.detach(req)
+                .await
+                .map_err(|e| explain(e, &format!("volume {name:?}")))?;
+            if json {
+                println!("{:#}", json!({ "name": name, "detached": true }));
+            } else {
+                println!("volume {name:?} detached");
+            }
         }
         VolumeCmd::Delete { name } => {
             let req = pb::DeleteVolumeRequest {

@@ -75,7 +75,7 @@ fn parse_volume(s: &str) -> Result<VolumeSpec, String> {
     })
 }
 
-fn parse_credentials(s: &str) -> Result<Credentials, String> {
+pub(crate) fn parse_credentials(s: &str) -> Result<Credentials, String> {
     let (user, secret) = s.split_once(':').ok_or("expected USER:SECRET")?;
     Ok(Credentials {
         user: user.to_string(),

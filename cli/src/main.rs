@@ -4,6 +4,7 @@ mod admin;
 mod bench;
 mod bench_manager;
 mod dev;
+mod gateway;
 mod manager;
 mod storage;
 
@@ -28,6 +29,8 @@ enum Command {
     Dev(dev::DevArgs),
     /// Run a cluster manager member (Raft group), or change the group's membership.
     Manager(manager::ManagerArgs),
+    /// Run an iSCSI gateway serving the volumes attached to it, replicated on storage daemons.
+    Gateway(gateway::GatewayArgs),
     /// Run a storage daemon serving the chunk store of its data directories.
     Storage(storage::StorageArgs),
     /// Create, list, inspect, resize and delete volumes (through the manager).
@@ -46,6 +49,7 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Dev(args) => daemon(dev::run(args)),
         Command::Storage(args) => daemon(storage::run(args)),
+        Command::Gateway(args) => daemon(gateway::run(args)),
         Command::Manager(args) => match args.member {
             Some(cmd) => admin(admin::run_member(
                 cmd,

@@ -26,42 +26,42 @@ pub struct ManagerArgs {
 pub struct DaemonArgs {
     /// This member's id in the Raft group (non-zero, unique, never reused).
     #[arg(long, env = "IRONSAN_MANAGER_ID")]
-    id: Option<u64>,
+    pub(crate) id: Option<u64>,
     /// gRPC address for clients and members.
     #[arg(long, env = "IRONSAN_MANAGER_LISTEN", default_value = "127.0.0.1:7400")]
-    listen: SocketAddr,
+    pub(crate) listen: SocketAddr,
     /// Address the other members and clients reach this member at (default: --listen).
     #[arg(long, env = "IRONSAN_MANAGER_ADVERTISE")]
-    advertise: Option<String>,
+    pub(crate) advertise: Option<String>,
     /// Raft log, hard state and snapshots (a RocksDB under DIR/raft).
     #[arg(long, env = "IRONSAN_MANAGER_DATA_DIR")]
-    data_dir: Option<PathBuf>,
+    pub(crate) data_dir: Option<PathBuf>,
     /// Another member of the group, ID=HOST:PORT. Repeat for each; omit for a 1-member group.
     #[arg(long = "peer", value_parser = parse_peer, env = "IRONSAN_MANAGER_PEERS", value_delimiter = ',')]
-    peers: Vec<(u64, String)>,
+    pub(crate) peers: Vec<(u64, String)>,
     /// Join an existing group (after `add-member`) instead of bootstrapping a new one.
     #[arg(long)]
-    join: bool,
+    pub(crate) join: bool,
     /// Serve Prometheus metrics on /metrics and /healthz at this address.
     #[arg(long, env = "IRONSAN_METRICS")]
-    metrics: Option<SocketAddr>,
+    pub(crate) metrics: Option<SocketAddr>,
     /// A storage node silent this long is declared Down (e.g. 10s).
     #[arg(long, value_parser = parse_duration, default_value = "10s")]
-    node_timeout: Duration,
+    pub(crate) node_timeout: Duration,
     /// A Down node's chunks get new replicas after this long (e.g. 30s).
     #[arg(long, value_parser = parse_duration, default_value = "30s")]
-    recovery_grace: Duration,
+    pub(crate) recovery_grace: Duration,
     /// Heartbeat interval asked of storage daemons.
     #[arg(long, value_parser = parse_duration, default_value = "1s")]
-    heartbeat_interval: Duration,
+    pub(crate) heartbeat_interval: Duration,
     /// Raft tick: elections time out after 10 to 20 ticks.
     #[arg(long, value_parser = parse_duration, default_value = "100ms")]
-    raft_tick: Duration,
+    pub(crate) raft_tick: Duration,
     /// Snapshot the state and compact the Raft log every this many entries. The log keeps a
     /// tail of at most this many entries (and at most 1000) behind the snapshot for lagging
     /// followers; one further behind is sent the snapshot.
     #[arg(long, default_value_t = 5000)]
-    snapshot_every: u64,
+    pub(crate) snapshot_every: u64,
     /// Manager to send a member command to (with a subcommand).
     #[arg(
         long,
@@ -112,6 +112,16 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 }
 
 pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
+    let stop = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(crate::dev::wait_for_signal(stop.clone()));
+    serve(args, stop).await
+}
+
+/// Runs one member until `stop` (`ironsan dev` runs its members in one process).
+pub async fn serve(
+    args: DaemonArgs,
+    stop: tokio_util::sync::CancellationToken,
+) -> anyhow::Result<()> {
     let a = args;
     let id = a.id.context("--id is required to run a manager member")?;
     let data_dir = a
@@ -156,8 +166,7 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
     };
     let server = Server::start(cfg).await?;
     tracing::info!(addr = %server.addr, "manager listening");
-    let stop = tokio_util::sync::CancellationToken::new();
-    crate::dev::wait_for_signal(stop).await;
+    stop.cancelled().await;
     server.shutdown().await;
     Ok(())
 }

@@ -26,43 +26,43 @@ pub struct StorageArgs {
         env = "IRONSAN_DATA_DIRS",
         value_delimiter = ','
     )]
-    data_dirs: Vec<PathBuf>,
+    pub(crate) data_dirs: Vec<PathBuf>,
     /// Data-path address (port 0 picks a free port; the ready line shows it).
     #[arg(long, env = "IRONSAN_STORAGE_LISTEN")]
-    listen: SocketAddr,
+    pub(crate) listen: SocketAddr,
     /// Manager members to register with, comma-separated HOST:PORT (none: run standalone).
     #[arg(long, env = "IRONSAN_MANAGER")]
-    manager: Option<String>,
+    pub(crate) manager: Option<String>,
     /// Data-path address announced to the manager, HOST:PORT (default: the listen address,
     /// with the bound port; required when listening on 0.0.0.0 or [::]).
     #[arg(long, env = "IRONSAN_STORAGE_ADVERTISE")]
-    advertise: Option<String>,
+    pub(crate) advertise: Option<String>,
     /// This node's id in the cluster (default: the hostname).
     #[arg(long, env = "IRONSAN_NODE_ID")]
-    node_id: Option<String>,
+    pub(crate) node_id: Option<String>,
     /// Failure domain (zone) of this node.
     #[arg(long, env = "IRONSAN_ZONE")]
-    zone: Option<String>,
+    pub(crate) zone: Option<String>,
     /// Serve Prometheus metrics on /metrics and /healthz at this address.
     #[arg(long, env = "IRONSAN_METRICS")]
-    metrics: Option<SocketAddr>,
+    pub(crate) metrics: Option<SocketAddr>,
     /// How chunk files are read and written: io_uring where the kernel allows it, or plain
     /// pread/pwrite.
     #[arg(long, value_enum, default_value = "auto", env = "IRONSAN_IO_ENGINE")]
-    io_engine: Engine,
+    pub(crate) io_engine: Engine,
     /// Background scrub rate per second (e.g. 32MiB; 0 disables scrubbing).
     #[arg(long, value_parser = parse_size, default_value = "32MiB", env = "IRONSAN_SCRUB_RATE")]
-    scrub_rate: u64,
+    pub(crate) scrub_rate: u64,
     /// Data-path connections served at once.
     #[arg(long, default_value_t = 1024)]
-    max_connections: usize,
+    pub(crate) max_connections: usize,
     /// Requests in flight per connection before the daemon stops reading from it.
     #[arg(long, default_value_t = 128)]
-    max_inflight: usize,
+    pub(crate) max_inflight: usize,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug)]
-enum Engine {
+pub(crate) enum Engine {
     Auto,
     Blocking,
 }
@@ -100,7 +100,7 @@ fn registration(args: &StorageArgs) -> anyhow::Result<Option<Registration>> {
     }))
 }
 
-fn hostname() -> anyhow::Result<String> {
+pub(crate) fn hostname() -> anyhow::Result<String> {
     let mut buf = [0u8; 256];
     // SAFETY: gethostname(2) writes at most `buf.len()` bytes into the buffer we own.
     let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
@@ -118,6 +118,13 @@ fn hostname() -> anyhow::Result<String> {
 }
 
 pub async fn run(args: StorageArgs) -> anyhow::Result<()> {
+    let shutdown = CancellationToken::new();
+    tokio::spawn(crate::dev::wait_for_signal(shutdown.clone()));
+    serve(args, shutdown).await
+}
+
+/// Runs the daemon until `shutdown` (`ironsan dev` runs several in one process).
+pub async fn serve(args: StorageArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
     // Flag mistakes fail before the store opens.
     let registration = registration(&args)?;
     for d in &args.data_dirs {
@@ -149,8 +156,6 @@ pub async fn run(args: StorageArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("bind data path {}", args.listen))?;
     let addr = listener.local_addr()?;
-    let shutdown = CancellationToken::new();
-    tokio::spawn(crate::dev::wait_for_signal(shutdown.clone()));
     let node = registration
         .as_ref()
         .map(|r| r.node_id.clone())

@@ -170,6 +170,22 @@ impl Gateway {
         Ok(target)
     }
 
+    /// Stops exporting volume `name` and ends its sessions.
+    pub fn remove_target(&self, name: &str) -> Option<Arc<Target>> {
+        let iqn = format!("{IQN_PREFIX}{name}").to_ascii_lowercase();
+        let t = self
+            .targets
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&iqn);
+        self.sessions.end_target(&iqn);
+        t
+    }
+
+    pub fn target_by_name(&self, name: &str) -> Option<Arc<Target>> {
+        self.target(&format!("{IQN_PREFIX}{name}"))
+    }
+
     /// Looks a target up by IQN (case-insensitive, as initiators vary).
     pub fn target(&self, iqn: &str) -> Option<Arc<Target>> {
         self.targets

@@ -254,7 +254,8 @@ impl Placer {
         if chunk_size == 0 {
             return Err(PlacementError::InvalidChunkSize);
         }
-        if !current.iter().any(|id| id == lost) {
+        // An empty `lost` asks for one more replica (a chunk short of its count).
+        if !lost.is_empty() && !current.iter().any(|id| id == lost) {
             return Err(PlacementError::LostNotInSet {
                 lost: lost.to_owned(),
                 current: current.to_vec(),

@@ -625,6 +625,16 @@ fn replace_works_in_a_degraded_cluster() {
 }
 
 #[test]
+fn replace_with_no_lost_node_adds_one_to_a_short_set() {
+    // A chunk that lost a replica to a write failure has two; the third goes to a new domain.
+    let nodes = zoned(&[("a", 2), ("b", 2), ("c", 2)], 1 << 40);
+    let mut placer = Placer::new(nodes, 3, 4).unwrap();
+    let current: Vec<String> = ["a0", "b0"].map(String::from).to_vec();
+    let new = placer.replace(&current, "", CHUNK).unwrap();
+    assert!(new.starts_with('c'), "{new}");
+}
+
+#[test]
 fn recovery_of_a_lost_node_spreads_and_keeps_zones() {
     let nodes = zoned(&[("a", 4), ("b", 4), ("c", 4)], 1 << 50);
     let zones = zone_of(&nodes);

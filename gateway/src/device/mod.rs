@@ -37,6 +37,12 @@ pub enum DeviceError {
     Flush(std::io::Error),
     #[error("device task failed: {0}")]
     Task(String),
+    /// No replica of the data can be reached (a clear error, never stale data).
+    #[error("no replica available: {0}")]
+    Unavailable(String),
+    /// This gateway cannot prove it holds the volume's lease (expired, detached, taken over).
+    #[error("not the volume's writer: {0}")]
+    Fenced(String),
 }
 
 /// An allocation extent reported by [`BlockDevice::allocation`].

@@ -145,6 +145,17 @@ impl Registry {
         }
     }
 
+    /// Ends every session logged in to `iqn` (the target is going away).
+    pub fn end_target(&self, iqn: &str) {
+        if let Ok(s) = self.sessions.lock() {
+            for sess in s.values() {
+                if sess.key.target.as_deref() == Some(iqn) {
+                    sess.cancel.cancel();
+                }
+            }
+        }
+    }
+
     pub fn count(&self) -> usize {
         self.sessions.lock().map(|s| s.len()).unwrap_or(0)
     }

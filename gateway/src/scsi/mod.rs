@@ -349,6 +349,8 @@ fn read_error(e: DeviceError) -> ScsiError {
     match e {
         DeviceError::OutOfRange { .. } => sense::LBA_OUT_OF_RANGE.into(),
         DeviceError::Task(_) => sense::INTERNAL_TARGET_FAILURE.into(),
+        DeviceError::Unavailable(_) => sense::NOT_READY_UNAVAILABLE.into(),
+        DeviceError::Fenced(_) => sense::NOT_READY_TRANSITION.into(),
         _ => sense::READ_ERROR.into(),
     }
 }
@@ -358,6 +360,8 @@ fn write_error(e: DeviceError) -> ScsiError {
     match e {
         DeviceError::OutOfRange { .. } => sense::LBA_OUT_OF_RANGE.into(),
         DeviceError::Task(_) => sense::INTERNAL_TARGET_FAILURE.into(),
+        DeviceError::Unavailable(_) => sense::NOT_READY_UNAVAILABLE.into(),
+        DeviceError::Fenced(_) => sense::NOT_READY_TRANSITION.into(),
         _ => sense::WRITE_ERROR.into(),
     }
 }

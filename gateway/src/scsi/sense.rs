@@ -79,6 +79,10 @@ pub const SAVING_PARAMETERS_NOT_SUPPORTED: Sense = Sense::new(key::ILLEGAL_REQUE
 pub const INSUFFICIENT_REGISTRATION_RESOURCES: Sense = Sense::new(key::ILLEGAL_REQUEST, 0x55, 0x04);
 pub const READ_ERROR: Sense = Sense::new(key::MEDIUM_ERROR, 0x11, 0x00);
 pub const WRITE_ERROR: Sense = Sense::new(key::MEDIUM_ERROR, 0x0c, 0x00);
+/// No replica reachable: the I/O fails plainly (an initiator must not retry into stale data).
+pub const NOT_READY_UNAVAILABLE: Sense = Sense::new(key::NOT_READY, 0x04, 0x00);
+/// The gateway lost the volume's lease: another gateway is taking over (retryable elsewhere).
+pub const NOT_READY_TRANSITION: Sense = Sense::new(key::NOT_READY, 0x04, 0x0a);
 pub const INTERNAL_TARGET_FAILURE: Sense = Sense::new(key::HARDWARE_ERROR, 0x44, 0x00);
 pub const MISCOMPARE_DURING_VERIFY: Sense = Sense::new(key::MISCOMPARE, 0x1d, 0x00);
 pub const NO_ADDITIONAL_SENSE: Sense = Sense::new(key::NO_SENSE, 0x00, 0x00);

@@ -1,0 +1,136 @@
+//! The gateway as a cluster member: it serves, as iSCSI targets, exactly the volumes the
+//! manager says are attached to it.
+//!
+//! Every `poll` it lists the volumes. One attached to this gateway and not yet served is
+//! opened ([`Volume::open`] attaches again, so the new writer epoch fences this gateway's own
+//! previous life) and exported; one served but no longer attached here (detached, or taken
+//! over by another gateway once the lease ran out) is closed and its target removed, ending
+//! its sessions. A volume whose lease was lost while still attached here (the manager was
+//! unreachable for longer than the lease) is reopened. Growth is picked up and announced to
+//! initiators as CAPACITY DATA HAS CHANGED.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ironsan_common::manager_client::ManagerClient;
+use ironsan_common::proto::manager::ListVolumesRequest;
+use ironsan_storage::client::{ClientConfig, Pool};
+use tokio_util::sync::CancellationToken;
+
+use crate::replica::{ReplicaConfig, Volume};
+use crate::target::Gateway;
+
+#[derive(Debug, Clone)]
+pub struct ClusterConfig {
+    pub replica: ReplicaConfig,
+    /// How often the attachments are listed.
+    pub poll: Duration,
+    /// Data-path client settings (timeouts decide how fast a dead replica is given up).
+    pub data_path: ClientConfig,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        ClusterConfig {
+            replica: ReplicaConfig::default(),
+            poll: Duration::from_secs(1),
+            data_path: ClientConfig {
+                connect_timeout: Duration::from_secs(1),
+                request_timeout: Duration::from_secs(4),
+                ..ClientConfig::default()
+            },
+        }
+    }
+}
+
+/// Serves the volumes attached to this gateway until `shutdown`.
+/// `ready` fires after the first pass, once every volume attached here at start is exported
+/// (or failed to open), so a caller can announce the portal without a race.
+pub async fn serve_attached(
+    gw: Arc<Gateway>,
+    mgr: ManagerClient,
+    cfg: ClusterConfig,
+    shutdown: CancellationToken,
+    mut ready: Option<tokio::sync::oneshot::Sender<()>>,
+) {
+    let pool = Arc::new(Pool::new(cfg.data_path.clone()));
+    let me = cfg.replica.gateway.clone();
+    let mut served: HashMap<String, Arc<Volume>> = HashMap::new();
+    loop {
+        match mgr.list_volumes(ListVolumesRequest {}).await {
+            Ok(list) => {
+                let mine: HashMap<&str, u64> = list
+                    .volumes
+                    .iter()
+                    .filter(|v| v.attachment.as_ref().is_some_and(|a| a.gateway == me))
+                    .map(|v| (v.name.as_str(), v.size))
+                    .collect();
+                served.retain(|name, vol| {
+                    if mine.contains_key(name.as_str()) && vol.is_serving() {
+                        return true;
+                    }
+                    let why = if mine.contains_key(name.as_str()) {
+                        "lease lost"
+                    } else {
+                        "no longer attached to this gateway"
+                    };
+                    tracing::info!(volume = %name, why, "stopping service of volume");
+                    vol.close(why);
+                    gw.remove_target(name);
+                    false
+                });
+                for (name, size) in mine {
+                    if let Some(vol) = served.get(name) {
+                        grow(&gw, vol, size).await;
+                        continue;
+                    }
+                    match Volume::open(mgr.clone(), pool.clone(), cfg.replica.clone(), name).await {
+                        Ok(vol) => match gw.add_target(name, vol.clone(), Vec::new()) {
+                            Ok(t) => {
+                                tracing::info!(volume = %name, iqn = %t.iqn, "target ready");
+                                served.insert(name.to_string(), vol);
+                            }
+                            Err(e) => {
+                                tracing::error!(volume = %name, error = %e, "cannot export volume");
+                                vol.close("cannot export");
+                            }
+                        },
+                        Err(e) => {
+                            tracing::warn!(volume = %name, error = %e, "cannot open volume; retrying")
+                        }
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot list volumes; serving on with the leases held")
+            }
+        }
+        metrics::gauge!("ironsan_gateway_volumes_served").set(served.len() as f64);
+        if let Some(tx) = ready.take() {
+            let _ = tx.send(());
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = tokio::time::sleep(cfg.poll) => {}
+        }
+    }
+    // The targets stay until the portal has drained its sessions (Gateway::serve flushes);
+    // the keepers stop renewing and the leases run out.
+    for vol in served.values() {
+        vol.stop_keeper();
+    }
+}
+
+async fn grow(gw: &Gateway, vol: &Volume, size: u64) {
+    match vol.resized(size).await {
+        Ok(true) => {
+            if let Some(t) = gw.target_by_name(&vol.name) {
+                t.lun.capacity_changed();
+            }
+            tracing::info!(volume = %vol.name, size, "volume grew");
+        }
+        Ok(false) => {}
+        Err(e) => tracing::warn!(volume = %vol.name, error = %e, "cannot load the grown chunk map"),
+    }
+}
