@@ -1,9 +1,16 @@
-//! `ironsan dev`: a gateway serving local sparse-file volumes from `--data-dir`.
+//! `ironsan dev`: a whole cluster in one process on loopback — manager member(s), storage
+//! daemons (one data dir each) and a gateway (node id `dev`) serving replicated volumes.
 //!
-//! Volumes live in `<data-dir>/volumes/<name>.img`. Every volume found there is served at
-//! start, so data and volumes survive restarts; `--volume NAME:SIZE` creates a volume or grows
-//! an existing one (never shrinks it). The data dir is locked so that two processes never
-//! serve the same files.
+//! Layout under `--data-dir`: `manager-N/`, `storage-N/`, and `cluster.json`, which records
+//! the managers' addresses at first start (a Raft group's member addresses cannot change
+//! under it). `--volume NAME:SIZE[:REPLICAS]` creates a volume (or grows it; never shrinks),
+//! and attaches it to the dev gateway; volumes attached to `dev` earlier are served again, so
+//! data and volumes survive restarts. `ironsan volume ...` works against the cluster.
+//! Shutdown stops the gateway first (drain, flush), then storage, then the managers.
+//!
+//! `--local` keeps the single-process gateway of sparse files
+//! (`<data-dir>/volumes/<name>.img`, no manager, no replication) for protocol work.
+//! The data dir is locked so that two processes never serve the same files.
 
 use std::fs::{self, File};
 use std::net::SocketAddr;
@@ -24,44 +31,79 @@ use tokio_util::sync::CancellationToken;
 pub struct DevArgs {
     /// Where volumes and state live.
     #[arg(long, default_value = "./ironsan-data", env = "IRONSAN_DATA_DIR")]
-    data_dir: PathBuf,
+    pub(crate) data_dir: PathBuf,
     /// iSCSI portal address (port 0 picks a free port; the ready line shows it).
     #[arg(long, default_value = "127.0.0.1:3260", env = "IRONSAN_PORTAL")]
-    portal: SocketAddr,
-    /// Volume to create or grow at start, as NAME:SIZE (e.g. vol1:1GiB). Repeatable.
+    pub(crate) portal: SocketAddr,
+    /// Volume to create or grow at start and serve, as NAME:SIZE[:REPLICAS] (e.g. vol1:1GiB;
+    /// replicas default to 3, or the number of storage daemons if fewer). Repeatable.
     #[arg(long = "volume", value_parser = parse_volume)]
-    volumes: Vec<VolumeSpec>,
+    pub(crate) volumes: Vec<VolumeSpec>,
+    /// Manager members (1, 3 or 5).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=5))]
+    pub(crate) managers: u64,
+    /// Storage daemons, each with its own data dir.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=16))]
+    pub(crate) storage: u64,
+    /// First manager port (members take the next ones); 0 picks free ports at first start.
+    /// Recorded in cluster.json: later starts reuse the recorded addresses.
+    #[arg(long, default_value_t = 7400)]
+    pub(crate) manager_port: u16,
+    /// First storage data-path port; 0 picks free ports.
+    #[arg(long, default_value_t = 7500)]
+    pub(crate) storage_port: u16,
+    /// A storage node silent this long is declared Down.
+    #[arg(long, value_parser = crate::manager::parse_duration, default_value = "5s")]
+    pub(crate) node_timeout: std::time::Duration,
+    /// A Down node's chunks are re-replicated after this long.
+    #[arg(long, value_parser = crate::manager::parse_duration, default_value = "10s")]
+    pub(crate) recovery_grace: std::time::Duration,
+    /// Serve sparse files from this process only: no manager, storage or replication.
+    #[arg(long)]
+    pub(crate) local: bool,
     /// Require one-way CHAP from initiators, as USER:SECRET (secret 12-255 bytes).
     #[arg(long, value_parser = parse_credentials, env = "IRONSAN_CHAP")]
-    chap: Option<Credentials>,
+    pub(crate) chap: Option<Credentials>,
     /// Credentials the target answers with when the initiator asks for mutual CHAP.
     #[arg(long, value_parser = parse_credentials, env = "IRONSAN_MUTUAL_CHAP")]
-    mutual_chap: Option<Credentials>,
+    pub(crate) mutual_chap: Option<Credentials>,
     /// Serve Prometheus metrics on /metrics and /healthz at this address.
     #[arg(long)]
-    metrics: Option<SocketAddr>,
+    pub(crate) metrics: Option<SocketAddr>,
     /// How volume files are read and written: io_uring (falling back to the blocking pool
     /// where the kernel refuses it) or the blocking pool.
     #[arg(long, value_enum, default_value = "auto", env = "IRONSAN_IO_ENGINE")]
-    io_engine: IoEngine,
+    pub(crate) io_engine: IoEngine,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug)]
-enum IoEngine {
+pub(crate) enum IoEngine {
     Auto,
     Blocking,
 }
 
 #[derive(Debug, Clone)]
-struct VolumeSpec {
-    name: String,
-    size: u64,
+pub(crate) struct VolumeSpec {
+    pub(crate) name: String,
+    pub(crate) size: u64,
+    pub(crate) replicas: Option<u32>,
 }
 
 fn parse_volume(s: &str) -> Result<VolumeSpec, String> {
-    let (name, size) = s
+    let (name, rest) = s
         .split_once(':')
-        .ok_or_else(|| format!("expected NAME:SIZE, got {s:?}"))?;
+        .ok_or_else(|| format!("expected NAME:SIZE[:REPLICAS], got {s:?}"))?;
+    let (size, replicas) = match rest.split_once(':') {
+        Some((size, r)) => {
+            let r: u32 = r
+                .parse()
+                .ok()
+                .filter(|r| (1..=5).contains(r))
+                .ok_or_else(|| format!("replicas must be 1 to 5, got {r:?}"))?;
+            (size, Some(r))
+        }
+        None => (rest, None),
+    };
     target::check_volume_name(name).map_err(|e| e.to_string())?;
     let size = parse_size(size).map_err(|e| e.to_string())?;
     if size == 0 || size % PHYSICAL_BLOCK != 0 {
@@ -72,6 +114,7 @@ fn parse_volume(s: &str) -> Result<VolumeSpec, String> {
     Ok(VolumeSpec {
         name: name.to_string(),
         size,
+        replicas,
     })
 }
 
@@ -84,9 +127,9 @@ pub(crate) fn parse_credentials(s: &str) -> Result<Credentials, String> {
 }
 
 /// Holds an exclusive `flock` on the data dir for the life of the process.
-struct DirLock(#[allow(dead_code)] File);
+pub(crate) struct DirLock(#[allow(dead_code)] File);
 
-fn lock_dir(dir: &Path) -> anyhow::Result<DirLock> {
+pub(crate) fn lock_dir(dir: &Path) -> anyhow::Result<DirLock> {
     let f = File::create(dir.join("LOCK")).context("create lock file")?;
     // SAFETY: flock on a valid fd we own; no memory is shared with the kernel.
     let rc = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
@@ -97,6 +140,14 @@ fn lock_dir(dir: &Path) -> anyhow::Result<DirLock> {
 }
 
 pub async fn run(args: DevArgs) -> anyhow::Result<()> {
+    if args.local {
+        run_local(args).await
+    } else {
+        crate::dev_cluster::run(args).await
+    }
+}
+
+async fn run_local(args: DevArgs) -> anyhow::Result<()> {
     let vol_dir = args.data_dir.join("volumes");
     fs::create_dir_all(&vol_dir).with_context(|| format!("create {}", vol_dir.display()))?;
     let _lock = lock_dir(&args.data_dir)?;
@@ -122,6 +173,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
             wanted.push(VolumeSpec {
                 name: name.to_string(),
                 size: 0,
+                replicas: None,
             });
         }
     }

@@ -4,6 +4,7 @@ mod admin;
 mod bench;
 mod bench_manager;
 mod dev;
+mod dev_cluster;
 mod gateway;
 mod manager;
 mod storage;

@@ -191,7 +191,9 @@ impl Server {
             .arg("--data-dir")
             .arg(data_dir)
             .arg("--portal")
-            .arg("127.0.0.1:0");
+            .arg("127.0.0.1:0")
+            // Free ports for the cluster's managers and storage daemons: tests run in parallel.
+            .args(["--manager-port", "0", "--storage-port", "0"]);
         for (name, size) in &config.volumes {
             cmd.arg("--volume").arg(format!("{name}:{size}"));
         }

@@ -40,6 +40,8 @@ pub struct Chunk {
     /// False until the replicas were reconciled under this gateway's writer epoch, and again
     /// after a write whose outcome differs between replicas.
     ready: AtomicBool,
+    /// Written since the last flush (a flush only needs to reach these chunks' replicas).
+    written: AtomicBool,
     /// Held while reconciling, so one task does it and the others wait for it.
     pub sync: tokio::sync::Mutex<()>,
     pub locks: RangeLocks,
@@ -52,6 +54,7 @@ impl Chunk {
             view: Mutex::new(view),
             next_seq: AtomicU64::new(1),
             ready: AtomicBool::new(false),
+            written: AtomicBool::new(false),
             sync: tokio::sync::Mutex::new(()),
             locks: RangeLocks::default(),
         }
@@ -76,6 +79,15 @@ impl Chunk {
     /// Makes the next sequence number at least `seq`.
     pub fn seq_at_least(&self, seq: u64) {
         self.next_seq.fetch_max(seq, Ordering::AcqRel);
+    }
+
+    pub fn mark_written(&self) {
+        self.written.store(true, Ordering::Release);
+    }
+
+    /// Whether the chunk was written since the last call (the flag is cleared).
+    pub fn take_written(&self) -> bool {
+        self.written.swap(false, Ordering::AcqRel)
     }
 
     pub fn is_ready(&self) -> bool {

@@ -53,6 +53,8 @@ const MAX_PIECE: u64 = 4 << 20;
 /// Writes in flight per volume. Bounds how far behind a replica's log can be on a write that
 /// never reached it, which is what the convergence window relies on.
 pub const MAX_WRITES: usize = 256;
+/// Chunk copies of one volume running at once.
+const REBUILDS: usize = 4;
 
 #[derive(Debug, Clone)]
 pub struct ReplicaConfig {
@@ -101,6 +103,8 @@ pub struct Volume {
     writes: Semaphore,
     /// Recovery tasks being copied, by task id.
     rebuilding: Mutex<HashSet<u64>>,
+    /// Copies run at once; the others queue, so a node failure does not start hundreds.
+    rebuild_slots: Semaphore,
     stop: CancellationToken,
 }
 
@@ -162,6 +166,7 @@ impl Volume {
             latency: Mutex::new(HashMap::new()),
             writes: Semaphore::new(MAX_WRITES),
             rebuilding: Mutex::new(HashSet::new()),
+            rebuild_slots: Semaphore::new(REBUILDS),
             stop: CancellationToken::new(),
         });
         vol.lease
@@ -450,6 +455,7 @@ impl Volume {
             let epoch = self.epoch_for(&view)?;
             let seq = c.next_seq();
             let id = self.cid(c);
+            c.mark_written();
             let outcomes: Vec<Outcome> = join_all(view.write_targets().map(|node| {
                 let node = node.clone();
                 let op = &op;
@@ -561,7 +567,7 @@ impl Volume {
     async fn read_piece(&self, c: &Chunk, off: u64, len: u64) -> Result<Bytes, DeviceError> {
         self.ready(c).await?;
         let id = self.cid(c);
-        for _ in 0..3 {
+        for attempt in 0..3 {
             let view = c.view();
             let epoch = self.epoch_for(&view)?;
             let mut bad = Vec::new();
@@ -603,6 +609,11 @@ impl Volume {
             }
             if !bad.is_empty() {
                 errors.push(format!("checksum mismatch on {}", bad.join(", ")));
+            }
+            if attempt == 0 {
+                // Nodes may have moved (a restarted daemon on a new port): look again.
+                self.refresh(c).await?;
+                continue;
             }
             return Err(unavailable(errors.join("; ")));
         }
@@ -690,20 +701,22 @@ impl Volume {
         parts.into_iter().collect()
     }
 
-    /// Flushes every chunk on every replica of its set (storage's flush of a chunk makes all
-    /// its acknowledged writes durable). A replica that cannot flush is failed like a write.
+    /// Makes every write acknowledged so far durable on every replica: one `all` flush per
+    /// node holding a chunk written since the last flush. A replica that cannot flush is
+    /// failed like one that cannot write.
     async fn do_flush(&self) -> Result<(), DeviceError> {
         self.lease.check()?;
-        let chunks = self.chunk_list();
-        let mut by_node: HashMap<String, Vec<ChunkId>> = HashMap::new();
-        for c in chunks.iter() {
-            for n in c.view().write_targets() {
-                by_node.entry(n.clone()).or_default().push(self.cid(c));
-            }
-        }
-        // One flush of everything per node: cheaper than one per chunk, and storage's
-        // `all` flush covers exactly what was acknowledged before it.
-        let outcomes: Vec<Outcome> = join_all(by_node.keys().map(|node| async move {
+        let written: Vec<Arc<Chunk>> = self
+            .chunk_list()
+            .iter()
+            .filter(|c| c.take_written())
+            .cloned()
+            .collect();
+        let nodes: HashSet<String> = written
+            .iter()
+            .flat_map(|c| c.view().write_targets().cloned().collect::<Vec<_>>())
+            .collect();
+        let outcomes: Vec<Outcome> = join_all(nodes.iter().map(|node| async move {
             let r = match self.client(node).await {
                 Ok(client) => client.flush(None).await,
                 Err(e) => Err(e),
@@ -711,26 +724,22 @@ impl Volume {
             (node.clone(), r)
         }))
         .await;
-        let failed: HashSet<&str> = outcomes
+        let failed: HashMap<&str, &StorageError> = outcomes
             .iter()
-            .filter(|(_, r)| r.is_err())
-            .map(|(n, _)| n.as_str())
+            .filter_map(|(n, r)| r.as_ref().err().map(|e| (n.as_str(), e)))
             .collect();
         if failed.is_empty() {
             return Ok(());
         }
-        for c in chunks.iter() {
+        for c in &written {
+            c.mark_written();
             let view = c.view();
             let mine: Vec<Outcome> = view
                 .replicas
                 .iter()
-                .map(|n| {
-                    let r = if failed.contains(n.as_str()) {
-                        Err(StorageError::Disconnected { addr: n.clone() })
-                    } else {
-                        Ok(())
-                    };
-                    (n.clone(), r)
+                .map(|n| match failed.get(n.as_str()) {
+                    Some(e) => (n.clone(), Err(sync::clone_err(e))),
+                    None => (n.clone(), Ok(())),
                 })
                 .collect();
             if !self.settle(c, &view, &mine).await? {

@@ -68,7 +68,7 @@ impl Volume {
 
     /// Makes every replica of the chunk's set hold the same data (module docs).
     pub(super) async fn reconcile(&self, c: &Chunk) -> Result<(), DeviceError> {
-        for _ in 0..4 {
+        for round in 0..4 {
             let view = c.view();
             if view.replicas.is_empty() {
                 return Err(unavailable(format!("chunk {} has no replicas", c.index)));
@@ -102,6 +102,11 @@ impl Volume {
                 return Err(unavailable(format!("replica {n}: {e}")));
             }
             if !failed.is_empty() {
+                if existing.is_empty() && round == 0 {
+                    // Nodes may have moved (a restarted daemon on a new port): look again.
+                    self.refresh(c).await?;
+                    continue;
+                }
                 if existing.is_empty() {
                     // Every replica that answered is empty and the others are out of reach:
                     // serving the empty ones could return zeroes for acknowledged data.
@@ -310,7 +315,9 @@ impl Volume {
             let me = self.clone();
             tokio::spawn(async move {
                 let id = t.id;
-                me.run_task(t).await;
+                if let Ok(_slot) = me.rebuild_slots.acquire().await {
+                    me.run_task(t).await;
+                }
                 me.rebuilding
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
@@ -451,7 +458,7 @@ impl Volume {
 }
 
 /// Storage errors are not `Clone`; a failure is re-created for reporting with its text.
-fn clone_err(e: &StorageError) -> StorageError {
+pub(super) fn clone_err(e: &StorageError) -> StorageError {
     StorageError::Io {
         dir: String::new(),
         source: std::io::Error::other(e.to_string()),
