@@ -239,7 +239,23 @@ impl Health {
             if lost.is_none() && !short {
                 continue;
             }
-            let lost = lost.unwrap_or_default();
+            // A chunk short of a replica because a write failed there: the node that failed
+            // is replaced, not chosen again while it may still be failing.
+            let mut current = c.replicas.clone();
+            let lost = match lost {
+                Some(l) => l,
+                None => match state
+                    .orphan_holders(c.volume_id, c.index)
+                    .into_iter()
+                    .next()
+                {
+                    Some(h) => {
+                        current.push(h.clone());
+                        h
+                    }
+                    None => String::new(),
+                },
+            };
             let placer = match placers.entry(replicas) {
                 std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
                 std::collections::hash_map::Entry::Vacant(v) => {
@@ -252,7 +268,7 @@ impl Health {
                     }
                 }
             };
-            match placer.replace(&c.replicas, &lost, chunk_size) {
+            match placer.replace(&current, &lost, chunk_size) {
                 Ok(target) => tasks.push(RecoveryTask {
                     id: 0,
                     volume_id: c.volume_id,
@@ -269,5 +285,89 @@ impl Health {
             }
         }
         tasks
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ironsan_common::proto::manager::{
+        apply_result, Command, CreateVolumeCmd, RegisterNodeRequest, RemoveReplicaCmd, ReplicaSet,
+    };
+
+    fn apply(state: &mut State, op: Op) {
+        let r = state.apply(&Command {
+            now_ms: 1,
+            op: Some(op),
+        });
+        assert!(
+            !matches!(r.result, Some(apply_result::Result::Error(_))),
+            "{r:?}"
+        );
+    }
+
+    fn disk() -> Disk {
+        Disk {
+            path: "d".into(),
+            state: DiskState::DiskHealthy as i32,
+            capacity: 1 << 40,
+            free: 1 << 40,
+        }
+    }
+
+    #[test]
+    fn a_chunk_short_after_a_failed_write_is_not_given_back_to_the_failed_node() {
+        let mut state = State::new();
+        for n in ["n1", "n2", "n3", "n4"] {
+            apply(
+                &mut state,
+                Op::RegisterNode(RegisterNodeRequest {
+                    id: n.into(),
+                    addr: "127.0.0.1:1".into(),
+                    zone: String::new(),
+                    disks: vec![disk()],
+                }),
+            );
+        }
+        apply(
+            &mut state,
+            Op::CreateVolume(CreateVolumeCmd {
+                name: "v".into(),
+                size: 64 << 20,
+                replicas: 3,
+                chunk_size: 64 << 20,
+                placement: vec![ReplicaSet {
+                    nodes: vec!["n1".into(), "n2".into(), "n3".into()],
+                }],
+            }),
+        );
+        // A gateway's write to n3 failed: the manager committed its removal.
+        apply(
+            &mut state,
+            Op::RemoveReplica(RemoveReplicaCmd {
+                volume_id: 1,
+                index: 0,
+                node_id: "n3".into(),
+                writer_epoch: 0,
+            }),
+        );
+        let health = Health::default();
+        health.set_leader(true);
+        let cfg = HealthConfig::default();
+        for n in ["n1", "n2", "n3", "n4"] {
+            let hb = HeartbeatRequest {
+                id: n.into(),
+                disks: vec![disk()],
+                dropped: Vec::new(),
+            };
+            health.heartbeat(&state, &hb, &cfg).expect("heartbeat");
+        }
+        let ops = health.plan(&state, &cfg);
+        let Some(Op::CreateTasks(c)) = ops.first() else {
+            panic!("expected a recovery task, got {ops:?}");
+        };
+        assert_eq!(c.tasks.len(), 1);
+        assert_eq!(c.tasks[0].target, "n4", "n3 just failed a write");
+        assert_eq!(c.tasks[0].lost, "n3");
     }
 }

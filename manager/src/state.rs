@@ -291,6 +291,16 @@ impl State {
         self.volumes.get(&id).map(|v| (v.replicas, v.chunk_size))
     }
 
+    /// Nodes a chunk was removed from that have not yet dropped their copy (for a chunk that
+    /// lost a replica to a failed write, the node that failed).
+    pub fn orphan_holders(&self, volume: u64, index: u64) -> Vec<String> {
+        self.orphans
+            .iter()
+            .filter(|(_, m)| m.contains_key(&(volume, index)))
+            .map(|(n, _)| n.clone())
+            .collect()
+    }
+
     pub fn orphans_of(&self, node: &str) -> Vec<Chunk> {
         Self::listed(self.orphans.get(node))
     }

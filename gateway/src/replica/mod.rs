@@ -440,16 +440,13 @@ impl Volume {
             .acquire()
             .await
             .map_err(|_| DeviceError::Task("volume closed".into()))?;
-        self.ready(c).await?;
-        let _range = c.locks.lock(start, end).await;
         for _ in 0..4 {
-            // The chunk may have been found inconsistent while this write waited.
+            self.ready(c).await?;
+            let _range = c.locks.lock(start, end).await;
+            // Found inconsistent while this write waited: reconcile (which needs the whole
+            // chunk, so this range is released first), then try again.
             if !c.is_ready() {
-                let _g = c.sync.lock().await;
-                if !c.is_ready() {
-                    self.reconcile(c).await?;
-                    c.set_ready(true);
-                }
+                continue;
             }
             let view = c.view();
             let epoch = self.epoch_for(&view)?;

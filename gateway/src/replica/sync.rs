@@ -57,6 +57,10 @@ impl Volume {
         let client = self.client(node).await?;
         match client.read(id, 0, 512, epoch).await {
             Ok(out) => Ok(Probe::Existing(out.version)),
+            // A bad first block is a repairable fault, not a lost replica.
+            Err(StorageError::Checksum { .. }) => {
+                Ok(Probe::Existing(client.info(id).await?.version))
+            }
             Err(StorageError::NotFound(_)) => match client.create(id, self.chunk_size, epoch).await
             {
                 Ok(_) | Err(StorageError::Exists(_)) => Ok(Probe::Created),
@@ -68,6 +72,9 @@ impl Volume {
 
     /// Makes every replica of the chunk's set hold the same data (module docs).
     pub(super) async fn reconcile(&self, c: &Chunk) -> Result<(), DeviceError> {
+        // No write may be in flight on the chunk while ranges are compared and copied: one
+        // landing after its range was copied would leave the replicas different.
+        let _all = c.locks.lock(0, self.chunk_size).await;
         for round in 0..4 {
             let view = c.view();
             if view.replicas.is_empty() {
