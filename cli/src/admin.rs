@@ -644,7 +644,22 @@ fn status_json(s: &pb::ClusterStatus) -> Value {
         "chunks": s.chunks,
         "degraded_chunks": s.degraded_chunks,
         "recovery_tasks": s.recovery_tasks,
+        "recovery_bytes_copied": s.recovery_bytes_copied,
+        "recovery_bytes_total": s.recovery_bytes_total,
     })
+}
+
+fn recovery_text(s: &pb::ClusterStatus) -> String {
+    if s.recovery_tasks == 0 {
+        return "0".into();
+    }
+    let pct = 100.0 * s.recovery_bytes_copied as f64 / s.recovery_bytes_total.max(1) as f64;
+    format!(
+        "{} ({} of {} copied, {pct:.0}%)",
+        s.recovery_tasks,
+        human(s.recovery_bytes_copied),
+        human(s.recovery_bytes_total)
+    )
 }
 
 fn status_text(s: &pb::ClusterStatus) -> String {
@@ -675,7 +690,7 @@ fn status_text(s: &pb::ClusterStatus) -> String {
             "Chunks",
             format!("{} ({} degraded)", s.chunks, s.degraded_chunks),
         ),
-        ("Recovery tasks", s.recovery_tasks.to_string()),
+        ("Recovery tasks", recovery_text(s)),
     ]);
     out.push('\n');
     out.push_str(&members_table(&s.members));

@@ -338,6 +338,7 @@ rpcs! {
     drain_node(pb::DrainNodeRequest) -> pb::Node;
     list_tasks(pb::ListTasksRequest) -> pb::ListTasksResponse;
     complete_task(pb::CompleteTaskRequest) -> pb::CompleteTaskResponse;
+    task_progress(pb::TaskProgressRequest) -> pb::TaskProgressResponse;
     status(pb::StatusRequest) -> pb::ClusterStatus;
     add_member(pb::AddMemberRequest) -> pb::MembershipResponse;
     remove_member(pb::RemoveMemberRequest) -> pb::MembershipResponse;
@@ -444,6 +445,7 @@ mod tests {
             drain_node(pb::DrainNodeRequest) -> pb::Node;
             list_tasks(pb::ListTasksRequest) -> pb::ListTasksResponse;
             complete_task(pb::CompleteTaskRequest) -> pb::CompleteTaskResponse;
+            task_progress(pb::TaskProgressRequest) -> pb::TaskProgressResponse;
             add_member(pb::AddMemberRequest) -> pb::MembershipResponse;
             remove_member(pb::RemoveMemberRequest) -> pb::MembershipResponse;
             transfer_leader(pb::TransferLeaderRequest) -> pb::ClusterStatus;

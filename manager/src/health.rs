@@ -63,6 +63,8 @@ pub struct Health {
     down_since: Mutex<HashMap<String, Instant>>,
     /// When this member last became leader (None while follower).
     leader_since: Mutex<Option<Instant>>,
+    /// Bytes copied per recovery task, as the gateways report them.
+    progress: Mutex<HashMap<u64, u64>>,
 }
 
 impl Health {
@@ -85,6 +87,18 @@ impl Health {
             (false, true) => *since = None,
             _ => {}
         }
+    }
+
+    /// Records how far a recovery copy has come (soft state, like heartbeats).
+    pub fn task_progress(&self, id: u64, copied: u64) {
+        Self::lock(&self.progress).insert(id, copied);
+    }
+
+    /// Bytes copied per task, for the tasks still in `state` (finished ones are forgotten).
+    pub fn progress(&self, state: &State) -> HashMap<u64, u64> {
+        let mut p = Self::lock(&self.progress);
+        p.retain(|id, _| state.tasks().any(|t| t.id == *id));
+        p.clone()
     }
 
     /// Records a heartbeat and builds the answer; the caller commits what `follow_up` returns.

@@ -278,6 +278,11 @@ impl Service {
             chunks: st.chunk_count() as u64,
             degraded_chunks: degraded,
             recovery_tasks: st.tasks().count() as u64,
+            recovery_bytes_copied: self.inner.health.progress(&st).values().sum(),
+            recovery_bytes_total: st
+                .tasks()
+                .filter_map(|t| st.volume_replicas(t.volume_id).map(|(_, size)| size))
+                .sum(),
             snapshot_index: s.snapshot_index,
             members_seen: st.members_seen().iter().copied().collect(),
         }
@@ -521,8 +526,32 @@ impl manager_server::Manager for Service {
         _: Request<pb::ListTasksRequest>,
     ) -> Result<Response<pb::ListTasksResponse>, Status> {
         self.read().await?;
-        let tasks = self.node().state().tasks().cloned().collect();
+        let st = self.node().state();
+        let progress = self.inner.health.progress(&st);
+        let tasks = st
+            .tasks()
+            .map(|t| match progress.get(&t.id) {
+                Some(&copied) => pb::RecoveryTask {
+                    copied_bytes: copied,
+                    state: pb::TaskState::TaskRunning as i32,
+                    ..t.clone()
+                },
+                None => t.clone(),
+            })
+            .collect();
         Ok(Response::new(pb::ListTasksResponse { tasks }))
+    }
+
+    async fn task_progress(
+        &self,
+        req: Request<pb::TaskProgressRequest>,
+    ) -> Result<Response<pb::TaskProgressResponse>, Status> {
+        if !self.is_leader() {
+            return self.leader()?.task_progress(req.into_inner()).await;
+        }
+        let r = req.into_inner();
+        self.inner.health.task_progress(r.id, r.copied_bytes);
+        Ok(Response::new(pb::TaskProgressResponse {}))
     }
 
     async fn complete_task(

@@ -23,7 +23,9 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use futures::future::join_all;
-use ironsan_common::proto::manager::{CompleteTaskRequest, ListTasksRequest, RecoveryTask};
+use ironsan_common::proto::manager::{
+    CompleteTaskRequest, ListTasksRequest, RecoveryTask, TaskProgressRequest,
+};
 use ironsan_storage::chunk::WrittenRange;
 use ironsan_storage::{Error as StorageError, WriteOpts};
 
@@ -36,6 +38,8 @@ use crate::device::DeviceError;
 const WINDOW: u64 = 2 * MAX_WRITES as u64;
 /// Copy piece for reconcile and rebuild.
 const COPY_PIECE: u64 = 1 << 20;
+/// Pieces between two progress reports of a rebuild.
+const PROGRESS_EVERY: u64 = 8;
 
 /// What probing one replica found.
 enum Probe {
@@ -436,6 +440,16 @@ impl Volume {
                     .increment(n);
             }
             off += n;
+            if (off / COPY_PIECE).is_multiple_of(PROGRESS_EVERY) {
+                // Progress is informational: a failed report does not stop the copy.
+                let _ = self
+                    .mgr
+                    .task_progress(TaskProgressRequest {
+                        id: t.id,
+                        copied_bytes: off,
+                    })
+                    .await;
+            }
         }
         target.flush(Some(id)).await.map_err(read_err)?;
         Ok(Some(copied))
