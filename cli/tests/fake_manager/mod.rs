@@ -363,6 +363,15 @@ impl Manager for Svc {
         })
     }
 
+    async fn task_progress(
+        &self,
+        req: Request<pb::TaskProgressRequest>,
+    ) -> Answer<pb::TaskProgressResponse> {
+        self.handle("task_progress", req, |_, _| {
+            Err(Status::unimplemented("task_progress"))
+        })
+    }
+
     async fn complete_task(
         &self,
         req: Request<pb::CompleteTaskRequest>,
