@@ -326,6 +326,8 @@ fn node_and_status_commands() {
             chunks: 480,
             degraded_chunks: 160,
             recovery_tasks: 12,
+            recovery_bytes_copied: 192 << 20,
+            recovery_bytes_total: 768 << 20,
             snapshot_index: 1000,
             members_seen: vec![1, 2],
         };
@@ -405,7 +407,7 @@ fn node_and_status_commands() {
     assert_eq!(line("Raft log"), "commit 1200, applied 1199, snapshot 1000");
     assert_eq!(line("Nodes"), "1 up, 1 down, 0 draining");
     assert_eq!(line("Chunks"), "480 (160 degraded)");
-    assert_eq!(line("Recovery tasks"), "12");
+    assert_eq!(line("Recovery tasks"), "12 (192MiB of 768MiB copied, 25%)");
     let members: Vec<Vec<String>> = rows(&text)
         .into_iter()
         .skip_while(|r| r.first().map(String::as_str) != Some("MEMBER"))
@@ -428,6 +430,8 @@ fn node_and_status_commands() {
     assert_eq!(st["nodes_down"], 1);
     assert_eq!(st["degraded_chunks"], 160);
     assert_eq!(st["recovery_tasks"], 12);
+    assert_eq!(st["recovery_bytes_copied"], 192u64 << 20);
+    assert_eq!(st["recovery_bytes_total"], 768u64 << 20);
     assert_eq!(st["members"][0]["leader"], true);
     assert_eq!(st["members"][1]["matched"], 1199);
 }
