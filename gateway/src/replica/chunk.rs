@@ -3,7 +3,7 @@
 //! reconciled since this gateway took the volume.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use tokio::sync::Notify;
 
@@ -34,7 +34,8 @@ impl View {
 
 pub struct Chunk {
     pub index: u32,
-    view: Mutex<View>,
+    /// Shared, so that an I/O takes a reference rather than copying the node list.
+    view: Mutex<Arc<View>>,
     /// Sequence number the next write takes (replicas order their write logs by it).
     next_seq: AtomicU64,
     /// False until the replicas were reconciled under this gateway's writer epoch, and again
@@ -51,7 +52,7 @@ impl Chunk {
     pub fn new(index: u32, view: View) -> Self {
         Chunk {
             index,
-            view: Mutex::new(view),
+            view: Mutex::new(Arc::new(view)),
             next_seq: AtomicU64::new(1),
             ready: AtomicBool::new(false),
             written: AtomicBool::new(false),
@@ -60,7 +61,7 @@ impl Chunk {
         }
     }
 
-    pub fn view(&self) -> View {
+    pub fn view(&self) -> Arc<View> {
         self.view.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
@@ -68,7 +69,7 @@ impl Chunk {
     pub fn set_view(&self, v: View) {
         let mut cur = self.view.lock().unwrap_or_else(|p| p.into_inner());
         if v.epoch >= cur.epoch {
-            *cur = v;
+            *cur = Arc::new(v);
         }
     }
 
