@@ -1,21 +1,28 @@
 #!/bin/sh
 # /init of the IronSAN test guest (busybox sh inside qemu). Logs the Linux
 # kernel initiator (open-iscsi + iscsi_tcp) into an IronSAN target on the host
-# and checks that a filesystem survives logout/login. Parameters come from
-# /etc/ivm.conf, which run.sh adds to the initramfs for each run.
+# and checks that a filesystem survives logout/login (SCENARIO=basic), or
+# writes and fsyncs files for WRITE_SECS seconds while the host kills a storage
+# daemon, then checks the filesystem and every file (SCENARIO=storage-kill).
+# Parameters come from /etc/ivm.conf, which run.sh adds to the initramfs for
+# each run.
 #
 # Results go to ttyS1 (nothing else writes there) as "IVM PASS name",
 # "IVM FAIL name", "IVM INFO text" and finally "IVM DONE passed=N failed=N".
-# Each step's full output goes to the console (ttyS0) as "  | " lines.
+# Each step's full output goes to the console (ttyS0) as "  | " lines; the
+# storage-kill writers also print one "IVM-PROG" line per file written there,
+# as it happens (the host counts them to see writes go on after the kill).
 export PATH=/usr/sbin:/usr/bin:/sbin:/bin
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
 exec </dev/console >/dev/console 2>&1
+exec 8>/dev/console
 mount -t tmpfs tmpfs /run
 mkdir -p /run/lock/iscsi /mnt/t /etc/iscsi/nodes /etc/iscsi/send_targets /etc/iscsi/ifaces
 
-# PORT IQN HOST CHAP_USER CHAP_SECRET MUTUAL_USER MUTUAL_SECRET FILEMB
+# PORT IQN HOST CHAP_USER CHAP_SECRET MUTUAL_USER MUTUAL_SECRET FILEMB SCENARIO WRITE_SECS
+SCENARIO=basic WRITE_SECS=25
 . /etc/ivm.conf
 PORTAL=$HOST:$PORT
 
@@ -172,9 +179,91 @@ drop_caches() { sync; echo 3 > /proc/sys/vm/drop_caches; }
 
 klog_clean() {
   echo "(no expected kernel messages)" >> /tmp/klog.expected   # never empty: busybox grep -f
-  dmesg | grep -vxF -f /tmp/klog.expected | grep -E 'conn error|I/O error|Buffer I/O|EXT4-fs (error|warning)|[Aa]bort|(LU|[Tt]arget|[Hh]ost|[Bb]us) [Rr]eset|Sense Key|hostbyte=|timing out|WARNING:|BUG:|Call Trace' \
+  dmesg | grep -vxF -f /tmp/klog.expected | grep -E 'conn error|I/O error|Buffer I/O|EXT4-fs (error|warning)|[Aa]bort|(LU|[Tt]arget|[Hh]ost|[Bb]us) [Rr]eset|Sense Key|hostbyte=|timing out|blocked for more than|WARNING:|BUG:|Call Trace' \
     && return 1
   echo "no iSCSI/SCSI/ext4 errors in the kernel log"
+}
+
+# ---- storage-kill: write while the host kills a storage daemon ----------------
+# writer NAME: write files of varied sizes into /mnt/t/NAME until WRITE_SECS
+# after the write phase began, each fsynced before its sha256 is appended to
+# /mnt/t/MANIFEST.NAME (fdatasynced) and to /tmp/manifest.NAME (guest RAM).
+# One "IVM-PROG" console line per file; /tmp/stats.NAME: files bytes longest.
+writer() {
+  _w=$1 _i=0 _bytes=0 _max=0 _maxf=-
+  mkdir -p "/mnt/t/$_w" || return 1
+  : > "/tmp/manifest.$_w"; : > "/mnt/t/MANIFEST.$_w"
+  while awk -v t="$(now)" -v e="$END" 'BEGIN{exit !(t < e)}'; do
+    # every 8th file 1-2 MiB, the others up to 128 KiB; odd sizes
+    if [ $((_i % 8)) -eq 7 ]; then _sz=$((1048576 + (_i * 7919) % 1048576)); else _sz=$(( (_i * 7919) % 131072 + 1 )); fi
+    _t0=$(now)
+    head -c "$_sz" /dev/urandom | dd of="/mnt/t/$_w/f$_i" bs=64k conv=fsync 2>/dev/null || { echo "$_w: writing f$_i failed"; return 1; }
+    _sum=$(cd /mnt/t && sha256sum "$_w/f$_i") || return 1
+    echo "$_sum" >> "/mnt/t/MANIFEST.$_w" && sync -d "/mnt/t/MANIFEST.$_w" || { echo "$_w: manifest update failed"; return 1; }
+    echo "$_sum" >> "/tmp/manifest.$_w"
+    _dt=$(awk -v a="$_t0" -v b="$(now)" 'BEGIN{printf "%.2f", b - a}')
+    echo "IVM-PROG $(now) $_w f$_i $_sz bytes ${_dt}s ${_sum%% *}" >&8
+    if awk -v a="$_dt" -v b="$_max" 'BEGIN{exit !(a > b)}'; then _max=$_dt _maxf=f$_i; fi
+    _i=$((_i + 1)) _bytes=$((_bytes + _sz))
+    [ $_bytes -lt $((60 * 1048576)) ] || break   # the volume is 256 MiB; two writers
+  done
+  echo "$_i $_bytes $_max $_maxf" > "/tmp/stats.$_w"
+}
+
+write_phase() {
+  END=$(awk -v t="$(now)" -v d="$WRITE_SECS" 'BEGIN{printf "%.2f", t + d}')
+  say "INFO write phase started (${WRITE_SECS}s, 2 writers)"
+  writer w0 > /tmp/writer.w0 2>&1 & _p0=$!
+  writer w1 > /tmp/writer.w1 2>&1 & _p1=$!
+  wait $_p0; _r0=$?
+  wait $_p1; _r1=$?
+  cat /tmp/writer.w0 /tmp/writer.w1
+  say "INFO write phase ended"
+  [ $_r0 -eq 0 ] && [ $_r1 -eq 0 ] || return 1
+  _files=0 _bytes=0
+  for w in w0 w1; do
+    read -r f b m mf < "/tmp/stats.$w" || return 1
+    _files=$((_files + f)) _bytes=$((_bytes + b))
+    say "INFO   writer $w: $f files, $((b / 1024)) KiB, slowest file $mf took ${m}s (write + fsync + manifest)"
+  done
+  echo "$_files files, $((_bytes / 1024)) KiB written and fsynced"
+  [ $_files -gt 0 ]
+}
+
+verify_manifests() {
+  _n=0
+  for w in w0 w1; do
+    cmp "/tmp/manifest.$w" "/mnt/t/MANIFEST.$w" || { echo "MANIFEST.$w on disk differs from the copy in guest RAM"; return 1; }
+    (cd /mnt/t && sha256sum -c "MANIFEST.$w") > /tmp/verify 2>&1; _r=$?
+    grep -v ': OK$' /tmp/verify
+    _ok=$(grep -c ': OK$' /tmp/verify)
+    echo "$w: $_ok of $(wc -l < "/tmp/manifest.$w") files match"
+    [ $_r -eq 0 ] && [ "$_ok" -eq "$(wc -l < "/tmp/manifest.$w")" ] || return 1
+    _n=$((_n + _ok))
+  done
+  say "INFO   $_n files verified"
+}
+
+main_storage_kill() {
+  say "INFO guest: kernel $(uname -r); target $IQN at $PORTAL; scenario storage-kill, writing ${WRITE_SECS}s"
+  step "guest boot (modules, network)" boot || return
+  step "iscsid started" start_iscsid || return
+  step "discovery lists $IQN" discover || return
+  step "node record" node_setup || return
+  step "login" login || return
+  step "disk appears after login" wait_disk || return
+  step "mkfs.ext4" mkfs.ext4 -F -q "/dev/$DISK" || return
+  step "mount #1" mount -t ext4 "/dev/$DISK" /mnt/t || return
+  step "write and fsync files for ${WRITE_SECS}s, sha256 manifest on the fs" write_phase
+  step "sync" sync
+  step "umount #1" umount /mnt/t || return
+  step "e2fsck -fn: filesystem clean after the storage daemon kill" e2fsck -fn "/dev/$DISK"
+  drop_caches
+  if step "mount #2" mount -t ext4 "/dev/$DISK" /mnt/t; then
+    step "manifests intact, every sha256 verified" verify_manifests
+    step "umount #2" umount /mnt/t
+  fi
+  step "logout, disk gone" logout
 }
 
 main() {
@@ -190,7 +279,7 @@ main() {
   step "disk appears after login #1" wait_disk || return
   if step "mkfs.ext4" mkfs.ext4 -F -q "/dev/$DISK" && step "mount #1" mount -t ext4 "/dev/$DISK" /mnt/t; then
     step "write files ($FILEMB MiB random + 51 small) and record sha256" write_files
-    step "umount #1" umount /mnt/t
+    step "umount #1" umount /mnt/t && step "e2fsck -fn: filesystem clean" e2fsck -fn "/dev/$DISK"
   fi
   step "logout #1, disk gone" logout || return
   drop_caches
@@ -203,7 +292,7 @@ main() {
   step "logout #2, disk gone" logout
 }
 
-main
+if [ "$SCENARIO" = storage-kill ]; then main_storage_kill; else main; fi
 step "kernel log clean" klog_clean
 [ $FAILED -gt 0 ] && { echo "== iscsid log"; cat /tmp/iscsid.log; }
 echo "== dmesg"; dmesg

@@ -3,9 +3,14 @@
 # qemu TCG guest) into an IronSAN target listening on this host's 127.0.0.1,
 # put ext4 on the LUN, and check the files survive logout/login.
 #
-# usage: tests/vm/run.sh [--chap USER:SECRET] [--mutual-chap USER:SECRET] PORT IQN
+# usage: tests/vm/run.sh [--chap USER:SECRET] [--mutual-chap USER:SECRET]
+#                        [--scenario basic|storage-kill] PORT IQN
 #
 # The guest reaches the host's 127.0.0.1 as 10.0.2.2 (qemu user networking).
+# Scenario basic (the default): files written, logout/login, verified.
+# Scenario storage-kill: files written and fsynced for IRONSAN_VM_WRITE_SECS
+# (the guest prints "IVM INFO write phase started" when it begins, so that the
+# caller can kill a storage daemon meanwhile), then e2fsck and verification.
 # THE LUN'S CONTENTS ARE OVERWRITTEN. Output: one "PASS name" / "FAIL name"
 # line per step (plus INFO lines), last line "N passed, N failed".
 # Exit status 0 only if every step passed and at least one ran.
@@ -19,23 +24,26 @@ CACHE=${IRONSAN_VM_CACHE:-/var/cache/ironsan-vm}
 MEM=${IRONSAN_VM_MEM:-512}
 SMP=${IRONSAN_VM_SMP:-2}
 FILEMB=${IRONSAN_VM_FILEMB:-8}
+WRITE_SECS=${IRONSAN_VM_WRITE_SECS:-25}
 LOG_DIR=${IRONSAN_VM_LOG_DIR:-}
 HOST_PKGS=(qemu-system-x86 open-iscsi busybox-static e2fsprogs kmod cpio zstd)
 # kernel modules the guest loads (modprobe resolves their dependencies)
 MODULES=(virtio_pci virtio_net crc32c_generic iscsi_tcp sd_mod ext4)
 
-usage() { echo "usage: $0 [--chap USER:SECRET] [--mutual-chap USER:SECRET] PORT IQN" >&2; }
+usage() { echo "usage: $0 [--chap USER:SECRET] [--mutual-chap USER:SECRET] [--scenario basic|storage-kill] PORT IQN" >&2; }
 # every exit path ends with the summary line, so callers can always parse it
 die() { echo "FAIL setup: $*"; echo "0 passed, 1 failed"; exit 1; }
 log() { echo "run.sh: $*" >&2; }
 
-CHAP= MUTUAL=
+CHAP= MUTUAL= SCENARIO=basic
 while [ $# -gt 0 ]; do
   case "$1" in
     --chap) [ $# -ge 2 ] || { usage; die "--chap needs USER:SECRET"; }; CHAP=$2; shift 2 ;;
     --chap=*) CHAP=${1#*=}; shift ;;
     --mutual-chap) [ $# -ge 2 ] || { usage; die "--mutual-chap needs USER:SECRET"; }; MUTUAL=$2; shift 2 ;;
     --mutual-chap=*) MUTUAL=${1#*=}; shift ;;
+    --scenario) [ $# -ge 2 ] || { usage; die "--scenario needs a name"; }; SCENARIO=$2; shift 2 ;;
+    --scenario=*) SCENARIO=${1#*=}; shift ;;
     -h|--help) usage; exit 0 ;;
     --) shift; break ;;
     -*) usage; die "unknown option $1" ;;
@@ -46,7 +54,8 @@ done
 PORT=$1 IQN=$2
 [[ "$PORT" =~ ^[0-9]+$ ]] && [ "$PORT" -ge 1 ] && [ "$PORT" -le 65535 ] || die "bad PORT '$PORT'"
 [[ "$IQN" =~ ^[a-z0-9][a-z0-9.:-]*$ ]] || die "bad IQN '$IQN'"
-for v in TIMEOUT MEM SMP FILEMB; do [[ "${!v}" =~ ^[0-9]+$ ]] || die "IRONSAN_VM_$v must be a number"; done
+case "$SCENARIO" in basic|storage-kill) ;; *) usage; die "unknown scenario '$SCENARIO'" ;; esac
+for v in TIMEOUT MEM SMP FILEMB WRITE_SECS; do [[ "${!v}" =~ ^[0-9]+$ ]] || die "IRONSAN_VM_$v must be a number"; done
 [ -z "$CHAP" ] || [[ "$CHAP" == ?*:?* ]] || die "--chap wants USER:SECRET"
 [ -z "$MUTUAL" ] || [[ "$MUTUAL" == ?*:?* ]] || die "--mutual-chap wants USER:SECRET"
 [ -z "$MUTUAL" ] || [ -n "$CHAP" ] || die "--mutual-chap needs --chap too"
@@ -139,13 +148,14 @@ build_image() {
     echo "/etc/ivm/$rel" >> "$r/etc/ivm/modules"
   done < "$w/mods"
   local b lib
-  for b in /usr/bin/busybox /usr/sbin/iscsid /usr/sbin/iscsiadm /usr/sbin/mke2fs; do
+  for b in /usr/bin/busybox /usr/sbin/iscsid /usr/sbin/iscsiadm /usr/sbin/mke2fs /usr/sbin/e2fsck; do
     cp "$b" "$r$b" || return 1
     for lib in $(ldd "$b" 2>/dev/null | awk '/=> \// {print $3} /^\t\/[^ ]+ \(/ {print $1}'); do
       [ -e "$r$lib" ] || { mkdir -p "$r${lib%/*}" && cp -L "$lib" "$r$lib"; } || return 1
     done
   done
   ln -s mke2fs "$r/usr/sbin/mkfs.ext4"
+  ln -s e2fsck "$r/usr/sbin/fsck.ext4"
   "$r/usr/bin/busybox" --list-full | while read -r a; do [ -e "$r/$a" ] || ln -s /usr/bin/busybox "$r/$a"; done
   echo 'root:x:0:0:root:/:/bin/sh' > "$r/etc/passwd"
   ln -s /proc/mounts "$r/etc/mtab"
@@ -189,7 +199,7 @@ OV=$LOG_DIR/overlay
 rm -rf "$OV"; mkdir -p "$OV/etc" || die "cannot create $OV"
 install -m 755 "$HERE/guest-init.sh" "$OV/init" || die "cannot copy guest-init.sh"
 {
-  echo "PORT=$PORT IQN=$IQN HOST=10.0.2.2 FILEMB=$FILEMB"
+  echo "PORT=$PORT IQN=$IQN HOST=10.0.2.2 FILEMB=$FILEMB SCENARIO=$SCENARIO WRITE_SECS=$WRITE_SECS"
   echo "CHAP_USER=$(sq "${CHAP%%:*}") CHAP_SECRET=$(sq "${CHAP#*:}")"
   echo "MUTUAL_USER=$(sq "${MUTUAL%%:*}") MUTUAL_SECRET=$(sq "${MUTUAL#*:}")"
 } > "$OV/etc/ivm.conf"
@@ -207,7 +217,7 @@ rm -rf "$OV"
 CONSOLE=$LOG_DIR/console.log RESULTS=$LOG_DIR/results.log
 : > "$CONSOLE"; : > "$RESULTS"
 AUTH=none; [ -n "$CHAP" ] && AUTH="CHAP user ${CHAP%%:*}"; [ -n "$MUTUAL" ] && AUTH="$AUTH, mutual user ${MUTUAL%%:*}"
-echo "INFO vm: $IQN at 127.0.0.1:$PORT, auth: $AUTH; $(cat "$IMG/info"); limit ${TIMEOUT}s; logs $LOG_DIR"
+echo "INFO vm: scenario $SCENARIO, $IQN at 127.0.0.1:$PORT, auth: $AUTH; $(cat "$IMG/info"); limit ${TIMEOUT}s; logs $LOG_DIR"
 T_BOOT=$SECONDS
 timeout -k 5 "$TIMEOUT" qemu-system-x86_64 -accel tcg -cpu max -smp "$SMP" -m "$MEM" \
   -nodefaults -no-user-config -display none -no-reboot -monitor none \
