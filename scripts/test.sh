@@ -124,7 +124,8 @@ if [ "$FUZZ" = 1 ]; then
     done
 fi
 
-# The Linux kernel initiator (open-iscsi in a qemu VM): no CHAP, one-way and mutual CHAP.
+# The Linux kernel initiator (open-iscsi in a qemu VM): no CHAP, one-way and mutual CHAP, and
+# ext4 across a storage daemon killed during writes (a cluster started daemon by daemon).
 if [ "$VM" = 1 ]; then
     step "vm initiator" tests/vm/test.sh
 fi

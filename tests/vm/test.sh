@@ -4,12 +4,21 @@
 # without CHAP, then (restarted on the same data dir with --chap and
 # --mutual-chap) with one-way CHAP and with mutual CHAP. Each ironsan must stop
 # on SIGTERM with exit status 0.
+# Then storage-kill: a cluster started daemon by daemon (manager, 4 storage
+# daemons, gateway), a 3-replica volume, and the guest writing and fsyncing
+# files while one storage daemon holding replicas is killed with SIGKILL; the
+# filesystem must stay clean and every file intact, and the manager must
+# report every chunk rebuilt (degraded_chunks 0, recovery_tasks 0).
 #
 # usage: tests/vm/test.sh          (non-interactive; needs root + apt + cargo)
 # Output: the run.sh lines prefixed with their phase, a summary, and as the
 # last line "N passed, N failed". Exit status 0 only if everything passed.
 # env: IRONSAN_VM_KEEP=1 keeps the temp dir (logs, data) even on success;
-#      the IRONSAN_VM_* knobs of run.sh pass through.
+#      IRONSAN_VM_PHASES (default "dev storage-kill") runs only those;
+#      IRONSAN_VM_KILL_AFTER (default 5): seconds into the write phase the
+#      storage daemon is killed; IRONSAN_VM_RECOVERY_TIMEOUT (default 180);
+#      the IRONSAN_VM_* knobs of run.sh pass through (IRONSAN_VM_WRITE_SECS:
+#      length of the storage-kill write phase, default 25).
 set -uo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -19,7 +28,13 @@ CHAP=ironsan-test:vm-test-secret-1
 MUTUAL=ironsan-target:vm-target-secret-2
 T0=$SECONDS
 
-PASSED=0 FAILED=0 SUMMARY=() TPID= PORT=0
+PHASES=${IRONSAN_VM_PHASES:-dev storage-kill}
+KILL_AFTER=${IRONSAN_VM_KILL_AFTER:-5}
+RECOVERY_TIMEOUT=${IRONSAN_VM_RECOVERY_TIMEOUT:-180}
+PASSED=0 FAILED=0 SUMMARY=() TPID= PORT=0 RPID= DAEMONS=()
+for v in KILL_AFTER RECOVERY_TIMEOUT; do
+  [[ "${!v}" =~ ^[0-9]+$ ]] || { echo "FAIL IRONSAN_VM_$v must be a number of seconds"; echo "0 passed, 1 failed"; exit 1; }
+done
 pass() { PASSED=$((PASSED + 1)); echo "PASS $*"; SUMMARY+=("PASS $*"); }
 fail() { FAILED=$((FAILED + 1)); echo "FAIL $*"; SUMMARY+=("FAIL $*"); }
 finish() {
@@ -34,10 +49,16 @@ finish() {
 
 WORK=$(mktemp -d /tmp/ironsan-vm-test.XXXXXX) || { echo "FAIL mktemp"; echo "0 passed, 1 failed"; exit 1; }
 cleanup() {
-  if [ -n "$TPID" ] && kill -0 "$TPID" 2>/dev/null; then
-    kill -TERM "$TPID"; sleep 2; kill -KILL "$TPID" 2>/dev/null
-  fi
-  rm -rf "$WORK/data"
+  local p
+  [ -n "$RPID" ] && kill -TERM "$RPID" 2>/dev/null   # run.sh kills its qemu
+  for p in "$TPID" "${DAEMONS[@]}"; do
+    [ -n "$p" ] && kill -0 "$p" 2>/dev/null && kill -TERM "$p"
+  done
+  sleep 2
+  for p in "$TPID" "${DAEMONS[@]}"; do
+    [ -n "$p" ] && kill -KILL "$p" 2>/dev/null
+  done
+  rm -rf "$WORK/data" "$WORK/cluster/data"
   if [ "$FAILED" -eq 0 ] && [ "${IRONSAN_VM_KEEP:-0}" != 1 ]; then rm -rf "$WORK"; fi
 }
 trap cleanup EXIT
@@ -91,18 +112,36 @@ stop_target() {
   grep -E ' (WARN|ERROR) ' "$log" | head -n 5 | cut -c1-200 | sed 's/^/  /'
 }
 
-# vm PHASE RUN.SH-ARGS...: one run.sh pass; adds its counts to ours
-vm() {
-  local phase=$1 last p f; shift
-  echo "==== $phase: run.sh $*" | sed 's/\(--[a-z-]*chap [^:]*:\)[^ ]*/\1***/g'
-  IRONSAN_VM_LOG_DIR=$WORK/vm-$phase "$HERE/run.sh" "$@" "$PORT" "$IQN" 2>&1 | tee "$WORK/run-$phase.out" | sed "s/^/[$phase] /"
-  last=$(tail -n 1 "$WORK/run-$phase.out")
+# vm_start PHASE RUN.SH-ARGS...: start one run.sh pass against $PORT/$VM_IQN in
+# the background (RPID); its output goes to $WORK/run-PHASE.out and, prefixed
+# with [PHASE], to ours. vm_wait adds its counts to ours.
+vm_start() {
+  VM_PHASE=$1; shift
+  echo "==== $VM_PHASE: run.sh $*" | sed 's/\(--[a-z-]*chap [^:]*:\)[^ ]*/\1***/g'
+  : > "$WORK/run-$VM_PHASE.out"
+  IRONSAN_VM_LOG_DIR=$WORK/vm-$VM_PHASE "$HERE/run.sh" "$@" "$PORT" "${VM_IQN:-$IQN}" > "$WORK/run-$VM_PHASE.out" 2>&1 &
+  RPID=$!
+  tail -n +1 -f --pid="$RPID" "$WORK/run-$VM_PHASE.out" | sed -u "s/^/[$VM_PHASE] /" &
+  VM_TAIL=$!
+}
+vm_wait() {
+  local last p f
+  wait "$RPID"; wait "$VM_TAIL"; RPID=
+  last=$(tail -n 1 "$WORK/run-$VM_PHASE.out")
   if [[ "$last" =~ ^([0-9]+)\ passed,\ ([0-9]+)\ failed$ ]]; then p=${BASH_REMATCH[1]} f=${BASH_REMATCH[2]}; else p=0 f=1; fi
   PASSED=$((PASSED + p)) FAILED=$((FAILED + f))
-  kill -0 "$TPID" 2>/dev/null || echo "WARNING: ironsan (pid $TPID) exited during phase $phase; see the end of its log"
-  SUMMARY+=("$phase: $p passed, $f failed")
+  SUMMARY+=("$VM_PHASE: $p passed, $f failed")
+}
+# vm PHASE RUN.SH-ARGS...: one run.sh pass against ironsan dev (TPID)
+vm() {
+  vm_start "$@"
+  vm_wait
+  kill -0 "$TPID" 2>/dev/null || echo "WARNING: ironsan (pid $TPID) exited during phase $VM_PHASE; see the end of its log"
 }
 
+has_phase() { [[ " $PHASES " == *" $1 "* ]]; }
+
+if has_phase dev; then
 echo "==== target without CHAP"
 if start_target plain; then
   pass "ironsan dev started (no CHAP)"
@@ -121,4 +160,7 @@ if start_target chap --chap "$CHAP" --mutual-chap "$MUTUAL" || { PORT=0; start_t
 else
   fail "ironsan dev restarted with CHAP on the same data dir"
 fi
+fi
+
+has_phase storage-kill && { . "$HERE/storage-kill.sh"; storage_kill; }
 finish
