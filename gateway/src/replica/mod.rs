@@ -110,6 +110,15 @@ pub struct Volume {
 
 /// A replica's answer to one fanned-out request.
 type Outcome = (String, Result<(), StorageError>);
+/// What `settle` needs of an outcome: the node, and why it failed.
+type Verdict = (String, Result<(), String>);
+
+fn verdicts(outcomes: Vec<Outcome>) -> Vec<Verdict> {
+    outcomes
+        .into_iter()
+        .map(|(n, r)| (n, r.map_err(|e| e.to_string())))
+        .collect()
+}
 
 /// Failures that take a replica out of service; anything else is our own bug or a fence.
 fn replica_fault(e: &StorageError) -> bool {
@@ -336,14 +345,14 @@ impl Volume {
         &self,
         c: &Chunk,
         view: &View,
-        outcomes: &[Outcome],
+        outcomes: &[Verdict],
     ) -> Result<bool, DeviceError> {
         let ok: HashSet<&str> = outcomes
             .iter()
             .filter(|(_, r)| r.is_ok())
             .map(|(n, _)| n.as_str())
             .collect();
-        let failed: Vec<(&String, &StorageError)> = outcomes
+        let failed: Vec<(&String, &String)> = outcomes
             .iter()
             .filter_map(|(n, r)| r.as_ref().err().map(|e| (n, e)))
             .collect();
@@ -369,7 +378,7 @@ impl Volume {
                     index: c.index as u64,
                     node_id: (*node).clone(),
                     writer_epoch,
-                    reason: e.to_string(),
+                    reason: (*e).clone(),
                 })
                 .await;
             match r {
@@ -499,10 +508,12 @@ impl Volume {
             if let Some(j) = joining_failed {
                 self.drop_joiner(c, j).await;
             }
-            let set_outcomes: Vec<Outcome> = outcomes
-                .into_iter()
-                .filter(|(n, _)| view.replicas.contains(n))
-                .collect();
+            let set_outcomes = verdicts(
+                outcomes
+                    .into_iter()
+                    .filter(|(n, _)| view.replicas.contains(n))
+                    .collect(),
+            );
             if self.settle(c, &view, &set_outcomes).await? {
                 return Ok(());
             }
@@ -721,9 +732,9 @@ impl Volume {
             (node.clone(), r)
         }))
         .await;
-        let failed: HashMap<&str, &StorageError> = outcomes
+        let failed: HashMap<&str, String> = outcomes
             .iter()
-            .filter_map(|(n, r)| r.as_ref().err().map(|e| (n.as_str(), e)))
+            .filter_map(|(n, r)| r.as_ref().err().map(|e| (n.as_str(), e.to_string())))
             .collect();
         if failed.is_empty() {
             return Ok(());
@@ -731,11 +742,11 @@ impl Volume {
         for c in &written {
             c.mark_written();
             let view = c.view();
-            let mine: Vec<Outcome> = view
+            let mine: Vec<Verdict> = view
                 .replicas
                 .iter()
                 .map(|n| match failed.get(n.as_str()) {
-                    Some(e) => (n.clone(), Err(sync::clone_err(e))),
+                    Some(e) => (n.clone(), Err(format!("flush: {e}"))),
                     None => (n.clone(), Ok(())),
                 })
                 .collect();

@@ -129,11 +129,11 @@ impl Volume {
                         why.join("; ")
                     )));
                 }
-                let outcomes: Vec<(String, Result<(), StorageError>)> = view
+                let outcomes: Vec<(String, Result<(), String>)> = view
                     .replicas
                     .iter()
                     .map(|n| match failed.iter().find(|(f, _)| f == n) {
-                        Some((_, e)) => (n.clone(), Err(clone_err(e))),
+                        Some((_, e)) => (n.clone(), Err(e.to_string())),
                         None => (n.clone(), Ok(())),
                     })
                     .collect();
@@ -475,13 +475,5 @@ impl Volume {
             }
         }
         Err(unavailable(format!("no source for the copy: {last}")))
-    }
-}
-
-/// Storage errors are not `Clone`; a failure is re-created for reporting with its text.
-pub(super) fn clone_err(e: &StorageError) -> StorageError {
-    StorageError::Io {
-        dir: String::new(),
-        source: std::io::Error::other(e.to_string()),
     }
 }
