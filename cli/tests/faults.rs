@@ -216,3 +216,265 @@ fn dev_workload_survives_kill9_and_checker_catches_lost_writes() {
     assert_eq!(report.lost_writes(), 4, "{:?}", report.violations);
     server.stop_clean();
 }
+
+// ------------------------------------------------------------------------------------------
+// Against a cluster of processes
+
+use std::collections::BTreeMap;
+
+use cluster::{Cluster, ClusterConfig, Node};
+use workload::Outcome;
+
+const VOL: &str = "faults";
+/// Blocks at the end of the volume kept out of the workload, for probes.
+const PROBE_BLOCKS: u64 = 64;
+
+/// A cluster with one volume attached to gateway 1, and the portals its workers use.
+struct Harness {
+    c: Cluster,
+    portals: Portals,
+    wcfg: WorkloadConfig,
+    volume_bytes: u64,
+}
+
+impl Harness {
+    fn start(cfg: ClusterConfig, size_mib: u64, chunk_mib: u64, seed: u64) -> Harness {
+        let mut c = Cluster::start(cfg);
+        let v = c.create_volume(VOL, &format!("{size_mib}MiB"), &format!("{chunk_mib}MiB"));
+        assert_eq!(v["size"].as_u64(), Some(size_mib * MIB), "{v:#}");
+        let took = c.attach(VOL, 1, Duration::from_secs(60));
+        println!(
+            "volume {VOL} ({size_mib} MiB, {chunk_mib} MiB chunks) served by g1 after {took:?}"
+        );
+        let portals = Portals::new(c.portals_for(VOL));
+        let mut wcfg = WorkloadConfig::new(&iqn(VOL), size_mib * MIB - PROBE_BLOCKS * BLOCK as u64);
+        wcfg.seed = seed;
+        Harness {
+            c,
+            portals,
+            wcfg,
+            volume_bytes: size_mib * MIB,
+        }
+    }
+
+    /// The first block of the probe area.
+    fn probe_block(&self) -> u64 {
+        self.volume_bytes / BLOCK as u64 - PROBE_BLOCKS
+    }
+
+    /// A probe session (its own initiator name).
+    fn probe(&self, portal: &str) -> Result<Session, IscsiError> {
+        Session::connect(portal, &self.wcfg.session(100))
+    }
+
+    /// Reads the whole volume back and asserts it matches the record.
+    fn verify(&self, out: &mut Outcome) -> workload::VerifyReport {
+        let report = verify_volume(
+            &self.portals,
+            &self.wcfg.session(99),
+            &mut out.record,
+            self.wcfg.blocks,
+            Duration::from_secs(120),
+        )
+        .unwrap_or_else(|e| panic!("final read-back: {e}"));
+        report
+    }
+
+    /// Compares the replicas of every chunk; returns the report.
+    fn compare(&self) -> cluster::ReplicaReport {
+        self.c
+            .compare_replicas(VOL)
+            .unwrap_or_else(|e| panic!("replica comparison: {e}"))
+    }
+}
+
+/// Fails with the violations, the fatal worker errors, or a report showing divergence.
+fn check_outcome(out: &Outcome) {
+    assert!(out.fatal.is_empty(), "workers gave up: {:#?}", out.fatal);
+    assert_no_violations("reads during the workload", &out.violations);
+}
+
+fn check_final(report: &workload::VerifyReport, replicas: &cluster::ReplicaReport) {
+    let v: Vec<(Violation, String)> = report
+        .violations
+        .iter()
+        .map(|v| (v.clone(), "final read-back".to_string()))
+        .collect();
+    assert_no_violations("final read-back", &v);
+    assert!(
+        replicas.differing_blocks == 0 && replicas.missing_replicas == 0,
+        "replicas differ: {} blocks in {} chunks, {} chunks missing on some replica:\n  {}",
+        replicas.differing_blocks,
+        replicas.differing_chunks,
+        replicas.missing_replicas,
+        replicas.details.join("\n  ")
+    );
+    assert!(
+        replicas.replicas_read >= 3 * (replicas.chunks - replicas.chunks_unwritten),
+        "{replicas:?}"
+    );
+}
+
+/// The whole stack in a few seconds: a workload through the gateway, read back, replicas
+/// compared. Plain directories and loopback: runs without root.
+#[test]
+fn cluster_smoke() {
+    let _serial = cluster::serial();
+    let seed = seed();
+    println!("seed {seed}");
+    let h = Harness::start(ClusterConfig::new("smoke", 1, 3, 1), 64, 4, seed);
+    let wl = Workload::start(&h.wcfg, &h.portals);
+    assert!(
+        wl.wait_progress(300, Duration::from_secs(60)),
+        "no progress through the gateway: {:?}\n{}",
+        wl.counts(),
+        h.c.log_tails(20)
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    let mut out = wl.stop();
+    check_outcome(&out);
+    let report = h.verify(&mut out);
+    let replicas = h.compare();
+    println!(
+        "smoke: {} writes acked, {} reads, errors {:?}; read back {} blocks ({} written); {} chunks compared ({} never written), {} replicas read",
+        out.stats.writes_acked,
+        out.stats.reads_ok,
+        out.stats.errors,
+        report.blocks,
+        report.written_blocks,
+        replicas.chunks,
+        replicas.chunks_unwritten,
+        replicas.replicas_read
+    );
+    check_final(&report, &replicas);
+    assert!(out.stats.writes_acked > 100, "{:?}", out.stats);
+}
+
+/// Degraded service: with 2 of 3 storage daemons killed I/O goes on and stays correct; with
+/// all 3 down writes and reads fail with CHECK CONDITION and never return stale data; once
+/// they are back I/O recovers, redundancy is restored and replicas agree.
+#[test]
+fn cluster_degraded_service() {
+    let _serial = cluster::serial();
+    let seed = seed();
+    println!("seed {seed}");
+    let mut h = Harness::start(ClusterConfig::new("degraded", 1, 3, 1), 64, 4, seed);
+    let wl = Workload::start(&h.wcfg, &h.portals);
+    assert!(
+        wl.wait_progress(300, Duration::from_secs(60)),
+        "no progress: {:?}",
+        wl.counts()
+    );
+    // Probe blocks written while all is well: what a read must return later.
+    let portal = h.c.portal(1);
+    let mut probe = h.probe(&portal).expect("probe session");
+    let pb = h.probe_block();
+    probe
+        .write(pb * BLOCK as u64, &encode(pb, 1, 100), false)
+        .expect("probe write while healthy");
+
+    for i in [1, 2] {
+        wl.set_phase(&format!("storage-{i} killed"));
+        h.c.kill(Node::Storage(i));
+        assert!(
+            wl.wait_progress(300, Duration::from_secs(60)),
+            "no progress with storage-{i} killed: {:?}\n{}",
+            wl.counts(),
+            h.c.log_tails(20)
+        );
+    }
+    println!(
+        "two of three storage daemons down: I/O goes on ({:?})",
+        wl.counts()
+    );
+
+    wl.set_phase("all storage killed");
+    h.c.kill(Node::Storage(3));
+    // Every write now fails, with CHECK CONDITION; a read either fails likewise or returns
+    // exactly what was acknowledged.
+    let mut write_errors = BTreeMap::<String, u32>::new();
+    let mut read_errors = BTreeMap::<String, u32>::new();
+    for g in 2..8 {
+        let r = probe.write(
+            pb * BLOCK as u64 + BLOCK as u64,
+            &encode(pb + 1, g, 100),
+            false,
+        );
+        match r {
+            Ok(()) => panic!("a write succeeded with every storage daemon down"),
+            Err(e) => {
+                assert!(
+                    matches!(e, IscsiError::CheckCondition { .. }),
+                    "write with all replicas down: expected CHECK CONDITION, got {e}"
+                );
+                *write_errors.entry(e.to_string()).or_default() += 1;
+            }
+        }
+        let mut buf = vec![0u8; BLOCK];
+        match probe.read(pb * BLOCK as u64, &mut buf) {
+            Ok(()) => assert_eq!(
+                decode(&buf),
+                Content::Written {
+                    block: pb,
+                    gen: 1,
+                    worker: 100
+                },
+                "a read with every replica down returned something else than the acknowledged data"
+            ),
+            Err(e) => {
+                assert!(
+                    matches!(e, IscsiError::CheckCondition { .. }),
+                    "read with all replicas down: expected CHECK CONDITION, got {e}"
+                );
+                *read_errors.entry(e.to_string()).or_default() += 1;
+            }
+        }
+    }
+    println!("all storage down: writes failed with {write_errors:?}; reads {read_errors:?}");
+
+    wl.set_phase("storage restarted");
+    for i in 1..=3 {
+        h.c.start_node(Node::Storage(i));
+    }
+    assert!(
+        wl.wait_progress(300, Duration::from_secs(60)),
+        "I/O did not recover after the storage daemons came back: {:?}\n{}",
+        wl.counts(),
+        h.c.log_tails(30)
+    );
+    let mut buf = vec![0u8; BLOCK];
+    let mut probe = match probe.read(pb * BLOCK as u64, &mut buf) {
+        Ok(()) => probe,
+        Err(_) => h.probe(&portal).expect("probe session after recovery"),
+    };
+    probe
+        .read(pb * BLOCK as u64, &mut buf)
+        .expect("probe read after recovery");
+    assert_eq!(
+        decode(&buf),
+        Content::Written {
+            block: pb,
+            gen: 1,
+            worker: 100
+        }
+    );
+    probe.logout();
+    let mut out = wl.stop();
+    check_outcome(&out);
+    let took =
+        h.c.wait_full_redundancy(Duration::from_secs(120))
+            .unwrap_or_else(|e| panic!("{e}\n{}", h.c.log_tails(30)));
+    println!("full redundancy {took:?} after the workload stopped");
+    let report = h.verify(&mut out);
+    let replicas = h.compare();
+    println!(
+        "degraded: {} writes acked, {} failed, {} reads, errors {:?}, {} in-doubt writes landed; {} chunks compared",
+        out.stats.writes_acked,
+        out.stats.writes_failed,
+        out.stats.reads_ok,
+        out.stats.errors,
+        out.stats.in_doubt_landed + report.in_doubt_landed,
+        replicas.chunks
+    );
+    check_final(&report, &replicas);
+}

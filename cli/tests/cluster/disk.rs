@@ -103,20 +103,29 @@ impl LoopDisk {
     /// Unmounts, repairs and remounts read-write. Every process using it must have exited.
     pub fn restore(&mut self) -> Result<(), String> {
         self.unmount()?;
-        // e2fsck exits 1 when it corrected errors, which is the expected case here.
-        let out = Command::new("e2fsck")
-            .args(["-fy", &self.device])
-            .output()
-            .map_err(|e| format!("cannot run e2fsck ({e}): apt-get install -y e2fsprogs"))?;
-        match out.status.code() {
-            Some(0) | Some(1) => {}
-            _ => {
-                return Err(format!(
-                    "e2fsck -fy {}: {}\n{}",
-                    self.device,
-                    out.status,
-                    String::from_utf8_lossy(&out.stdout)
-                ))
+        // A namespace copy of the mount (`ip netns exec` gives each daemon its own mount
+        // namespace) goes away a moment after its process; until then e2fsck finds the device
+        // in use (exit 8) and touches nothing.
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            let out = Command::new("e2fsck")
+                .args(["-fy", &self.device])
+                .output()
+                .map_err(|e| format!("cannot run e2fsck ({e}): apt-get install -y e2fsprogs"))?;
+            match out.status.code() {
+                // 1: errors corrected, the expected case after a forced read-only.
+                Some(0) | Some(1) => break,
+                Some(8) if tries < 50 => std::thread::sleep(std::time::Duration::from_millis(100)),
+                _ => {
+                    return Err(format!(
+                        "e2fsck -fy {}: {}\n{}{}",
+                        self.device,
+                        out.status,
+                        String::from_utf8_lossy(&out.stdout),
+                        String::from_utf8_lossy(&out.stderr)
+                    ))
+                }
             }
         }
         self.mount()

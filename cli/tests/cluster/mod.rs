@@ -359,11 +359,13 @@ impl Cluster {
                     args.extend(c.cfg.manager_flags.iter().cloned());
                 }
                 Node::Storage(i) => {
-                    let data = dir.join("data");
+                    let mut data = dir.join("data");
                     if let Some(size) = c.cfg.disk_size {
                         let disk = LoopDisk::create(&dir.join("disk.img"), &data, size)
                             .unwrap_or_else(|e| panic!("{node}: loop disk: {e}"));
                         c.disks.insert(i, disk);
+                        // Beside the filesystem's lost+found, not among it.
+                        data = data.join("store");
                     }
                     push(&["storage", "--data-dir", &data.to_string_lossy()]);
                     push(&["--listen", &addr, "--manager", &c.managers]);
@@ -372,7 +374,7 @@ impl Cluster {
                 }
                 Node::Gateway(_) => {
                     push(&["gateway", "--manager", &c.managers, "--portal", &addr]);
-                    push(&["--node-id", &node.id()]);
+                    push(&["--node-id", &node.id(), "--lease", &c.cfg.lease]);
                     args.extend(c.cfg.gateway_flags.iter().cloned());
                 }
             }
@@ -811,7 +813,8 @@ impl Cluster {
 
     /// Attaches `name` to gateway `g`, retrying while another gateway's lease has not lapsed
     /// (FAILED_PRECONDITION) or the managers have no leader, then waits until the gateway logs
-    /// that it serves the volume. Returns how long that took.
+    /// that it exports the volume's target (`target ready`, after reconciling nothing yet: the
+    /// chunks reconcile on first I/O). Returns how long that took.
     pub fn attach(&mut self, name: &str, g: u32, within: Duration) -> Duration {
         let started = Instant::now();
         let deadline = started + within;
@@ -854,16 +857,18 @@ impl Cluster {
             std::thread::sleep(Duration::from_millis(200));
         }
         let left = deadline.saturating_duration_since(Instant::now());
-        if let Err(e) = self.wait_log(node, since, &["serving volume", name], left) {
+        if let Err(e) = self.wait_log(node, since, &["target ready", name], left) {
             panic!("attach {name} to {node}: {e}");
         }
         started.elapsed()
     }
 
-    pub fn detach(&self, name: &str, force: bool) -> AdminRun {
+    /// Detaches `name` from gateway `g`, or from whoever holds it (`None`).
+    pub fn detach(&self, name: &str, g: Option<u32>) -> AdminRun {
+        let id = g.map(|g| Node::Gateway(g).id());
         let mut args = vec!["volume", "detach", name];
-        if force {
-            args.push("--force");
+        if let Some(id) = &id {
+            args.extend(["--node", id.as_str()]);
         }
         self.admin(&args)
     }
