@@ -18,12 +18,16 @@ mod cluster;
 mod support;
 mod workload;
 
-use std::time::Duration;
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
 
+use cluster::{Cluster, ClusterConfig, Node};
+use ironsan_common::proto::manager::{GetChunksRequest, VolumeRef};
 use support::{iqn, Server, ServerConfig, TestDir};
 use workload::libiscsi::{IscsiError, Session, SessionConfig};
 use workload::{
-    decode, encode, verify_volume, Content, Portals, Violation, Workload, WorkloadConfig, BLOCK,
+    decode, encode, verify_volume, Content, Outcome, Portals, Record, Rng, Violation, Workload,
+    WorkloadConfig, BLOCK,
 };
 
 const MIB: u64 = 1 << 20;
@@ -219,11 +223,6 @@ fn dev_workload_survives_kill9_and_checker_catches_lost_writes() {
 
 // ------------------------------------------------------------------------------------------
 // Against a cluster of processes
-
-use std::collections::BTreeMap;
-
-use cluster::{Cluster, ClusterConfig, Node};
-use workload::Outcome;
 
 const VOL: &str = "faults";
 /// Blocks at the end of the volume kept out of the workload, for probes.
@@ -477,4 +476,556 @@ fn cluster_degraded_service() {
         replicas.chunks
     );
     check_final(&report, &replicas);
+}
+
+// ------------------------------------------------------------------------------------------
+// The fault suite
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Fault {
+    /// kill -9 of a storage daemon, restarted after the hold.
+    StorageKill,
+    /// kill -9 of the manager leader, restarted after the hold.
+    LeaderKill,
+    /// kill -9 of the gateway serving the volume; the other gateway takes over; the killed
+    /// one comes back as the spare.
+    GatewayKill,
+    /// A storage node cut off from everything else, healed after the hold.
+    StoragePartition,
+    /// The serving gateway cut off; the other takes over once the lease lapses; healed.
+    GatewayPartition,
+    /// A storage daemon's disk turns read-only under it; the disk is repaired and the daemon
+    /// restarted after the hold.
+    DiskReadOnly,
+    /// SIGTERM + start of a storage daemon / a manager / the serving gateway.
+    RestartStorage,
+    RestartManager,
+    RestartGateway,
+}
+
+impl Fault {
+    const ALL: [Fault; 9] = [
+        Fault::StorageKill,
+        Fault::LeaderKill,
+        Fault::GatewayKill,
+        Fault::StoragePartition,
+        Fault::GatewayPartition,
+        Fault::DiskReadOnly,
+        Fault::RestartStorage,
+        Fault::RestartManager,
+        Fault::RestartGateway,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            Fault::StorageKill => "storage kill -9",
+            Fault::LeaderKill => "manager leader kill -9",
+            Fault::GatewayKill => "gateway kill -9 + takeover",
+            Fault::StoragePartition => "storage partition",
+            Fault::GatewayPartition => "gateway partition + takeover",
+            Fault::DiskReadOnly => "storage disk read-only",
+            Fault::RestartStorage => "clean restart storage",
+            Fault::RestartManager => "clean restart manager",
+            Fault::RestartGateway => "clean restart gateway",
+        }
+    }
+}
+
+/// What one injected fault did.
+struct FaultRecord {
+    n: usize,
+    kind: Fault,
+    target: String,
+    /// Seconds into the run when it started.
+    at: Duration,
+    /// From injection to healing.
+    held: Duration,
+    /// From healing until the workload made progress again.
+    resumed: Duration,
+    /// From then until no chunk was degraded and no recovery task left.
+    redundancy: Duration,
+    note: String,
+}
+
+struct Suite {
+    h: Harness,
+    wl: Workload,
+    rng: Rng,
+    started: Instant,
+    long: bool,
+    holder: u32,
+    faults: Vec<FaultRecord>,
+}
+
+/// `IRONSAN_FAULTS=long`: hundreds of random faults (`IRONSAN_FAULT_COUNT`, default 200).
+fn long_form() -> Option<usize> {
+    match std::env::var("IRONSAN_FAULTS").as_deref() {
+        Ok("long") => Some(match std::env::var("IRONSAN_FAULT_COUNT") {
+            Ok(v) => v
+                .parse()
+                .unwrap_or_else(|_| panic!("IRONSAN_FAULT_COUNT={v:?} is not a number")),
+            Err(_) => 200,
+        }),
+        Ok("short") | Err(_) => None,
+        Ok(other) => panic!("IRONSAN_FAULTS={other:?}: expected `long` or `short`"),
+    }
+}
+
+impl Suite {
+    fn hold(&mut self, short: Duration) {
+        let d = if self.long {
+            Duration::from_millis(1000 + self.rng.below(6000))
+        } else {
+            short
+        };
+        std::thread::sleep(d);
+    }
+
+    fn random_storage(&mut self) -> u32 {
+        1 + self.rng.below(u64::from(self.h.c.cfg.storage)) as u32
+    }
+
+    /// A storage node holding replicas of the volume (so the fault matters): the one holding
+    /// the most in the short form, any of them in the long form.
+    fn loaded_storage(&mut self) -> u32 {
+        let counts = self.h.c.replica_counts(VOL);
+        let mut loaded: Vec<(usize, u32)> = (1..=self.h.c.cfg.storage)
+            .map(|i| (counts[&Node::Storage(i).id()], i))
+            .filter(|&(n, _)| n > 0)
+            .collect();
+        loaded.sort();
+        match (self.long, loaded.last()) {
+            (_, None) => self.random_storage(),
+            (false, Some(&(_, i))) => i,
+            (true, Some(_)) => loaded[self.rng.below(loaded.len() as u64) as usize].1,
+        }
+    }
+
+    fn other_gateway(&self) -> u32 {
+        if self.holder == 1 {
+            2
+        } else {
+            1
+        }
+    }
+
+    /// Moves the volume to the other gateway (the holder being dead or cut off): portals
+    /// first, then attach, retrying until the old lease lapses.
+    fn take_over(&mut self) -> (u32, Duration) {
+        let (old, new) = (self.holder, self.other_gateway());
+        self.h
+            .portals
+            .set(vec![self.h.c.portal(new), self.h.c.portal(old)]);
+        let took = self.h.c.attach(VOL, new, Duration::from_secs(60));
+        self.holder = new;
+        (old, took)
+    }
+
+    /// After a takeover, the old gateway (cut off, lease lapsed) must refuse I/O.
+    fn check_stale_gateway_refuses(&self, old: u32) -> String {
+        let portal = self.h.c.portal(old);
+        let pb = self.h.probe_block() + 1;
+        match self.h.probe(&portal) {
+            Err(e) => format!("stale g{old} refused login: {}", e.kind()),
+            Ok(mut s) => {
+                let gen = 1000 + self.faults.len() as u64;
+                match s.write(pb * BLOCK as u64, &encode(pb, gen, 100), false) {
+                    Ok(()) => panic!(
+                        "SPLIT BRAIN: gateway g{old} acknowledged a write after g{} took the volume over\n{}",
+                        self.holder,
+                        self.h.c.log_tails(30)
+                    ),
+                    Err(e) => format!("stale g{old} refused a write: {}", e.kind()),
+                }
+            }
+        }
+    }
+
+    fn inject(&mut self, kind: Fault) {
+        let n = self.faults.len() + 1;
+        let at = self.started.elapsed();
+        let t0 = Instant::now();
+        let mut note = String::new();
+        let target;
+        match kind {
+            Fault::StorageKill => {
+                let i = self.loaded_storage();
+                target = format!("storage-{i}");
+                self.wl.set_phase(&format!("{} {target}", kind.name()));
+                self.h.c.kill(Node::Storage(i));
+                self.hold(Duration::from_secs(3));
+                self.h.c.start_node(Node::Storage(i));
+            }
+            Fault::LeaderKill => {
+                let l = self.h.c.leader(Duration::from_secs(30));
+                target = format!("manager-{l}");
+                self.wl.set_phase(&format!("{} {target}", kind.name()));
+                self.h.c.kill(Node::Manager(l));
+                let t = Instant::now();
+                let new = self.h.c.leader(Duration::from_secs(30));
+                note = format!("manager-{new} leads after {:.1?}", t.elapsed());
+                self.hold(Duration::from_secs(2));
+                self.h.c.start_node(Node::Manager(l));
+            }
+            Fault::GatewayKill => {
+                let g = self.holder;
+                target = format!("gateway-{g}");
+                self.wl.set_phase(&format!("{} {target}", kind.name()));
+                self.h.c.kill(Node::Gateway(g));
+                let (_, took) = self.take_over();
+                note = format!("g{} serves after {took:.1?}", self.holder);
+                self.h.c.start_node(Node::Gateway(g));
+            }
+            Fault::StoragePartition => {
+                let i = self.loaded_storage();
+                target = format!("storage-{i}");
+                self.wl.set_phase(&format!("{} {target}", kind.name()));
+                self.h.c.partition(Node::Storage(i), true);
+                // Past node timeout + recovery grace, so rebuilds start and then meet the node
+                // coming back.
+                self.hold(Duration::from_secs(6));
+                self.h.c.partition(Node::Storage(i), false);
+            }
+            Fault::GatewayPartition => {
+                let g = self.holder;
+                target = format!("gateway-{g}");
+                self.wl.set_phase(&format!("{} {target}", kind.name()));
+                let since = self.h.c.log_len(Node::Gateway(g));
+                self.h.c.partition(Node::Gateway(g), true);
+                let (old, took) = self.take_over();
+                let stale = self.check_stale_gateway_refuses(old);
+                self.h.c.partition(Node::Gateway(g), false);
+                // Healed, it must notice the volume is gone and stop serving it.
+                let stopped = self
+                    .h
+                    .c
+                    .wait_log(
+                        Node::Gateway(g),
+                        since,
+                        &["stopping service of volume", VOL],
+                        Duration::from_secs(30),
+                    )
+                    .unwrap_or_else(|e| panic!("healed stale gateway g{g}: {e}"));
+                let _ = stopped;
+                note = format!("g{} serves after {took:.1?}; {stale}", self.holder);
+            }
+            Fault::DiskReadOnly => {
+                let i = self.loaded_storage();
+                target = format!("storage-{i}");
+                self.wl.set_phase(&format!("{} {target}", kind.name()));
+                self.h.c.make_disk_read_only(i);
+                self.hold(Duration::from_secs(3));
+                let alive = self.h.c.is_running(Node::Storage(i));
+                note = if alive {
+                    "daemon still running on the read-only disk".into()
+                } else {
+                    "daemon exited on the read-only disk".into()
+                };
+                self.h.c.kill(Node::Storage(i));
+                self.h.c.restore_disk(i);
+                self.h.c.start_node(Node::Storage(i));
+            }
+            Fault::RestartStorage => {
+                let i = self.random_storage();
+                target = format!("storage-{i}");
+                self.wl.set_phase(&format!("{} {target}", kind.name()));
+                self.h.c.restart(Node::Storage(i));
+            }
+            Fault::RestartManager => {
+                let m = 1 + self.rng.below(u64::from(self.h.c.cfg.managers)) as u32;
+                target = format!("manager-{m}");
+                self.wl.set_phase(&format!("{} {target}", kind.name()));
+                self.h.c.restart(Node::Manager(m));
+            }
+            Fault::RestartGateway => {
+                let g = self.holder;
+                target = format!("gateway-{g}");
+                self.wl.set_phase(&format!("{} {target}", kind.name()));
+                let since = self.h.c.log_len(Node::Gateway(g));
+                self.h.c.restart(Node::Gateway(g));
+                self.h
+                    .c
+                    .wait_log(
+                        Node::Gateway(g),
+                        since,
+                        &["target ready", VOL],
+                        Duration::from_secs(60),
+                    )
+                    .unwrap_or_else(|e| panic!("restarted gateway g{g}: {e}"));
+            }
+        }
+        let held = t0.elapsed();
+        self.wl
+            .set_phase(&format!("after {} {target}", kind.name()));
+        let t1 = Instant::now();
+        if !self.wl.wait_progress(100, Duration::from_secs(90)) {
+            let fatal = self.wl.finish().fatal;
+            panic!(
+                "fault {n} ({} {target}): the workload did not resume within 90 s; workers: {fatal:?}\n{}",
+                kind.name(),
+                self.h.c.log_tails(30)
+            );
+        }
+        let resumed = t1.elapsed();
+        let t2 = Instant::now();
+        if let Err(e) = self.h.c.wait_full_redundancy(Duration::from_secs(120)) {
+            panic!(
+                "fault {n} ({} {target}): {e}\n{}",
+                kind.name(),
+                self.h.c.log_tails(30)
+            );
+        }
+        let redundancy = t2.elapsed();
+        let nodes = self.h.c.nodes();
+        self.h.c.assert_running(&nodes);
+        let (w, r, e) = self.wl.counts();
+        println!(
+            "[fault {n} at {:>5.1}s] {:<30} {target:<10} held {held:>5.1?}, I/O resumed {resumed:>5.1?}, redundancy {redundancy:>5.1?}; {w} writes {r} reads {e} errors so far{}{}",
+            at.as_secs_f64(),
+            kind.name(),
+            if note.is_empty() { "" } else { "; " },
+            note
+        );
+        self.faults.push(FaultRecord {
+            n,
+            kind,
+            target,
+            at,
+            held,
+            resumed,
+            redundancy,
+            note,
+        });
+    }
+}
+
+/// Data (bytes) of distinct blocks ever written in the chunks `chunks` (chunk size `cs`).
+fn written_bytes_in(record: &Record, chunks: &BTreeSet<u64>, cs: u64) -> u64 {
+    record
+        .iter()
+        .filter(|(b, st)| st.last > 0 && chunks.contains(&(*b * BLOCK as u64 / cs)))
+        .count() as u64
+        * BLOCK as u64
+}
+
+/// The fault-injection suite: a 4-worker iSCSI workload against a 3-manager, 4-storage,
+/// 2-gateway cluster (each process in its own network namespace, each storage daemon on its
+/// own ext4 loop disk) while faults are injected one at a time; then redundancy, read-back
+/// and replica checks, and a report. Short form: each fault kind once (about 3 minutes).
+#[test]
+fn cluster_fault_suite() {
+    let _serial = cluster::serial();
+    let seed = seed();
+    let long = long_form();
+    println!(
+        "seed {seed} (IRONSAN_FAULT_SEED={seed} replays the fault sequence), {} form",
+        if long.is_some() { "long" } else { "short" }
+    );
+    let cfg = ClusterConfig::new("faults", 3, 4, 2)
+        .netns(true)
+        .disks(1 << 30);
+    let h = Harness::start(cfg, 128, 4, seed);
+    let chunk_size = 4 * MIB;
+    // Every block written once first: every chunk holds data, as a rebuild should copy.
+    let t = Instant::now();
+    let record = workload::prefill(
+        &h.portals,
+        &h.wcfg.session(98),
+        h.wcfg.blocks,
+        h.wcfg.workers,
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", h.c.log_tails(20)));
+    println!("prefilled {} blocks in {:.1?}", record.len(), t.elapsed());
+    let wl = Workload::start_from(&h.wcfg, &h.portals, record);
+    assert!(
+        wl.wait_progress(300, Duration::from_secs(60)),
+        "no progress through the gateway: {:?}\n{}",
+        wl.counts(),
+        h.c.log_tails(20)
+    );
+    let mut s = Suite {
+        h,
+        wl,
+        rng: Rng::new(seed ^ 0xfa17),
+        started: Instant::now(),
+        long: long.is_some(),
+        holder: 1,
+        faults: Vec::new(),
+    };
+    let plan: Vec<Fault> = match long {
+        None => Fault::ALL.to_vec(),
+        Some(n) => {
+            // Every kind once first, then at random.
+            let mut p = Fault::ALL.to_vec();
+            while p.len() < n {
+                p.push(Fault::ALL[s.rng.below(Fault::ALL.len() as u64) as usize]);
+            }
+            p.truncate(n.max(1));
+            p
+        }
+    };
+    for kind in plan {
+        s.inject(kind);
+        if s.wl.finished() {
+            break;
+        }
+    }
+    let Suite {
+        mut h, wl, faults, ..
+    } = s;
+    let mut out = wl.stop();
+    check_outcome(&out);
+
+    // Redundancy once the workload stops, then a rebuild timed on its own: a storage daemon
+    // killed for good, until its chunks have new replicas elsewhere.
+    let settled =
+        h.c.wait_full_redundancy(Duration::from_secs(120))
+            .unwrap_or_else(|e| panic!("{e}\n{}", h.c.log_tails(30)));
+    let counts = h.c.replica_counts(VOL);
+    let (victim_id, _) = counts
+        .iter()
+        .max_by_key(|(_, &n)| n)
+        .expect("storage nodes");
+    let victim_id = victim_id.clone();
+    let victim: u32 = victim_id[1..].parse().expect("storage ids are sN");
+    let client = h.c.client();
+    let map =
+        h.c.block_on(client.get_chunks(GetChunksRequest {
+            volume: Some(VolumeRef {
+                id: 0,
+                name: VOL.into(),
+            }),
+            first: 0,
+            count: 0,
+        }))
+        .expect("chunk map");
+    let on_victim: BTreeSet<u64> = map
+        .chunks
+        .iter()
+        .filter(|c| c.replicas.contains(&victim_id))
+        .map(|c| c.index)
+        .collect();
+    let victim_bytes = written_bytes_in(&out.record, &on_victim, chunk_size);
+    h.c.kill(Node::Storage(victim));
+    let detected =
+        h.c.wait_degraded(Duration::from_secs(60))
+            .unwrap_or_else(|e| panic!("storage-{victim} killed: {e}"));
+    let mut rebuild =
+        h.c.wait_redundancy(Duration::from_secs(300))
+            .unwrap_or_else(|e| {
+                panic!(
+                    "rebuild after storage-{victim} died: {e}\n{}",
+                    h.c.log_tails(30)
+                )
+            });
+    rebuild.total += detected;
+    rebuild.tasks_seen = rebuild.tasks_seen.map(|t| t + detected);
+    h.c.start_node(Node::Storage(victim));
+    h.c.wait_full_redundancy(Duration::from_secs(120))
+        .unwrap_or_else(|e| panic!("after storage-{victim} came back: {e}"));
+
+    let report = h.verify(&mut out);
+    let replicas = h.compare();
+
+    // The report.
+    let written: u64 = out.record.values().filter(|st| st.last > 0).count() as u64 * BLOCK as u64;
+    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+    let mut by_kind = BTreeMap::<&str, u32>::new();
+    for f in &faults {
+        *by_kind.entry(f.kind.name()).or_default() += 1;
+    }
+    let worst = faults.iter().max_by_key(|f| f.redundancy);
+    let lost = report.lost_writes()
+        + out
+            .violations
+            .iter()
+            .filter(|(v, _)| v.is_lost_write())
+            .count();
+    println!(
+        "\n=== fault-injection report (seed {seed}, {} faults, {:.0?}) ===",
+        faults.len(),
+        out.elapsed
+    );
+    println!(
+        "operations acknowledged: {} writes ({} blocks, {:.1} MiB), {} verifying reads; failed: {} writes, {} reads; {} sessions",
+        out.stats.writes_acked,
+        out.stats.blocks_acked,
+        (out.stats.blocks_acked * BLOCK as u64) as f64 / MIB as f64,
+        out.stats.reads_ok,
+        out.stats.writes_failed,
+        out.stats.reads_failed,
+        out.stats.sessions
+    );
+    println!("initiator errors by kind: {:?}", out.stats.errors);
+    println!("faults injected by kind: {by_kind:?}");
+    for f in &faults {
+        println!(
+            "  #{:<3} {:>6.1}s {:<30} {:<10} held {:>5.1?} resumed {:>5.1?} redundancy {:>5.1?} {}",
+            f.n,
+            f.at.as_secs_f64(),
+            f.kind.name(),
+            f.target,
+            f.held,
+            f.resumed,
+            f.redundancy,
+            f.note
+        );
+    }
+    println!(
+        "longest stall of a worker: {:.1?} (starting during {:?})",
+        out.stats.longest_stall.0, out.stats.longest_stall.1
+    );
+    println!(
+        "in-doubt writes found landed: {} during the run, {} at read-back",
+        out.stats.in_doubt_landed, report.in_doubt_landed
+    );
+    println!("acknowledged writes lost: {lost}");
+    println!(
+        "blocks differing between replicas: {} ({} chunks, {} replicas read, {:.0} MiB compared, {} chunks never written)",
+        replicas.differing_blocks,
+        replicas.chunks,
+        replicas.replicas_read,
+        replicas.bytes_compared as f64 / MIB as f64,
+        replicas.chunks_unwritten
+    );
+    if let Some(w) = worst {
+        println!(
+            "redundancy after each fault: longest {:.1?} (#{} {})",
+            w.redundancy,
+            w.n,
+            w.kind.name()
+        );
+    }
+    println!(
+        "full redundancy after the workload stopped: {settled:.1?}; written data {:.1} MiB",
+        written as f64 / MIB as f64
+    );
+    let copying = rebuild.total - rebuild.tasks_seen.unwrap_or_default();
+    println!(
+        "rebuild: storage-{victim} killed holding {:.1} MiB of written data in {} chunks; full redundancy after {:.1?} \
+         (degraded after {detected:.1?}; recovery tasks after {:.1?} (node timeout {} + recovery grace {}), then {copying:.1?} copying) \
+         = {:.0} s per GiB of written data end to end, {:.0} s per GiB copying",
+        victim_bytes as f64 / MIB as f64,
+        on_victim.len(),
+        rebuild.total,
+        rebuild.tasks_seen.unwrap_or_default(),
+        h.c.cfg.node_timeout,
+        h.c.cfg.recovery_grace,
+        rebuild.total.as_secs_f64() / gib(victim_bytes).max(f64::MIN_POSITIVE),
+        copying.as_secs_f64() / gib(victim_bytes).max(f64::MIN_POSITIVE)
+    );
+    println!(
+        "final read-back of {} blocks took {:.1?}",
+        report.blocks, report.elapsed
+    );
+
+    check_final(&report, &replicas);
+    assert_eq!(lost, 0, "acknowledged writes lost");
+    let kinds: BTreeSet<Fault> = faults.iter().map(|f| f.kind).collect();
+    assert_eq!(
+        kinds.len(),
+        Fault::ALL.len(),
+        "not every fault kind was injected: {kinds:?}"
+    );
+    assert!(out.stats.writes_acked > 1000, "{:?}", out.stats);
 }

@@ -103,9 +103,9 @@ impl LoopDisk {
     /// Unmounts, repairs and remounts read-write. Every process using it must have exited.
     pub fn restore(&mut self) -> Result<(), String> {
         self.unmount()?;
-        // A namespace copy of the mount (`ip netns exec` gives each daemon its own mount
-        // namespace) goes away a moment after its process; until then e2fsck finds the device
-        // in use (exit 8) and touches nothing.
+        // The superblock may outlive the unmount for a moment (a process that just exited
+        // releasing its files); until then e2fsck finds the device in use (exit 8) and
+        // touches nothing.
         let mut tries = 0;
         loop {
             tries += 1;

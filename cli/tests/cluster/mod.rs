@@ -923,13 +923,45 @@ impl Cluster {
     /// Waits until the leader reports no degraded chunk and no recovery task; returns how long
     /// that took (or the last status on timeout).
     pub fn wait_full_redundancy(&mut self, within: Duration) -> Result<Duration, String> {
+        self.wait_redundancy(within).map(|r| r.total)
+    }
+
+    /// Waits until the leader reports degraded chunks (a node declared Down, a replica
+    /// removed); returns how long that took.
+    pub fn wait_degraded(&mut self, within: Duration) -> Result<Duration, String> {
         let started = Instant::now();
+        loop {
+            let s = self.status();
+            if s["degraded_chunks"].as_u64().unwrap_or(0) > 0 {
+                return Ok(started.elapsed());
+            }
+            if started.elapsed() > within {
+                return Err(format!(
+                    "no chunk degraded within {within:?}; status: {s:#}"
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// [`Cluster::wait_full_redundancy`] with when chunks were first seen degraded and when
+    /// recovery tasks first existed, to tell detection time from copy time.
+    pub fn wait_redundancy(&mut self, within: Duration) -> Result<Redundancy, String> {
+        let started = Instant::now();
+        let mut r = Redundancy::default();
         loop {
             let s = self.status();
             let degraded = s["degraded_chunks"].as_u64();
             let tasks = s["recovery_tasks"].as_u64();
+            if degraded.unwrap_or(0) > 0 && r.degraded_seen.is_none() {
+                r.degraded_seen = Some(started.elapsed());
+            }
+            if tasks.unwrap_or(0) > 0 && r.tasks_seen.is_none() {
+                r.tasks_seen = Some(started.elapsed());
+            }
             if degraded == Some(0) && tasks == Some(0) {
-                return Ok(started.elapsed());
+                r.total = started.elapsed();
+                return Ok(r);
             }
             if started.elapsed() > within {
                 let t = self
@@ -942,6 +974,31 @@ impl Cluster {
             }
             std::thread::sleep(Duration::from_millis(200));
         }
+    }
+
+    /// How many chunks of `volume` each storage node holds (node id → count).
+    pub fn replica_counts(&self, volume: &str) -> BTreeMap<String, usize> {
+        let client = self.client();
+        let map = self
+            .rt
+            .block_on(client.get_chunks(pb::GetChunksRequest {
+                volume: Some(pb::VolumeRef {
+                    id: 0,
+                    name: volume.to_string(),
+                }),
+                first: 0,
+                count: 0,
+            }))
+            .unwrap_or_else(|e| panic!("chunk map of {volume}: {e}"));
+        let mut counts: BTreeMap<String, usize> = (1..=self.cfg.storage)
+            .map(|i| (Node::Storage(i).id(), 0))
+            .collect();
+        for c in &map.chunks {
+            for r in &c.replicas {
+                *counts.entry(r.clone()).or_default() += 1;
+            }
+        }
+        counts
     }
 
     /// Reads every chunk of `volume` from every replica over the data path and compares
@@ -983,6 +1040,16 @@ impl Drop for Cluster {
             let _ = std::fs::remove_dir_all(&self.root);
         }
     }
+}
+
+/// How full redundancy came back (times from the start of the wait).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Redundancy {
+    pub total: Duration,
+    /// First poll that showed degraded chunks.
+    pub degraded_seen: Option<Duration>,
+    /// First poll that showed recovery tasks (copying starts about then).
+    pub tasks_seen: Option<Duration>,
 }
 
 /// One admin command's result.

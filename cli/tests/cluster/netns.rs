@@ -152,10 +152,17 @@ impl Netns {
         format!("{}.{i}", self.subnet)
     }
     /// The command prefix that runs a program in slot `i`.
+    ///
+    /// `nsenter --net` rather than `ip netns exec`: the latter also gives the program its own
+    /// mount namespace, holding a copy of every mount — the other storage daemons' loop disks
+    /// included — which keeps a disk busy (no unmount, no e2fsck) while any process lives.
+    /// Both exec the program in place, so its pid is the daemon's.
     pub fn prefix(&self, i: u32) -> Vec<String> {
-        ["ip", "netns", "exec", &self.ns(i)]
-            .map(String::from)
-            .to_vec()
+        vec![
+            "nsenter".to_string(),
+            format!("--net=/run/netns/{}", self.ns(i)),
+            "--".to_string(),
+        ]
     }
 
     pub fn is_cut(&self, i: u32) -> bool {

@@ -475,17 +475,27 @@ pub struct Workload {
 
 impl Workload {
     pub fn start(cfg: &WorkloadConfig, portals: &Portals) -> Workload {
+        Workload::start_from(cfg, portals, Record::new())
+    }
+
+    /// Starts from an existing record (e.g. [`prefill`]'s): each worker takes its blocks.
+    pub fn start_from(cfg: &WorkloadConfig, portals: &Portals, mut record: Record) -> Workload {
         assert!(cfg.workers > 0 && cfg.blocks >= u64::from(cfg.workers) * STRIPE);
+        let mut parts: Vec<Record> = (0..cfg.workers).map(|_| Record::new()).collect();
+        for (b, st) in record.drain() {
+            parts[owner(b, cfg.workers) as usize].insert(b, st);
+        }
         let stop = Arc::new(AtomicBool::new(false));
         let live = Arc::new(Live::default());
         let phase = Arc::new(Mutex::new("steady".to_string()));
         let threads = (0..cfg.workers)
-            .map(|w| {
+            .zip(parts)
+            .map(|(w, part)| {
                 let (cfg, portals) = (cfg.clone(), portals.clone());
                 let (stop, live, phase) = (stop.clone(), live.clone(), phase.clone());
                 std::thread::Builder::new()
                     .name(format!("worker-{w}"))
-                    .spawn(move || Worker::new(w, cfg, portals, stop, live, phase).run())
+                    .spawn(move || Worker::new(w, cfg, portals, stop, live, phase, part).run())
                     .expect("spawn worker thread")
             })
             .collect();
@@ -540,7 +550,12 @@ impl Workload {
         self.started.elapsed()
     }
 
-    pub fn stop(self) -> Outcome {
+    pub fn stop(mut self) -> Outcome {
+        self.finish()
+    }
+
+    /// Stops the workers and collects their results (the workload is spent afterwards).
+    pub fn finish(&mut self) -> Outcome {
         self.stop.store(true, Ordering::SeqCst);
         let mut out = Outcome {
             record: Record::new(),
@@ -549,7 +564,7 @@ impl Workload {
             fatal: Vec::new(),
             elapsed: self.started.elapsed(),
         };
-        for t in self.threads {
+        for t in std::mem::take(&mut self.threads) {
             let r = t.join().expect("a worker thread panicked");
             out.record.extend(r.record);
             out.stats.merge(&r.stats);
@@ -559,6 +574,13 @@ impl Workload {
             }
         }
         out
+    }
+}
+
+impl Drop for Workload {
+    fn drop(&mut self) {
+        // A test that panics mid-run leaves the workers to stop on their own.
+        self.stop.store(true, Ordering::SeqCst);
     }
 }
 
@@ -586,8 +608,15 @@ impl Worker {
         stop: Arc<AtomicBool>,
         live: Arc<Live>,
         phase: Arc<Mutex<String>>,
+        record: Record,
     ) -> Worker {
         let rng = Rng::new(cfg.seed ^ (u64::from(id) << 48));
+        let mut written: Vec<u64> = record
+            .iter()
+            .filter(|(_, st)| st.last > 0)
+            .map(|(&b, _)| b)
+            .collect();
+        written.sort_unstable();
         Worker {
             id,
             cfg,
@@ -596,8 +625,8 @@ impl Worker {
             live,
             phase,
             rng,
-            record: Record::new(),
-            written: Vec::new(),
+            record,
+            written,
             stats: Stats::default(),
             violations: Vec::new(),
             buf: vec![0u8; BLOCK * STRIPE as usize],
@@ -772,6 +801,39 @@ impl Worker {
         self.live.reads.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
+}
+
+/// Writes generation 1 of every block `0..blocks` (each as its owner among `workers` would)
+/// in 256 KiB commands, so every chunk holds data; returns the record to start workers from.
+pub fn prefill(
+    portals: &Portals,
+    cfg: &SessionConfig,
+    blocks: u64,
+    workers: u32,
+) -> Result<Record, String> {
+    let mut s = connect_any(portals, cfg)?;
+    let mut record = Record::new();
+    let mut buf = vec![0u8; BLOCK * VERIFY_BATCH as usize];
+    let mut next = 0;
+    while next < blocks {
+        let n = VERIFY_BATCH.min(blocks - next);
+        for i in 0..n {
+            let b = next + i;
+            let at = i as usize * BLOCK;
+            encode_into(&mut buf[at..at + BLOCK], b, 1, owner(b, workers));
+        }
+        s.write(next * BLOCK as u64, &buf[..n as usize * BLOCK], false)
+            .map_err(|e| format!("prefill at block {next}: {e}"))?;
+        for b in next..next + n {
+            let st: &mut BlockState = record.entry(b).or_default();
+            let g = st.begin_write();
+            st.write_acked(g);
+        }
+        next += n;
+    }
+    s.flush().map_err(|e| format!("prefill flush: {e}"))?;
+    s.logout();
+    Ok(record)
 }
 
 // ------------------------------------------------------------------------------------------
