@@ -309,8 +309,9 @@ fn check_final(report: &workload::VerifyReport, replicas: &cluster::ReplicaRepor
         replicas.details.join("\n  ")
     );
     assert!(
-        replicas.replicas_read >= 3 * (replicas.chunks - replicas.chunks_unwritten),
-        "{replicas:?}"
+        replicas.replicas_read >= 3 * (replicas.chunks - replicas.chunks_unwritten)
+            && replicas.joining == 0,
+        "not every chunk had 3 replicas to compare: {replicas:?}"
     );
 }
 
@@ -957,6 +958,11 @@ fn cluster_fault_suite() {
         out.stats.sessions
     );
     println!("initiator errors by kind: {:?}", out.stats.errors);
+    for (kind, samples) in &out.stats.error_samples {
+        for e in samples {
+            println!("  {kind}: {e}");
+        }
+    }
     println!("faults injected by kind: {by_kind:?}");
     for f in &faults {
         println!(

@@ -74,6 +74,9 @@ impl Netns {
                 "`ip netns` is unavailable ({e}): apt-get install -y iproute2 (and run as root)"
             );
         }
+        if let Err(e) = Command::new("nsenter").arg("--version").output() {
+            panic!("`nsenter` is unavailable ({e}): apt-get install -y util-linux");
+        }
         sweep_stale();
         let pid = std::process::id();
         // A /24 no other run holds (each bridge has its subnet's .254).

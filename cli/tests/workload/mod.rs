@@ -41,6 +41,8 @@ const HEADER: usize = 32;
 const STRIPE: u64 = 16;
 /// Stripes start this many blocks before each 64 KiB boundary (see the module doc).
 const STRIPE_OFFSET: u64 = 8;
+/// Errors of each kind kept in full per worker.
+const ERROR_SAMPLES: usize = 3;
 /// Blocks per READ in [`verify_volume`] (256 KiB).
 const VERIFY_BATCH: u64 = 64;
 
@@ -410,6 +412,8 @@ pub struct Stats {
     pub in_doubt_landed: u64,
     /// Errors by kind (`connection`, `check-condition/0x2`, ...).
     pub errors: BTreeMap<String, u64>,
+    /// The first few errors of each kind in full, with the phase they happened in.
+    pub error_samples: BTreeMap<String, Vec<String>>,
     /// The longest time without a successful operation, and the fault label at its start.
     pub longest_stall: (Duration, String),
 }
@@ -426,6 +430,14 @@ impl Stats {
         self.in_doubt_landed += o.in_doubt_landed;
         for (k, v) in &o.errors {
             *self.errors.entry(k.clone()).or_default() += v;
+        }
+        for (k, v) in &o.error_samples {
+            let mine = self.error_samples.entry(k.clone()).or_default();
+            mine.extend(
+                v.iter()
+                    .take(ERROR_SAMPLES.saturating_sub(mine.len()))
+                    .cloned(),
+            );
         }
         if o.longest_stall.0 > self.longest_stall.0 {
             self.longest_stall = o.longest_stall.clone();
@@ -661,8 +673,17 @@ impl Worker {
         self.live.cv.notify_all();
     }
 
-    fn note_err(&mut self, e: &IscsiError) {
+    fn note_err(&mut self, e: &IscsiError, portal: &str) {
         *self.stats.errors.entry(e.kind()).or_default() += 1;
+        let line = format!(
+            "worker {} via {portal} during {:?}: {e}",
+            self.id,
+            self.phase()
+        );
+        let samples = self.stats.error_samples.entry(e.kind()).or_default();
+        if samples.len() < ERROR_SAMPLES {
+            samples.push(line);
+        }
         self.live.errors.fetch_add(1, Ordering::Relaxed);
     }
 
@@ -710,7 +731,7 @@ impl Worker {
                     backoff = Duration::from_millis(20);
                 }
                 Err(e) => {
-                    self.note_err(&e);
+                    self.note_err(&e, s.portal());
                     last_error = format!("{} via {}: {e}", self.phase(), s.portal());
                     // NOT READY: this gateway does not serve the volume (any more); other
                     // errors that do not break the session are retried on it after a pause.
