@@ -308,6 +308,15 @@ fn stripe_end(block: u64) -> u64 {
     ((block + STRIPE_OFFSET) / STRIPE + 1) * STRIPE - STRIPE_OFFSET
 }
 
+/// The time of day in UTC (`HH:MM:SS.mmm`), to find an error in the daemons' logs.
+pub fn utc_now() -> String {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let (s, ms) = (t.as_secs() % 86_400, t.subsec_millis());
+    format!("{:02}:{:02}:{:02}.{ms:03}Z", s / 3600, s / 60 % 60, s % 60)
+}
+
 // ------------------------------------------------------------------------------------------
 // Portals
 
@@ -676,7 +685,8 @@ impl Worker {
     fn note_err(&mut self, e: &IscsiError, portal: &str) {
         *self.stats.errors.entry(e.kind()).or_default() += 1;
         let line = format!(
-            "worker {} via {portal} during {:?}: {e}",
+            "{} worker {} via {portal} during {:?}: {e}",
+            utc_now(),
             self.id,
             self.phase()
         );
