@@ -159,47 +159,37 @@ impl Volume {
                 c.seq_at_least(top + 1);
                 return Ok(());
             }
-            let ranges = self.diverging(c, &view, &existing, since).await?;
             let seq = top + 1;
-            let mut copied = 0u64;
-            for r in &ranges {
-                let mut off = r.offset;
-                while off < r.offset + r.len {
-                    let n = (r.offset + r.len - off).min(COPY_PIECE);
-                    let data = self
-                        .client(&source)
-                        .await
-                        .map_err(read_err)?
-                        .read(self.cid(c), off, n, epoch)
-                        .await
-                        .map_err(read_err)?
-                        .data;
-                    let writes = join_all(others.iter().map(|node| {
-                        let data = data.clone();
-                        async move {
-                            self.client(node)
-                                .await?
-                                .write(
-                                    self.cid(c),
-                                    off,
-                                    data,
-                                    WriteOpts {
-                                        epoch,
-                                        seq,
-                                        fua: false,
-                                    },
-                                )
-                                .await
-                        }
-                    }))
-                    .await;
-                    if let Some(Err(e)) = writes.into_iter().find(|w| w.is_err()) {
-                        return Err(unavailable(format!("reconcile write: {e}")));
-                    }
-                    copied += n;
-                    off += n;
+            let copied = match self
+                .copy_ranges(c, &view, &existing, since, &source, &others, epoch, seq)
+                .await
+            {
+                Ok(n) => n,
+                Err((node, e)) if replica_fault(&e) => {
+                    // A replica failed mid-reconcile: it leaves the set like after a failed
+                    // write, and the reconcile starts over with the others.
+                    let verdicts: Vec<(String, Result<(), String>)> = view
+                        .replicas
+                        .iter()
+                        .map(|n| {
+                            let r = if *n == node {
+                                Err(e.to_string())
+                            } else {
+                                Ok(())
+                            };
+                            (n.clone(), r)
+                        })
+                        .collect();
+                    self.settle(c, &view, &verdicts).await?;
+                    continue;
                 }
-            }
+                Err((node, StorageError::StaleEpoch { .. })) => {
+                    tracing::debug!(volume = %self.name, chunk = c.index, node = %node, "fenced during reconcile");
+                    self.fenced(c, view.epoch).await?;
+                    continue;
+                }
+                Err((node, e)) => return Err(unavailable(format!("reconcile on {node}: {e}"))),
+            };
             c.seq_at_least(seq + 1);
             if copied > 0 {
                 metrics::counter!("ironsan_gateway_reconciled_bytes_total", "volume" => self.name.clone())
@@ -211,6 +201,53 @@ impl Volume {
         Err(unavailable("the chunk's replica set kept changing"))
     }
 
+    /// Copies the diverging ranges from `source` to `others`; the failing node on error.
+    #[allow(clippy::too_many_arguments)]
+    async fn copy_ranges(
+        &self,
+        c: &Chunk,
+        view: &View,
+        existing: &[(String, u64)],
+        since: u64,
+        source: &str,
+        others: &[&String],
+        epoch: u64,
+        seq: u64,
+    ) -> Result<u64, (String, StorageError)> {
+        let ranges = self.diverging(c, view, existing, since).await?;
+        let id = self.cid(c);
+        let mut copied = 0u64;
+        for r in &ranges {
+            let mut off = r.offset;
+            while off < r.offset + r.len {
+                let n = (r.offset + r.len - off).min(COPY_PIECE);
+                let data = async { self.client(source).await?.read(id, off, n, epoch).await }
+                    .await
+                    .map_err(|e| (source.to_string(), e))?
+                    .data;
+                let writes = join_all(others.iter().map(|node| {
+                    let data = data.clone();
+                    async move {
+                        let opts = WriteOpts {
+                            epoch,
+                            seq,
+                            fua: false,
+                        };
+                        let r = async { self.client(node).await?.write(id, off, data, opts).await };
+                        r.await.map_err(|e| ((*node).clone(), e))
+                    }
+                }))
+                .await;
+                if let Some(Err(e)) = writes.into_iter().find(|w| w.is_err()) {
+                    return Err(e);
+                }
+                copied += n;
+                off += n;
+            }
+        }
+        Ok(copied)
+    }
+
     /// Union of the ranges any replica logged after `since`; the whole chunk where a log no
     /// longer reaches back, or for a replica that was just created.
     async fn diverging(
@@ -219,7 +256,7 @@ impl Volume {
         view: &View,
         existing: &[(String, u64)],
         since: u64,
-    ) -> Result<Vec<WrittenRange>, DeviceError> {
+    ) -> Result<Vec<WrittenRange>, (String, StorageError)> {
         let whole = vec![WrittenRange {
             offset: 0,
             len: self.chunk_size,
@@ -230,13 +267,13 @@ impl Volume {
         }
         let mut spans: BTreeMap<u64, u64> = BTreeMap::new();
         for (node, _) in existing {
-            let r = self
-                .client(node)
-                .await
-                .map_err(read_err)?
-                .written_since(self.cid(c), since)
-                .await;
-            match r {
+            let r = async {
+                self.client(node)
+                    .await?
+                    .written_since(self.cid(c), since)
+                    .await
+            };
+            match r.await {
                 Ok((ranges, _)) => {
                     for w in ranges {
                         let e = spans.entry(w.offset).or_insert(0);
@@ -244,7 +281,7 @@ impl Volume {
                     }
                 }
                 Err(StorageError::LogTruncated { .. }) => return Ok(whole),
-                Err(e) => return Err(unavailable(format!("write log of {node}: {e}"))),
+                Err(e) => return Err((node.clone(), e)),
             }
         }
         let mut merged: Vec<WrittenRange> = Vec::new();
