@@ -130,6 +130,15 @@ fn replica_fault(e: &StorageError) -> bool {
     )
 }
 
+/// A replicated write's options (FUA is set per request where the initiator asked).
+fn write_opts(epoch: u64, seq: u64) -> WriteOpts {
+    WriteOpts {
+        epoch,
+        seq,
+        fua: false,
+    }
+}
+
 fn unavailable(what: impl std::fmt::Display) -> DeviceError {
     DeviceError::Unavailable(what.to_string())
 }
@@ -236,39 +245,38 @@ impl Volume {
             .cloned()
     }
 
-    /// Fetches the whole chunk map (and grows the chunk list after a resize).
-    async fn load_map(&self) -> Result<(), ClientError> {
+    /// This volume as the manager's requests name it.
+    fn vref(&self) -> VolumeRef {
+        VolumeRef {
+            id: self.id,
+            name: String::new(),
+        }
+    }
+
+    /// Fetches `count` chunks' replica sets from `first` (0: all) and installs them.
+    async fn fetch_map(&self, first: u64, count: u64) -> Result<(), ClientError> {
         let r = self
             .mgr
             .get_chunks(GetChunksRequest {
-                volume: Some(VolumeRef {
-                    id: self.id,
-                    name: String::new(),
-                }),
-                first: 0,
-                count: 0,
+                volume: Some(self.vref()),
+                first,
+                count,
             })
             .await?;
         self.install(&r);
         Ok(())
     }
 
+    /// Fetches the whole chunk map (and grows the chunk list after a resize).
+    async fn load_map(&self) -> Result<(), ClientError> {
+        self.fetch_map(0, 0).await
+    }
+
     /// Re-reads one chunk's replica set.
     async fn refresh(&self, c: &Chunk) -> Result<(), DeviceError> {
-        let r = self
-            .mgr
-            .get_chunks(GetChunksRequest {
-                volume: Some(VolumeRef {
-                    id: self.id,
-                    name: String::new(),
-                }),
-                first: c.index as u64,
-                count: 1,
-            })
+        self.fetch_map(c.index as u64, 1)
             .await
-            .map_err(|e| unavailable(format!("chunk map: {e}")))?;
-        self.install(&r);
-        Ok(())
+            .map_err(|e| unavailable(format!("chunk map: {e}")))
     }
 
     fn install(&self, r: &ironsan_common::proto::manager::GetChunksResponse) {
@@ -401,13 +409,7 @@ impl Volume {
     /// After a refusal that may mean someone else holds the volume now: ask the manager and
     /// give the lease up if so.
     async fn check_still_writer(&self) {
-        let r = self
-            .mgr
-            .get_volume(VolumeRef {
-                id: self.id,
-                name: String::new(),
-            })
-            .await;
+        let r = self.mgr.get_volume(self.vref()).await;
         if let Ok(v) = r {
             let ours = v.attachment.as_ref().is_some_and(|a| {
                 a.gateway == self.cfg.gateway && a.writer_epoch == self.lease.epoch()
@@ -467,17 +469,7 @@ impl Volume {
                 let op = &op;
                 async move {
                     let r = match self.client(&node).await {
-                        Ok(client) => op(
-                            client,
-                            id,
-                            WriteOpts {
-                                epoch,
-                                seq,
-                                fua: false,
-                            },
-                        )
-                        .await
-                        .map(|_| ()),
+                        Ok(client) => op(client, id, write_opts(epoch, seq)).await.map(|_| ()),
                         Err(e) => Err(e),
                     };
                     (node, r)
@@ -826,10 +818,7 @@ impl Volume {
         let r = self
             .mgr
             .renew(RenewRequest {
-                volume: Some(VolumeRef {
-                    id: self.id,
-                    name: String::new(),
-                }),
+                volume: Some(self.vref()),
                 gateway: self.cfg.gateway.clone(),
                 writer_epoch: self.lease.epoch(),
             })

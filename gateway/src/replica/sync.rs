@@ -27,10 +27,10 @@ use ironsan_common::proto::manager::{
     CompleteTaskRequest, ListTasksRequest, RecoveryTask, TaskProgressRequest,
 };
 use ironsan_storage::chunk::WrittenRange;
-use ironsan_storage::{Error as StorageError, WriteOpts};
+use ironsan_storage::Error as StorageError;
 
 use super::chunk::{Chunk, View};
-use super::{replica_fault, unavailable, Volume, MAX_WRITES};
+use super::{replica_fault, unavailable, write_opts, Volume, MAX_WRITES};
 use crate::device::DeviceError;
 
 /// How far behind the newest sequence number replicas may differ; twice the in-flight bound
@@ -228,11 +228,7 @@ impl Volume {
                 let writes = join_all(others.iter().map(|node| {
                     let data = data.clone();
                     async move {
-                        let opts = WriteOpts {
-                            epoch,
-                            seq,
-                            fua: false,
-                        };
+                        let opts = write_opts(epoch, seq);
                         let r = async { self.client(node).await?.write(id, off, data, opts).await };
                         r.await.map_err(|e| ((*node).clone(), e))
                     }
@@ -323,16 +319,7 @@ impl Volume {
             self.client(node)
                 .await
                 .map_err(read_err)?
-                .write(
-                    self.cid(c),
-                    start,
-                    data.clone(),
-                    WriteOpts {
-                        epoch,
-                        seq,
-                        fua: false,
-                    },
-                )
+                .write(self.cid(c), start, data.clone(), write_opts(epoch, seq))
                 .await
                 .map_err(read_err)?;
             metrics::counter!("ironsan_gateway_read_repairs_total", "volume" => self.name.clone())
@@ -460,16 +447,7 @@ impl Volume {
             if data.iter().any(|&b| b != 0) {
                 let seq = c.next_seq();
                 target
-                    .write(
-                        id,
-                        off,
-                        data,
-                        WriteOpts {
-                            epoch,
-                            seq,
-                            fua: false,
-                        },
-                    )
+                    .write(id, off, data, write_opts(epoch, seq))
                     .await
                     .map_err(read_err)?;
                 copied += n;
