@@ -311,7 +311,7 @@ echo "tgt $TGT_VERSION: $TURL"
 echo "client: $FIO_VERSION ioengine=libiscsi; ${RUNTIME}s + ${RAMP}s ramp per job; region $SIZE; $(nproc) CPUs;" \
      "load before $LOAD_BEFORE, after $LOAD_AFTER"
 HEAD=$(printf ' %8s %7s %15s' IOPS MiB/s 'avg/p99 us')
-printf '%-17s |%-33s|%-33s|%-33s| %6s %6s\n' "" " r3 (3 replicas)" " r1 (1 replica)" " tgt" "" ""
+printf '%-17s |%-33s|%-33s|%s\n' "" " r3 (3 replicas)" " r1 (1 replica)" " tgt"
 printf '%-17s |%s|%s|%s| %6s %6s\n' test "$HEAD" "$HEAD" "$HEAD" r3/tgt r1/tgt
 printf '%s\n' "$(printf '%.0s-' {1..135})"
 for t in "${TLIST[@]}"; do
