@@ -217,7 +217,7 @@ done
 LOAD_AFTER=$(cut -d' ' -f1-3 /proc/loadavg)
 
 # ----------------------------------------------------------------------------- rebuild
-RB_DONE=0 VICTIM="" RB_BYTES=0 RB_CHUNKS=0 T0="" T_DOWN="" T_TASK="" T_DONE="" RB_COPIED=0
+RB_DONE=0 VICTIM="" RB_BYTES=0 RB_CHUNKS=0 T0="" T_DOWN="" T_TASK="" T_DONE="" RB_COPIED=0 RB_TOTAL=0
 RB_READS="" RB_READS_MS=""
 if [ "$REBUILD" = 1 ]; then
     say "rebuild: detaching and deleting r1 (a 1-replica chunk on the killed node could not be rebuilt)"
@@ -242,7 +242,9 @@ if [ "$REBUILD" = 1 ]; then
     while :; do
         t=$(now)
         if st=$(adm status --json 2>/dev/null) \
-            && read -r down deg tasks < <(jq -r '"\(.nodes_down) \(.degraded_chunks) \(.recovery_tasks)"' <<<"$st"); then
+            && read -r down deg tasks copied total < <(jq -r '[.nodes_down, .degraded_chunks, .recovery_tasks,
+                   .recovery_bytes_copied // 0, .recovery_bytes_total // 0] | map(tostring) | join(" ")' <<<"$st"); then
+            if [ "$total" -gt "$RB_TOTAL" ]; then RB_TOTAL=$total; fi
             if [ -z "$T_DOWN" ] && [ "$down" -gt 0 ]; then
                 T_DOWN=$t; say "rebuild: $VICTIM Down after $(secs "$T0" "$t") s"
             fi
@@ -260,7 +262,8 @@ if [ "$REBUILD" = 1 ]; then
             if [ "$EPOCHSECONDS" -ge "$NEXT_SAY" ]; then
                 NEXT_SAY=$((EPOCHSECONDS + 2))
                 say "rebuild: $(secs "$T0" "$t") s: $down node(s) down, $deg degraded chunks, $tasks recovery tasks," \
-                    "$(( ($(rebuild_copied) - COPIED0) / 1048576 )) MiB copied"
+                    "$((copied / 1048576)) of $((total / 1048576)) MiB copied (status)," \
+                    "$(( ($(rebuild_copied) - COPIED0) / 1048576 )) MiB (gateway metric)"
             fi
         fi
         if [ "$EPOCHSECONDS" -ge "$DEADLINE" ]; then
@@ -367,6 +370,7 @@ if [ "$REBUILD" = 1 ]; then
         printf '  %-34s %s\n' "copies in the gateway's log" \
             "$CP_N, $((CP_BYTES / 1048576)) MiB in $CP_SECS s (first started -> last complete): $CP_MIBS MiB/s"
     fi
+    printf '  %-34s %s\n' "recovery bytes (ironsan status)" "$RB_TOTAL ($((RB_TOTAL / 1048576)) MiB, the most recovery_bytes_total showed)"
     printf '  %-34s %s\n' "copied by the gateway" \
         "$([ "$HAVE_CURL" = 1 ] && echo "$RB_COPIED ($((RB_COPIED / 1048576)) MiB, ironsan_gateway_rebuild_bytes_total)" || echo "- (no curl)")"
     RB_READS_JSON=null
@@ -391,12 +395,12 @@ if [ "$REBUILD" = 1 ]; then
         --arg task_to_full "$SEC_TASK" --arg mibs "$MIBS" \
         --argjson copied "$([ "$HAVE_CURL" = 1 ] && echo "$RB_COPIED" || echo null)" \
         --argjson reads "$RB_READS_JSON" --argjson cp_n "$CP_N" --argjson cp_bytes "$CP_BYTES" \
-        --arg cp_secs "$CP_SECS" --arg cp_mibs "$CP_MIBS" \
+        --arg cp_secs "$CP_SECS" --arg cp_mibs "$CP_MIBS" --argjson rb_total "$RB_TOTAL" \
         '{killed_node: $node, bytes_to_rebuild: $bytes, chunk_replicas: $chunks, chunk_size: $chunk_size,
           node_timeout_s: 3, recovery_grace_s: 2, fully_redundant: $redundant,
           seconds_kill_to_down: $down, seconds_kill_to_first_task: $task, seconds_kill_to_redundant: $full,
           seconds_first_task_to_redundant: ($task_to_full | tonumber? // null),
-          mib_per_s: ($mibs | tonumber? // null), gateway_copied_bytes: $copied,
+          mib_per_s: ($mibs | tonumber? // null), gateway_copied_bytes: $copied, status_recovery_bytes_total: $rb_total,
           gateway_log_copies: {count: $cp_n, bytes: $cp_bytes, seconds_first_start_to_last_complete: ($cp_secs | tonumber? // null),
                                mib_per_s: ($cp_mibs | tonumber? // null)},
           reads_during_rebuild: $reads}')
