@@ -330,6 +330,70 @@ mod tests {
     }
 
     #[test]
+    fn drop_orders_of_a_deleted_volume_cover_writer_epochs() {
+        let mut state = State::new();
+        for n in ["n1", "n2", "n3"] {
+            apply(
+                &mut state,
+                Op::RegisterNode(RegisterNodeRequest {
+                    id: n.into(),
+                    addr: "127.0.0.1:1".into(),
+                    zone: String::new(),
+                    disks: vec![disk()],
+                }),
+            );
+        }
+        apply(
+            &mut state,
+            Op::CreateVolume(CreateVolumeCmd {
+                name: "v".into(),
+                size: 64 << 20,
+                replicas: 3,
+                chunk_size: 64 << 20,
+                placement: vec![ReplicaSet {
+                    nodes: vec!["n1".into(), "n2".into(), "n3".into()],
+                }],
+            }),
+        );
+        let vref = || {
+            Some(ironsan_common::proto::manager::VolumeRef {
+                id: 1,
+                name: String::new(),
+            })
+        };
+        // Two attachments: the replicas have seen writer epoch 2 (chunk epoch still 1).
+        for _ in 0..2 {
+            apply(
+                &mut state,
+                Op::Attach(ironsan_common::proto::manager::AttachCmd {
+                    volume: vref(),
+                    gateway: "g".into(),
+                    lease_ms: 0,
+                }),
+            );
+        }
+        apply(
+            &mut state,
+            Op::Detach(ironsan_common::proto::manager::DetachCmd {
+                volume: vref(),
+                gateway: "g".into(),
+                force: false,
+            }),
+        );
+        apply(
+            &mut state,
+            Op::DeleteVolume(ironsan_common::proto::manager::DeleteVolumeCmd { volume: vref() }),
+        );
+        let orders = state.orphans_of("n1");
+        assert_eq!(orders.len(), 1);
+        assert!(
+            orders[0].epoch >= 2,
+            "drop order at epoch {}",
+            orders[0].epoch
+        );
+    }
+
+    #[test]
     fn a_chunk_short_after_a_failed_write_is_not_given_back_to_the_failed_node() {
         let mut state = State::new();
         for n in ["n1", "n2", "n3", "n4"] {

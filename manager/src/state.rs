@@ -501,6 +501,9 @@ impl State {
             .range((id, 0)..=(id, u64::MAX))
             .map(|(k, _)| *k)
             .collect();
+        // Replicas carry the newest epoch any request brought them, writer epochs included: the
+        // drop order must not be older, or storage keeps the data (fenced delete).
+        let last_epoch = self.epochs.get(&id).copied().unwrap_or(0);
         for key in keys {
             if let Some(chunk) = self.chunks.remove(&key) {
                 let size = self.volumes[&id].chunk_size;
@@ -510,7 +513,7 @@ impl State {
                     .chain(Some(&chunk.joining).filter(|j| !j.is_empty()))
                 {
                     self.account(n, -(size as i128), -1);
-                    self.orphan(n, key, chunk.epoch);
+                    self.orphan(n, key, chunk.epoch.max(last_epoch));
                 }
             }
         }
