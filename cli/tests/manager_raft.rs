@@ -11,6 +11,8 @@
 //! member runs with long node timeouts. A failure prints the tail of every member's log.
 
 mod managers;
+#[path = "cluster/netns.rs"]
+mod netns;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::process::Command;
@@ -24,6 +26,7 @@ use ironsan_common::proto::manager::{
     RemoveMemberRequest, TransferLeaderRequest, Volume, VolumeRef,
 };
 use managers::{status, tail, Group};
+use netns::Netns;
 use tonic::transport::Channel;
 use tonic::Code;
 
@@ -482,170 +485,12 @@ fn leader_kill_under_load_5() {
 
 // ---------- 2. partition (network namespaces) ----------
 
-/// Three network namespaces on a bridge in the root namespace: member i at 10.231.X.i, the
-/// test at 10.231.X.254. A partition is a pair of blackhole routes per member pair, so the
-/// members lose each other while the test still reaches every one of them. Everything is
-/// removed on drop, panics included.
-struct Netns {
-    pid: u32,
-    subnet: String,
-    n: u32,
-}
-
-fn ip(args: &[&str]) -> Result<(), String> {
-    let out = Command::new("ip").args(args).output().map_err(|e| {
-        format!("cannot run `ip` ({e}): install iproute2 (apt-get install -y iproute2)")
-    })?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "ip {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
-    }
-}
-
-fn ip_out(args: &[&str]) -> String {
-    Command::new("ip")
-        .args(args)
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-        .unwrap_or_default()
-}
-
-/// Namespaces and bridges left by runs that died without cleaning up (named with their pid).
-fn sweep_stale() {
-    let dead = |pid: &str| !std::path::Path::new(&format!("/proc/{pid}")).exists();
-    for line in ip_out(&["netns", "list"]).lines() {
-        let name = line.split_whitespace().next().unwrap_or("");
-        if let Some(rest) = name.strip_prefix("isan") {
-            if let Some((pid, _)) = rest.split_once('m') {
-                if dead(pid) {
-                    let _ = ip(&["netns", "del", name]);
-                }
-            }
-        }
-    }
-    for line in ip_out(&["-o", "link", "show", "type", "bridge"]).lines() {
-        let Some(name) = line.split(':').nth(1).map(str::trim) else {
-            continue;
-        };
-        if let Some(pid) = name.strip_prefix("isbr") {
-            if dead(pid) {
-                let _ = ip(&["link", "del", name]);
-            }
-        }
-    }
-}
-
-impl Netns {
-    fn setup(n: u32) -> Netns {
-        if let Err(e) = ip(&["netns", "list"]) {
-            panic!("`ip netns` is unavailable ({e}): apt-get install -y iproute2");
-        }
-        sweep_stale();
-        let pid = std::process::id();
-        // A /24 no other run holds (each bridge has its subnet's .254).
-        let subnet = (0..200)
-            .map(|k| format!("10.231.{}", 20 + (pid + k) % 200))
-            .find(|net| ip_out(&["-o", "addr", "show", "to", &format!("{net}.0/24")]).is_empty())
-            .expect("a free 10.231.X.0/24");
-        let net = Netns { pid, subnet, n };
-        net.teardown();
-        let br = net.bridge();
-        let gw = format!("{}.254/24", net.subnet);
-        let steps: Vec<Vec<String>> = {
-            let mut s = vec![
-                vec!["link", "add", &br, "type", "bridge"],
-                vec!["addr", "add", &gw, "dev", &br],
-                vec!["link", "set", &br, "up"],
-            ]
-            .into_iter()
-            .map(|v| v.into_iter().map(String::from).collect())
-            .collect::<Vec<_>>();
-            for i in 1..=n {
-                let (ns, root, inner) = (net.ns(i), net.veth(i, 'r'), net.veth(i, 'n'));
-                let addr = format!("{}/24", net.ip(i));
-                for v in [
-                    vec!["netns", "add", &ns],
-                    vec!["link", "add", &root, "type", "veth", "peer", "name", &inner],
-                    vec!["link", "set", &inner, "netns", &ns],
-                    vec!["link", "set", &root, "master", &br],
-                    vec!["link", "set", &root, "up"],
-                    vec![
-                        "netns", "exec", &ns, "ip", "addr", "add", &addr, "dev", &inner,
-                    ],
-                    vec!["netns", "exec", &ns, "ip", "link", "set", &inner, "up"],
-                    vec!["netns", "exec", &ns, "ip", "link", "set", "lo", "up"],
-                ] {
-                    s.push(v.into_iter().map(String::from).collect());
-                }
-            }
-            s
-        };
-        for step in steps {
-            let args: Vec<&str> = step.iter().map(String::as_str).collect();
-            if let Err(e) = ip(&args) {
-                panic!("network namespace setup failed: {e}");
-            }
-        }
-        net
-    }
-
-    fn ns(&self, i: u32) -> String {
-        format!("isan{}m{i}", self.pid)
-    }
-    fn veth(&self, i: u32, side: char) -> String {
-        format!("isv{}{side}{i}", self.pid)
-    }
-    fn bridge(&self) -> String {
-        format!("isbr{}", self.pid)
-    }
-    fn ip(&self, i: u32) -> String {
-        format!("{}.{i}", self.subnet)
-    }
-
-    /// Cuts member `i` off from every other member (both directions), or heals that.
-    fn partition(&self, i: u32, cut: bool) {
-        let verb = if cut { "add" } else { "del" };
-        for j in (1..=self.n).filter(|&j| j != i) {
-            for (inside, to) in [(i, j), (j, i)] {
-                let dst = format!("{}/32", self.ip(to));
-                let ns = self.ns(inside);
-                let r = ip(&["netns", "exec", &ns, "ip", "route", verb, "blackhole", &dst]);
-                assert!(r.is_ok(), "partition: {r:?}");
-            }
-        }
-    }
-
-    fn teardown(&self) {
-        for i in 1..=self.n {
-            let _ = ip(&["netns", "del", &self.ns(i)]);
-            let _ = ip(&["link", "del", &self.veth(i, 'r')]);
-        }
-        let _ = ip(&["link", "del", &self.bridge()]);
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        self.teardown();
-    }
-}
-
 #[test]
 fn partitioned_leader_steps_down_and_converges() {
     run(async {
-        let net = Netns::setup(3);
+        let mut net = Netns::setup(3);
         let members = (1..=3)
-            .map(|i| {
-                let prefix = ["ip", "netns", "exec", &net.ns(i)]
-                    .map(String::from)
-                    .to_vec();
-                (format!("{}:7400", net.ip(i)), prefix)
-            })
+            .map(|i| (format!("{}:7400", net.ip(i)), net.prefix(i)))
             .collect();
         // Declared after `net`, so dropped (members killed) before the namespaces go.
         let mut g = Group::start_at(members, FLAGS);
@@ -657,7 +502,8 @@ fn partitioned_leader_steps_down_and_converges() {
             check!(g, r.is_ok(), "create before the partition: {r:?}");
         }
 
-        net.partition(old as u32, true);
+        net.partition(old as u32, true)
+            .expect("partition the leader");
         let cut_at = Instant::now();
         // Watched from the cut, while the old leader is probed below.
         let majority: Vec<u64> = (1..=3).filter(|&id| id != old).collect();
@@ -764,7 +610,8 @@ fn partitioned_leader_steps_down_and_converges() {
         }
 
         // Heal: the old leader follows the new one and holds exactly the majority's state.
-        net.partition(old as u32, false);
+        net.partition(old as u32, false)
+            .expect("heal the partition");
         let healed_at = Instant::now();
         loop {
             let s = status(&g.addr(old)).await;

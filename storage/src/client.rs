@@ -496,6 +496,10 @@ impl Pool {
 
     fn slots(&self, addr: &str) -> Arc<AddrSlots> {
         let mut m = self.addrs.lock().unwrap_or_else(|p| p.into_inner());
+        // The common case allocates nothing.
+        if let Some(s) = m.get(addr) {
+            return s.clone();
+        }
         m.entry(addr.to_string())
             .or_insert_with(|| {
                 Arc::new(AddrSlots {

@@ -546,22 +546,24 @@ impl Volume {
     // ---------- reads ----------
 
     /// Replicas of the set, fastest first.
-    fn read_order(&self, view: &View) -> Vec<String> {
+    /// Indexes into `view.replicas`, fastest first (no allocation beyond the small index list).
+    fn read_order(&self, view: &View) -> Vec<usize> {
         let lat = self.latency.lock().unwrap_or_else(|p| p.into_inner());
-        let mut order: Vec<(f64, String)> = view
-            .replicas
-            .iter()
-            .map(|n| (lat.get(n).copied().unwrap_or(0.0), n.clone()))
-            .collect();
-        order.sort_by(|a, b| a.0.total_cmp(&b.0));
-        order.into_iter().map(|(_, n)| n).collect()
+        let speed = |i: &usize| lat.get(&view.replicas[*i]).copied().unwrap_or(0.0);
+        let mut order: Vec<usize> = (0..view.replicas.len()).collect();
+        order.sort_by(|a, b| speed(a).total_cmp(&speed(b)));
+        order
     }
 
     fn observe_latency(&self, node: &str, took: Duration, failed: bool) {
         let us = if failed { 1e7 } else { took.as_micros() as f64 };
         let mut lat = self.latency.lock().unwrap_or_else(|p| p.into_inner());
-        let e = lat.entry(node.to_string()).or_insert(us);
-        *e = 0.8 * *e + 0.2 * us;
+        match lat.get_mut(node) {
+            Some(e) => *e = 0.8 * *e + 0.2 * us,
+            None => {
+                lat.insert(node.to_string(), us);
+            }
+        }
     }
 
     async fn read_piece(&self, c: &Chunk, off: u64, len: u64) -> Result<Bytes, DeviceError> {
@@ -573,18 +575,19 @@ impl Volume {
             let mut bad = Vec::new();
             let mut errors = Vec::new();
             let mut stale = false;
-            for node in self.read_order(&view) {
+            for i in self.read_order(&view) {
+                let node = &view.replicas[i];
                 let t = Instant::now();
-                let r = match self.client(&node).await {
+                let r = match self.client(node).await {
                     Ok(client) => client.read(id, off, len, epoch).await,
                     Err(e) => Err(e),
                 };
-                self.observe_latency(&node, t.elapsed(), r.is_err());
+                self.observe_latency(node, t.elapsed(), r.is_err());
                 match r {
                     Ok(out) => {
                         if !bad.is_empty() {
                             // Rare; done before answering so that nothing outlives the I/O.
-                            if let Err(e) = self.repair(c, off, len, &node, &bad).await {
+                            if let Err(e) = self.repair(c, off, len, node, &bad).await {
                                 tracing::warn!(volume = %self.name, chunk = c.index, error = %e, "read repair failed");
                             }
                         }
@@ -593,7 +596,7 @@ impl Volume {
                     Err(StorageError::Checksum { .. }) => {
                         metrics::counter!("ironsan_gateway_checksum_errors_total", "volume" => self.name.clone()).increment(1);
                         tracing::warn!(volume = %self.name, chunk = c.index, node = %node, "checksum mismatch; reading another replica");
-                        bad.push(node);
+                        bad.push(node.clone());
                     }
                     Err(StorageError::StaleEpoch { .. }) => {
                         stale = true;

@@ -479,8 +479,9 @@ impl Volume {
         epoch: u64,
     ) -> Result<bytes::Bytes, DeviceError> {
         let mut last = String::new();
-        for node in self.read_order(view) {
-            let r = match self.client(&node).await {
+        for i in self.read_order(view) {
+            let node = &view.replicas[i];
+            let r = match self.client(node).await {
                 Ok(client) => client.read(self.cid(c), off, n, epoch).await,
                 Err(e) => Err(e),
             };
