@@ -11,11 +11,12 @@
 //! member runs with long node timeouts. A failure prints the tail of every member's log.
 
 mod managers;
+// Shared with the fault suite, which uses more of it.
+#[allow(dead_code)]
 #[path = "cluster/netns.rs"]
 mod netns;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
