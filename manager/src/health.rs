@@ -329,14 +329,14 @@ mod tests {
         }
     }
 
-    #[test]
-    fn drop_orders_of_a_deleted_volume_cover_writer_epochs() {
+    /// `nodes` registered, and volume 1 ("v") of one 64 MiB chunk on the first three.
+    fn one_chunk_on(nodes: &[&str]) -> State {
         let mut state = State::new();
-        for n in ["n1", "n2", "n3"] {
+        for n in nodes {
             apply(
                 &mut state,
                 Op::RegisterNode(RegisterNodeRequest {
-                    id: n.into(),
+                    id: n.to_string(),
                     addr: "127.0.0.1:1".into(),
                     zone: String::new(),
                     disks: vec![disk()],
@@ -351,10 +351,16 @@ mod tests {
                 replicas: 3,
                 chunk_size: 64 << 20,
                 placement: vec![ReplicaSet {
-                    nodes: vec!["n1".into(), "n2".into(), "n3".into()],
+                    nodes: nodes[..3].iter().map(|n| n.to_string()).collect(),
                 }],
             }),
         );
+        state
+    }
+
+    #[test]
+    fn drop_orders_of_a_deleted_volume_cover_writer_epochs() {
+        let mut state = one_chunk_on(&["n1", "n2", "n3"]);
         let vref = || {
             Some(ironsan_common::proto::manager::VolumeRef {
                 id: 1,
@@ -395,30 +401,7 @@ mod tests {
 
     #[test]
     fn a_chunk_short_after_a_failed_write_is_not_given_back_to_the_failed_node() {
-        let mut state = State::new();
-        for n in ["n1", "n2", "n3", "n4"] {
-            apply(
-                &mut state,
-                Op::RegisterNode(RegisterNodeRequest {
-                    id: n.into(),
-                    addr: "127.0.0.1:1".into(),
-                    zone: String::new(),
-                    disks: vec![disk()],
-                }),
-            );
-        }
-        apply(
-            &mut state,
-            Op::CreateVolume(CreateVolumeCmd {
-                name: "v".into(),
-                size: 64 << 20,
-                replicas: 3,
-                chunk_size: 64 << 20,
-                placement: vec![ReplicaSet {
-                    nodes: vec!["n1".into(), "n2".into(), "n3".into()],
-                }],
-            }),
-        );
+        let mut state = one_chunk_on(&["n1", "n2", "n3", "n4"]);
         // A gateway's write to n3 failed: the manager committed its removal.
         apply(
             &mut state,
