@@ -70,7 +70,7 @@ pub struct DevArgs {
     /// Serve Prometheus metrics on /metrics and /healthz at this address.
     #[arg(long)]
     pub(crate) metrics: Option<SocketAddr>,
-    /// How volume files are read and written: io_uring (falling back to the blocking pool
+    /// How chunk files (and `--local` volume files) are read and written: io_uring (falling back to the blocking pool
     /// where the kernel refuses it) or the blocking pool.
     #[arg(long, value_enum, default_value = "auto", env = "IRONSAN_IO_ENGINE")]
     pub(crate) io_engine: IoEngine,

@@ -26,7 +26,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run a local IronSAN on this machine, serving volumes over iSCSI, until SIGTERM/SIGINT.
+    /// Run a whole IronSAN cluster in one process on this machine (managers, storage daemons, a
+    /// gateway) serving replicated volumes over iSCSI, until SIGTERM/SIGINT.
     Dev(dev::DevArgs),
     /// Run a cluster manager member (Raft group), or change the group's membership.
     Manager(manager::ManagerArgs),
