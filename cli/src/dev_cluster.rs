@@ -37,27 +37,24 @@ fn port(base: u16, i: u64) -> anyhow::Result<u16> {
     u16::try_from(base as u64 + i).context("port beyond 65535")
 }
 
+/// The strings of a JSON array (nothing for anything else).
+fn strings(v: &Value) -> Vec<String> {
+    v.as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|m| m.as_str().map(String::from))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 fn layout(dir: &Path, args: &DevArgs) -> anyhow::Result<Layout> {
     let path = dir.join("cluster.json");
     if let Ok(text) = fs::read_to_string(&path) {
         let v: Value = serde_json::from_str(&text)
             .with_context(|| format!("{} is not valid JSON", path.display()))?;
-        let managers: Vec<String> = v["managers"]
-            .as_array()
-            .map(|a| {
-                a.iter()
-                    .filter_map(|m| m.as_str().map(String::from))
-                    .collect()
-            })
-            .unwrap_or_default();
-        let mut storage: Vec<String> = v["storage"]
-            .as_array()
-            .map(|a| {
-                a.iter()
-                    .filter_map(|m| m.as_str().map(String::from))
-                    .collect()
-            })
-            .unwrap_or_default();
+        let managers = strings(&v["managers"]);
+        let mut storage = strings(&v["storage"]);
         if managers.is_empty() {
             bail!("{} lists no managers", path.display());
         }

@@ -45,6 +45,14 @@ pub enum DeviceError {
     Fenced(String),
 }
 
+/// Checks `len` bytes at `offset` against a device of `size` bytes; the end offset if inside.
+pub fn check_range(offset: u64, len: u64, size: u64) -> Result<u64, DeviceError> {
+    match offset.checked_add(len) {
+        Some(end) if end <= size => Ok(end),
+        _ => Err(DeviceError::OutOfRange { offset, len, size }),
+    }
+}
+
 /// An allocation extent reported by [`BlockDevice::allocation`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Extent {
@@ -183,11 +191,7 @@ impl FileDevice {
     }
 
     fn check(&self, offset: u64, len: u64) -> Result<(), DeviceError> {
-        let size = self.size();
-        match offset.checked_add(len) {
-            Some(end) if end <= size => Ok(()),
-            _ => Err(DeviceError::OutOfRange { offset, len, size }),
-        }
+        check_range(offset, len, self.size()).map(|_| ())
     }
 }
 
@@ -375,11 +379,8 @@ impl MemDevice {
     }
 
     fn check(&self, offset: u64, len: u64) -> Result<std::ops::Range<usize>, DeviceError> {
-        let size = self.size();
-        match offset.checked_add(len) {
-            Some(end) if end <= size => Ok(offset as usize..end as usize),
-            _ => Err(DeviceError::OutOfRange { offset, len, size }),
-        }
+        let end = check_range(offset, len, self.size())?;
+        Ok(offset as usize..end as usize)
     }
 }
 

@@ -44,15 +44,18 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tonic::Code;
 
-use crate::device::{BlockDevice, DeviceError, Extent};
+use crate::device::{check_range, BlockDevice, DeviceError, Extent};
 use chunk::{Chunk, View};
-pub use lease::Lease;
+use lease::Lease;
 
 /// Largest piece of one I/O sent to a replica in one request.
 const MAX_PIECE: u64 = 4 << 20;
 /// Writes in flight per volume. Bounds how far behind a replica's log can be on a write that
 /// never reached it, which is what the convergence window relies on.
 pub const MAX_WRITES: usize = 256;
+/// Most chunks a volume can have (the manager's limit): a chunk map naming a higher index is
+/// ignored rather than grown into.
+const MAX_CHUNKS: u32 = 256 << 10;
 /// Chunk copies of one volume running at once.
 const REBUILDS: usize = 4;
 
@@ -210,10 +213,6 @@ impl Volume {
         self.stop.cancel();
     }
 
-    pub fn lease(&self) -> &Lease {
-        &self.lease
-    }
-
     /// False once the lease is lost for good.
     pub fn is_serving(&self) -> bool {
         !self.lease.is_lost()
@@ -289,7 +288,7 @@ impl Volume {
         let mut list = self.chunks.write().unwrap_or_else(|p| p.into_inner());
         let mut grown: Option<Vec<Arc<Chunk>>> = None;
         for pc in &r.chunks {
-            let Ok(index) = u32::try_from(pc.index) else {
+            let Some(index) = u32::try_from(pc.index).ok().filter(|&i| i < MAX_CHUNKS) else {
                 continue;
             };
             let view = View::from_proto(pc);
@@ -625,14 +624,6 @@ impl Volume {
 
     // ---------- BlockDevice helpers ----------
 
-    fn check_range(&self, offset: u64, len: u64) -> Result<(), DeviceError> {
-        let size = self.size();
-        if offset.checked_add(len).is_none_or(|end| end > size) {
-            return Err(DeviceError::OutOfRange { offset, len, size });
-        }
-        Ok(())
-    }
-
     /// Splits a volume range into (chunk index, offset in chunk, length) pieces of at most
     /// [`MAX_PIECE`].
     fn pieces(&self, offset: u64, len: u64) -> Vec<(u64, u64, u64)> {
@@ -650,7 +641,7 @@ impl Volume {
     }
 
     async fn do_read(&self, offset: u64, len: usize) -> Result<Bytes, DeviceError> {
-        self.check_range(offset, len as u64)?;
+        check_range(offset, len as u64, self.size())?;
         let pieces = self.pieces(offset, len as u64);
         if let [(index, off, n)] = pieces[..] {
             let c = self.chunk(index)?;
@@ -669,7 +660,7 @@ impl Volume {
     }
 
     async fn do_write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), DeviceError> {
-        self.check_range(offset, data.len() as u64)?;
+        check_range(offset, data.len() as u64, self.size())?;
         let parts = join_all(self.pieces(offset, data.len() as u64).into_iter().map(
             |(index, off, n)| {
                 let start = (index * self.chunk_size + off - offset) as usize;
@@ -690,7 +681,7 @@ impl Volume {
     }
 
     async fn do_write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> Result<(), DeviceError> {
-        self.check_range(offset, len)?;
+        check_range(offset, len, self.size())?;
         let parts = join_all(self.pieces(offset, len).into_iter().map(
             |(index, off, n)| async move {
                 let c = self.chunk(index)?;
