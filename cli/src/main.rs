@@ -3,6 +3,7 @@
 mod admin;
 mod bench;
 mod bench_manager;
+mod csi;
 mod dev;
 mod dev_cluster;
 mod gateway;
@@ -35,6 +36,8 @@ enum Command {
     Gateway(gateway::GatewayArgs),
     /// Run a storage daemon serving the chunk store of its data directories.
     Storage(storage::StorageArgs),
+    /// Run the CSI driver (csi.ironsan.io) for Kubernetes: controller, node plugin, or both.
+    Csi(csi::CsiArgs),
     /// Create, list, inspect, resize and delete volumes (through the manager).
     Volume(admin::VolumeArgs),
     /// List and drain storage nodes (through the manager).
@@ -52,6 +55,7 @@ fn main() -> anyhow::Result<()> {
         Command::Dev(args) => daemon(dev::run(args)),
         Command::Storage(args) => daemon(storage::run(args)),
         Command::Gateway(args) => daemon(gateway::run(args)),
+        Command::Csi(args) => daemon(csi::run(args)),
         Command::Manager(args) => match args.member {
             Some(cmd) => admin(admin::run_member(
                 cmd,
