@@ -217,6 +217,7 @@ pub async fn run_volume(args: VolumeArgs) -> anyhow::Result<()> {
                 volume: Some(volume_ref(&name)),
                 gateway: node.clone(),
                 lease_ms: lease.map_or(0, |d| d.as_millis() as u64),
+                portal: String::new(),
             };
             let a = c
                 .attach(req)

@@ -193,6 +193,7 @@ pub async fn manager(a: ManagerBench) -> anyhow::Result<()> {
                     }),
                     gateway: "bench".into(),
                     lease_ms: 300_000,
+                    portal: String::new(),
                 })
                 .await
                 .context("attach")?

@@ -277,6 +277,8 @@ async fn ensure_volume(mgr: &ManagerClient, v: &VolumeSpec, storage: u64) -> any
         volume: Some(vref),
         gateway: GATEWAY_ID.into(),
         lease_ms: 0,
+        // The gateway's own attach sets its portal; an empty one keeps what it set before.
+        portal: String::new(),
     })
     .await
     .with_context(|| format!("attach volume {} to the dev gateway", v.name))?;

@@ -115,6 +115,7 @@ fn volume_commands() {
             writer_epoch: 9,
             lease_expires_ms: 1_700_000_010_000,
             lease_ms: 10_000,
+            ..Default::default()
         });
     }
     let table = ok(&fake, &["volume", "list"]);

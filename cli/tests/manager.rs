@@ -186,6 +186,7 @@ async fn volumes_bad_input_and_restart() {
             volume: by_name("a"),
             gateway: "gw1".into(),
             lease_ms: 5000,
+            portal: String::new(),
         })
         .await
         .unwrap()
@@ -196,6 +197,7 @@ async fn volumes_bad_input_and_restart() {
             volume: by_name("a"),
             gateway: "gw2".into(),
             lease_ms: 5000,
+            portal: String::new(),
         })
         .await
         .unwrap_err();
@@ -265,6 +267,7 @@ async fn volumes_bad_input_and_restart() {
             volume: by_name("a"),
             gateway: "gw1".into(),
             lease_ms: 0,
+            portal: String::new(),
         })
         .await
         .unwrap()

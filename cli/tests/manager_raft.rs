@@ -658,6 +658,42 @@ fn partitioned_leader_steps_down_and_converges() {
 
 // ---------- 3. restart all members ----------
 
+/// Publishes `name` read-only to n1 and n2 and attaches n1's gateway with its portal, each
+/// through a follower.
+async fn publish_through_followers(g: &Group, leader: u64, name: &str) {
+    let followers: Vec<u64> = (1..=3).filter(|&id| id != leader).collect();
+    let vol = || Some(by_name(name));
+    for (node, &member) in ["n1", "n2"].iter().zip(&followers) {
+        let r = one(&g.addr(member))
+            .publish(pb::PublishRequest {
+                volume: vol(),
+                node: node.to_string(),
+                readonly: true,
+                lease_ms: 0,
+            })
+            .await;
+        check!(
+            g,
+            r.is_ok(),
+            "publish {name} to {node} via member {member}: {r:?}"
+        );
+    }
+    let r = one(&g.addr(followers[0]))
+        .attach(pb::AttachRequest {
+            volume: vol(),
+            gateway: "n1".into(),
+            lease_ms: 0,
+            portal: "10.1.1.1:3260".into(),
+        })
+        .await
+        .map(|r| r.into_inner());
+    check!(
+        g,
+        r.as_ref().is_ok_and(|a| a.published == ["n1", "n2"]),
+        "n1's gateway attaching {name}: {r:?}"
+    );
+}
+
 #[test]
 fn restart_all_members_from_snapshots() {
     run(async {
@@ -666,9 +702,14 @@ fn restart_all_members_from_snapshots() {
         register_nodes(&g, &g.addr(leader)).await;
         let mut c = one(&g.addr(leader));
         let names: Vec<String> = (0..200).map(|i| format!("r-{i}")).collect();
-        for n in &names {
+        for (i, n) in names.iter().enumerate() {
             let r = c.create_volume(create_req(n)).await;
             check!(g, r.is_ok(), "create {n}: {r:?}");
+            if i == 20 {
+                // Published through the followers (forwarded to the leader), early enough to
+                // be restored from a snapshot rather than the log tail.
+                publish_through_followers(&g, leader, n).await;
+            }
         }
         let before = check_everywhere(&g, &[1, 2, 3], &names).await;
         let st = statuses(&g, &[1, 2, 3]).await;
@@ -697,6 +738,19 @@ fn restart_all_members_from_snapshots() {
         leader_of(&mut g).await;
         let after = check_everywhere(&g, &[1, 2, 3], &names).await;
         check!(g, after == before, "state after the restart differs");
+        let a = after
+            .iter()
+            .find(|v| v.name == "r-20")
+            .and_then(|v| v.attachment.clone())
+            .unwrap_or_default();
+        check!(
+            g,
+            a.gateway == "n1"
+                && a.readonly
+                && a.published == ["n1", "n2"]
+                && a.portal == "10.1.1.1:3260",
+            "publication after the restart: {a:?}"
+        );
         for id in 1..=3u64 {
             // Restored from the snapshot, then the log tail replayed.
             let log = g.members[&id].log();

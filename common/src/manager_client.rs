@@ -329,6 +329,12 @@ rpcs! {
     attach(pb::AttachRequest) -> pb::Attachment;
     renew(pb::RenewRequest) -> pb::Attachment;
     detach(pb::DetachRequest) -> pb::DetachResponse;
+    /// Publishes a volume to a CSI node (attaching it to that node's gateway if no one holds
+    /// it); idempotent for the same node and mode.
+    publish(pb::PublishRequest) -> pb::Attachment;
+    /// Unpublishes a volume from a CSI node; the last node out drops the attachment. `NOT_FOUND`
+    /// only for an unknown volume.
+    unpublish(pb::UnpublishRequest) -> pb::UnpublishResponse;
     get_chunks(pb::GetChunksRequest) -> pb::GetChunksResponse;
     report_failed_replica(pb::ReportFailedReplicaRequest) -> pb::Chunk;
     register_node(pb::RegisterNodeRequest) -> pb::RegisterNodeResponse;
@@ -437,6 +443,8 @@ mod tests {
             attach(pb::AttachRequest) -> pb::Attachment;
             renew(pb::RenewRequest) -> pb::Attachment;
             detach(pb::DetachRequest) -> pb::DetachResponse;
+            publish(pb::PublishRequest) -> pb::Attachment;
+            unpublish(pb::UnpublishRequest) -> pb::UnpublishResponse;
             get_chunks(pb::GetChunksRequest) -> pb::GetChunksResponse;
             report_failed_replica(pb::ReportFailedReplicaRequest) -> pb::Chunk;
             register_node(pb::RegisterNodeRequest) -> pb::RegisterNodeResponse;

@@ -375,6 +375,7 @@ mod tests {
                     volume: vref(),
                     gateway: "g".into(),
                     lease_ms: 0,
+                    portal: String::new(),
                 }),
             );
         }

@@ -383,6 +383,7 @@ impl manager_server::Manager for Service {
             volume: r.volume,
             gateway: r.gateway,
             lease_ms: r.lease_ms,
+            portal: r.portal,
         });
         expect!(self.submit(op).await?, Attachment)
     }
@@ -412,6 +413,33 @@ impl manager_server::Manager for Service {
         });
         self.submit(op).await?;
         Ok(Response::new(pb::DetachResponse {}))
+    }
+
+    async fn publish(
+        &self,
+        req: Request<pb::PublishRequest>,
+    ) -> Result<Response<pb::Attachment>, Status> {
+        let r = req.into_inner();
+        let op = Op::Publish(pb::PublishCmd {
+            volume: r.volume,
+            node: r.node,
+            readonly: r.readonly,
+            lease_ms: r.lease_ms,
+        });
+        expect!(self.submit(op).await?, Attachment)
+    }
+
+    async fn unpublish(
+        &self,
+        req: Request<pb::UnpublishRequest>,
+    ) -> Result<Response<pb::UnpublishResponse>, Status> {
+        let r = req.into_inner();
+        let op = Op::Unpublish(pb::UnpublishCmd {
+            volume: r.volume,
+            node: r.node,
+        });
+        self.submit(op).await?;
+        Ok(Response::new(pb::UnpublishResponse {}))
     }
 
     async fn get_chunks(

@@ -11,6 +11,13 @@
 //! epoch; every change of a chunk's replica set takes the next value as the chunk's epoch. A
 //! gateway sends `max(writer epoch, chunk epoch)` to storage, which refuses anything older than
 //! the newest it has seen, so both a new writer and a new replica set fence the old ones.
+//!
+//! Attachments: a volume has at most one, naming the gateway that serves it, its writer epoch,
+//! lease and advertised portal. An operator's `Attach` takes it for a gateway; CSI's `Publish`
+//! takes it for the gateway of the node the volume is published to (gateway id = CSI node id),
+//! and lists the node in `published`. A volume published read-only may be published to more
+//! nodes, which all reach the one serving gateway through its portal. The holder attaching
+//! again keeps the publications; the last `Unpublish`, or a `Detach`, drops the attachment.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -167,6 +174,8 @@ impl State {
             Some(Op::Attach(c)) => self.attach(c, now),
             Some(Op::Renew(c)) => self.renew(c, now),
             Some(Op::Detach(c)) => self.detach(c),
+            Some(Op::Publish(c)) => self.publish(c, now),
+            Some(Op::Unpublish(c)) => self.unpublish(c),
             Some(Op::RegisterNode(c)) => self.register_node(c),
             Some(Op::SetNodeState(c)) => self.set_node_state(c),
             Some(Op::RemoveReplica(c)) => self.remove_replica(c),
@@ -564,21 +573,44 @@ impl State {
 
     // ---------- attachments ----------
 
+    /// The lease asked for, with the default filled in and the limit enforced.
+    fn lease_length(lease_ms: u64) -> Result<u64, Reject> {
+        match lease_ms {
+            0 => Ok(DEFAULT_LEASE_MS),
+            l if l <= MAX_LEASE_MS => Ok(l),
+            l => Err(Reject::invalid(format!(
+                "lease of {l} ms is beyond {MAX_LEASE_MS} ms"
+            ))),
+        }
+    }
+
+    /// A fresh attachment of `id` to `gateway`: the next writer epoch, which fences every
+    /// earlier holder. Not stored yet.
+    fn grant(&mut self, id: u64, gateway: &str, lease_ms: u64, now: u64) -> Attachment {
+        Attachment {
+            volume_id: id,
+            gateway: gateway.to_string(),
+            writer_epoch: self.next_epoch(id),
+            lease_expires_ms: now.saturating_add(lease_ms),
+            lease_ms,
+            ..Default::default()
+        }
+    }
+
+    fn set_attachment(&mut self, id: u64, a: Option<Attachment>) {
+        if let Some(v) = self.volumes.get_mut(&id) {
+            v.attachment = a;
+        }
+    }
+
     fn attach(&mut self, c: &pb::AttachCmd, now: u64) -> ApplyOutcome {
         let id = self.volume_id(c.volume.as_ref().unwrap_or(&VolumeRef::default()))?;
         if c.gateway.is_empty() {
             return Err(Reject::invalid("gateway id required"));
         }
-        let lease_ms = match c.lease_ms {
-            0 => DEFAULT_LEASE_MS,
-            l if l <= MAX_LEASE_MS => l,
-            l => {
-                return Err(Reject::invalid(format!(
-                    "lease of {l} ms is beyond {MAX_LEASE_MS} ms"
-                )))
-            }
-        };
-        if let Some(a) = &self.volumes[&id].attachment {
+        let lease_ms = Self::lease_length(c.lease_ms)?;
+        let prev = self.volumes[&id].attachment.clone();
+        if let Some(a) = &prev {
             if a.gateway != c.gateway && a.lease_expires_ms > now {
                 return Err(Reject::precondition(format!(
                     "volume is attached to gateway {} for another {} ms",
@@ -587,17 +619,18 @@ impl State {
                 )));
             }
         }
-        let writer_epoch = self.next_epoch(id);
-        let a = Attachment {
-            volume_id: id,
-            gateway: c.gateway.clone(),
-            writer_epoch,
-            lease_expires_ms: now.saturating_add(lease_ms),
-            lease_ms,
-        };
-        if let Some(v) = self.volumes.get_mut(&id) {
-            v.attachment = Some(a.clone());
+        let mut a = self.grant(id, &c.gateway, lease_ms, now);
+        a.portal = c.portal.clone();
+        // The holder attaching again (its gateway opening the volume, a restart) keeps the CSI
+        // publications: the nodes still use the volume. A new holder starts with none.
+        if let Some(prev) = prev.filter(|p| p.gateway == c.gateway) {
+            a.readonly = prev.readonly;
+            a.published = prev.published;
+            if a.portal.is_empty() {
+                a.portal = prev.portal;
+            }
         }
+        self.set_attachment(id, Some(a.clone()));
         Ok(apply_result::Result::Attachment(a))
     }
 
@@ -659,6 +692,95 @@ impl State {
                 a.gateway, c.gateway
             ))),
         }
+    }
+
+    // ---------- publications (CSI) ----------
+
+    fn publish(&mut self, c: &pb::PublishCmd, now: u64) -> ApplyOutcome {
+        let id = self.volume_id(c.volume.as_ref().unwrap_or(&VolumeRef::default()))?;
+        if c.node.is_empty() {
+            return Err(Reject::invalid("node id required"));
+        }
+        let lease_ms = Self::lease_length(c.lease_ms)?;
+        let v = &self.volumes[&id];
+        if v.state == VolumeState::VolumeDeleting as i32 {
+            return Err(Reject::precondition(format!(
+                "volume {:?} is being deleted",
+                v.name
+            )));
+        }
+        let mode = |readonly: bool| if readonly { "read-only" } else { "read-write" };
+        let a = match v.attachment.clone() {
+            None => {
+                // The node's gateway opens it (its own attach, a new epoch again) and fills in
+                // the portal.
+                let mut a = self.grant(id, &c.node, lease_ms, now);
+                a.readonly = c.readonly;
+                a.published = vec![c.node.clone()];
+                a
+            }
+            Some(a) if a.published.contains(&c.node) => {
+                if a.readonly != c.readonly {
+                    return Err(Reject::new(
+                        Code::AlreadyExists,
+                        format!(
+                            "volume is published to {} {} already",
+                            c.node,
+                            mode(a.readonly)
+                        ),
+                    ));
+                }
+                // A retried publish: nothing changes, the epoch least of all.
+                return Ok(apply_result::Result::Attachment(a));
+            }
+            // An operator attached it to this node's gateway: the publication takes it over.
+            Some(mut a) if a.published.is_empty() && a.gateway == c.node => {
+                a.published = vec![c.node.clone()];
+                a.readonly = c.readonly;
+                a
+            }
+            // More readers: they all use the gateway already serving it.
+            Some(mut a) if a.readonly && c.readonly && !a.published.is_empty() => {
+                a.published.push(c.node.clone());
+                a
+            }
+            Some(a) if a.published.is_empty() => {
+                return Err(Reject::precondition(format!(
+                    "volume is attached to gateway {} (not published); cannot publish it to {}",
+                    a.gateway, c.node
+                )))
+            }
+            Some(a) => {
+                return Err(Reject::precondition(format!(
+                    "volume is published {} to {}; cannot publish it {} to {}",
+                    mode(a.readonly),
+                    a.published.join(", "),
+                    mode(c.readonly),
+                    c.node
+                )))
+            }
+        };
+        self.set_attachment(id, Some(a.clone()));
+        Ok(apply_result::Result::Attachment(a))
+    }
+
+    fn unpublish(&mut self, c: &pb::UnpublishCmd) -> ApplyOutcome {
+        let id = self.volume_id(c.volume.as_ref().unwrap_or(&VolumeRef::default()))?;
+        if c.node.is_empty() {
+            return Err(Reject::invalid("node id required"));
+        }
+        let Some(mut a) = self.volumes[&id].attachment.clone() else {
+            return Ok(apply_result::Result::Done(true));
+        };
+        if !a.published.contains(&c.node) {
+            return Ok(apply_result::Result::Done(true));
+        }
+        a.published.retain(|n| *n != c.node);
+        // The last node out releases the volume like a detach. While others remain, the gateway
+        // serving it keeps its lease and epoch, even when it is the departing node's.
+        let keep = !a.published.is_empty();
+        self.set_attachment(id, keep.then_some(a));
+        Ok(apply_result::Result::Done(true))
     }
 
     // ---------- nodes ----------
@@ -1040,6 +1162,7 @@ pub fn fuzz_apply(mut data: &[u8]) {
             }),
             gateway: "g".into(),
             lease_ms: 0,
+            portal: "127.0.0.1:3260".into(),
         })),
     });
     while data.len() >= 2 {

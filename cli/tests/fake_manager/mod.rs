@@ -270,6 +270,16 @@ impl Manager for Svc {
         self.handle("detach", req, |_, _| Err(Status::unimplemented("detach")))
     }
 
+    async fn publish(&self, req: Request<pb::PublishRequest>) -> Answer<pb::Attachment> {
+        self.handle("publish", req, |_, _| Err(Status::unimplemented("publish")))
+    }
+
+    async fn unpublish(&self, req: Request<pb::UnpublishRequest>) -> Answer<pb::UnpublishResponse> {
+        self.handle("unpublish", req, |_, _| {
+            Err(Status::unimplemented("unpublish"))
+        })
+    }
+
     async fn get_chunks(
         &self,
         req: Request<pb::GetChunksRequest>,

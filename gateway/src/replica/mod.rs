@@ -165,6 +165,7 @@ impl Volume {
                 }),
                 gateway: cfg.gateway.clone(),
                 lease_ms: cfg.lease_ms,
+                portal: String::new(),
             })
             .await?;
         let v = mgr
