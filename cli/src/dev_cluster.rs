@@ -170,6 +170,9 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         let gargs = crate::gateway::GatewayArgs {
             manager: members.clone(),
             portal: args.portal,
+            // The bound portal (127.0.0.1:PORT by default), or the loopback address that
+            // reaches the managers when --portal is 0.0.0.0.
+            advertise: None,
             node_id: Some(GATEWAY_ID.into()),
             chap: args.chap.clone(),
             mutual_chap: args.mutual_chap.clone(),

@@ -1,13 +1,15 @@
 //! `ironsan gateway`: the iSCSI gateway of a cluster. It serves every volume the manager has
 //! attached to its node id (`ironsan volume attach NAME --node ID`), replicated on the storage
-//! daemons, until SIGTERM/SIGINT; then it drains its sessions and flushes.
+//! daemons, until SIGTERM/SIGINT; then it drains its sessions and flushes. Each attach names
+//! the portal initiators elsewhere should use (`--advertise`), which the manager records in the
+//! attachment for the CSI node plugin.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::Args;
-use ironsan_common::manager_client::ManagerClient;
+use ironsan_common::manager_client::{check_addr, ManagerClient};
 use ironsan_gateway::cluster::{self, ClusterConfig};
 use ironsan_gateway::iscsi::chap::Credentials;
 use ironsan_gateway::replica::ReplicaConfig;
@@ -25,6 +27,11 @@ pub struct GatewayArgs {
     /// iSCSI portal address.
     #[arg(long, default_value = "0.0.0.0:3260", env = "IRONSAN_PORTAL")]
     pub(crate) portal: SocketAddr,
+    /// The portal address initiators on other hosts use, HOST:PORT, recorded in the attachments
+    /// of the volumes served here (default: --portal when its IP is given; for 0.0.0.0 or [::]
+    /// the local IP this host reaches the first manager from, with the portal's port).
+    #[arg(long, env = "IRONSAN_GATEWAY_ADVERTISE")]
+    pub(crate) advertise: Option<String>,
     /// This gateway's id: volumes attached to it are served here (default: the hostname).
     #[arg(long, env = "IRONSAN_NODE_ID")]
     pub(crate) node_id: Option<String>,
@@ -62,25 +69,30 @@ pub async fn serve(args: GatewayArgs, shutdown: CancellationToken) -> anyhow::Re
             .context("no --node-id given and the hostname is unavailable")?,
     };
     let mgr = ManagerClient::new(&args.manager).context("--manager")?;
+    if let Some(a) = &args.advertise {
+        check_addr(a).map_err(|e| anyhow::anyhow!("--advertise: {e}"))?;
+    }
     let gw = Gateway::new(GatewayConfig {
         chap: args.chap.clone(),
         mutual_chap: args.mutual_chap.clone(),
         ..Default::default()
     })
     .context("gateway configuration")?;
+    let listener = target::bind(args.portal)
+        .await
+        .with_context(|| format!("bind portal {}", args.portal))?;
+    let addr = listener.local_addr()?;
+    let advertise = advertised(args.advertise.as_deref(), addr, &mgr).await?;
     let mut cfg = ClusterConfig {
         replica: ReplicaConfig {
             gateway: node_id.clone(),
             lease_ms: args.lease.map_or(0, |d| d.as_millis() as u64),
+            portal: advertise.clone(),
             ..Default::default()
         },
         ..Default::default()
     };
     cfg.data_path.request_timeout = args.io_timeout;
-    let listener = target::bind(args.portal)
-        .await
-        .with_context(|| format!("bind portal {}", args.portal))?;
-    let addr = listener.local_addr()?;
     let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
     let attached = tokio::spawn(cluster::serve_attached(
         gw.clone(),
@@ -91,9 +103,84 @@ pub async fn serve(args: GatewayArgs, shutdown: CancellationToken) -> anyhow::Re
     ));
     // Initiators that connect at once should find the volumes attached here at start.
     let _ = tokio::time::timeout(Duration::from_secs(30), ready_rx).await;
-    tracing::info!(addr = %addr, node = %node_id, targets = gw.targets().len(), chap = args.chap.is_some(), "portal ready");
+    tracing::info!(addr = %addr, advertise = %advertise, node = %node_id, targets = gw.targets().len(), chap = args.chap.is_some(), "portal ready");
     gw.serve(listener, shutdown).await;
     let _ = attached.await;
     tracing::info!("gateway stopped cleanly");
     Ok(())
+}
+
+/// The portal address recorded in attachments: `--advertise`, else the bound address when its
+/// IP is specified, else the local IP that routes to the first manager with the bound port.
+async fn advertised(
+    flag: Option<&str>,
+    bound: SocketAddr,
+    mgr: &ManagerClient,
+) -> anyhow::Result<String> {
+    if let Some(a) = flag {
+        return Ok(a.to_string());
+    }
+    if !bound.ip().is_unspecified() {
+        return Ok(bound.to_string());
+    }
+    let first = mgr.members().into_iter().next().unwrap_or_default();
+    let ip = route_to(&first, bound.is_ipv4()).await.with_context(|| {
+        format!(
+            "portal {bound} listens on every interface and the address that reaches manager \
+             {first} is unknown: give --advertise HOST:PORT"
+        )
+    })?;
+    if ip.is_loopback() {
+        tracing::warn!(manager = %first, "the manager is reached over loopback: advertising a loopback portal, which initiators on other hosts cannot use (give --advertise)");
+    }
+    Ok(SocketAddr::new(ip, bound.port()).to_string())
+}
+
+/// The local IP the host would send from to reach `addr` (HOST:PORT): a connected UDP socket
+/// picks it from the routing table without sending anything. A portal bound to 0.0.0.0 only
+/// accepts IPv4, so only IPv4 destinations count then.
+async fn route_to(addr: &str, ipv4_only: bool) -> std::io::Result<IpAddr> {
+    let dest = tokio::net::lookup_host(addr)
+        .await?
+        .find(|a| a.is_ipv4() || !ipv4_only)
+        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, "no usable address"))?;
+    let any = if dest.is_ipv4() {
+        IpAddr::V4(Ipv4Addr::UNSPECIFIED)
+    } else {
+        IpAddr::V6(Ipv6Addr::UNSPECIFIED)
+    };
+    let sock = tokio::net::UdpSocket::bind(SocketAddr::new(any, 0)).await?;
+    sock.connect(dest).await?;
+    Ok(sock.local_addr()?.ip())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn advertised_portal() {
+        let mgr = ManagerClient::new("127.0.0.1:7400").unwrap();
+        let bound: SocketAddr = "10.1.2.3:3260".parse().unwrap();
+        assert_eq!(
+            advertised(Some("gw.example:3261"), bound, &mgr)
+                .await
+                .unwrap(),
+            "gw.example:3261"
+        );
+        assert_eq!(
+            advertised(None, bound, &mgr).await.unwrap(),
+            "10.1.2.3:3260"
+        );
+        // Every interface: the one that reaches the manager, here loopback.
+        let any: SocketAddr = "0.0.0.0:3999".parse().unwrap();
+        assert_eq!(advertised(None, any, &mgr).await.unwrap(), "127.0.0.1:3999");
+        let any6: SocketAddr = "[::]:3999".parse().unwrap();
+        let v6 = ManagerClient::new("[::1]:7400").unwrap();
+        if std::net::UdpSocket::bind("[::1]:0").is_ok() {
+            assert_eq!(advertised(None, any6, &v6).await.unwrap(), "[::1]:3999");
+        }
+        // A 0.0.0.0 portal cannot be reached over IPv6.
+        assert!(advertised(None, any, &v6).await.is_err());
+    }
 }

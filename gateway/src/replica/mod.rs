@@ -65,6 +65,9 @@ pub struct ReplicaConfig {
     pub gateway: String,
     /// Lease asked for at attach (0: the manager's default).
     pub lease_ms: u64,
+    /// The iSCSI portal (HOST:PORT) this gateway advertises: every attach records it in the
+    /// attachment, where CSI nodes find where to log in. Empty keeps the attachment's.
+    pub portal: String,
     /// How often the keeper looks for recovery tasks of the volume.
     pub task_poll: Duration,
 }
@@ -74,6 +77,7 @@ impl Default for ReplicaConfig {
         ReplicaConfig {
             gateway: "gateway".into(),
             lease_ms: 0,
+            portal: String::new(),
             task_poll: Duration::from_secs(1),
         }
     }
@@ -148,7 +152,8 @@ fn unavailable(what: impl std::fmt::Display) -> DeviceError {
 
 impl Volume {
     /// Attaches the volume for this gateway (a new writer epoch, fencing any earlier holder,
-    /// this gateway's previous life included) and loads its chunk map. Starts the keeper that
+    /// this gateway's previous life included; the attachment records our portal and keeps its
+    /// CSI publications) and loads its chunk map. Starts the keeper that
     /// renews the lease and runs recovery tasks; [`Volume::close`] stops it.
     pub async fn open(
         mgr: ManagerClient,
@@ -165,7 +170,7 @@ impl Volume {
                 }),
                 gateway: cfg.gateway.clone(),
                 lease_ms: cfg.lease_ms,
-                portal: String::new(),
+                portal: cfg.portal.clone(),
             })
             .await?;
         let v = mgr
