@@ -217,6 +217,7 @@ pub async fn run_volume(args: VolumeArgs) -> anyhow::Result<()> {
                 volume: Some(volume_ref(&name)),
                 gateway: node.clone(),
                 lease_ms: lease.map_or(0, |d| d.as_millis() as u64),
+                // The gateway's own attach, when it opens the volume, records its portal.
                 portal: String::new(),
             };
             let a = c
@@ -226,7 +227,7 @@ pub async fn run_volume(args: VolumeArgs) -> anyhow::Result<()> {
             if json {
                 println!(
                     "{:#}",
-                    json!({ "name": name, "gateway": a.gateway, "writer_epoch": a.writer_epoch, "lease_ms": a.lease_ms })
+                    json!({ "name": name, "gateway": a.gateway, "writer_epoch": a.writer_epoch, "lease_ms": a.lease_ms, "portal": a.portal })
                 );
             } else {
                 println!(
@@ -492,6 +493,9 @@ fn volume_json(v: &pb::Volume) -> Value {
             "writer_epoch": a.writer_epoch,
             "lease_expires_ms": a.lease_expires_ms,
             "lease_ms": a.lease_ms,
+            "portal": a.portal,
+            "readonly": a.readonly,
+            "published": a.published,
         })),
     })
 }
@@ -511,15 +515,39 @@ fn volumes_table(vols: &[pb::Volume]) -> String {
                 v.attachment
                     .as_ref()
                     .map_or_else(|| "-".into(), |a| or_dash(&a.gateway)),
+                v.attachment
+                    .as_ref()
+                    .map_or_else(|| "-".into(), |a| or_dash(&a.portal)),
+                v.attachment
+                    .as_ref()
+                    .map_or_else(|| "-".into(), published_cell),
             ]
         })
         .collect();
     table(
         &[
-            "NAME", "ID", "SIZE", "REPLICAS", "CHUNK", "STATE", "DEGRADED", "ATTACHED",
+            "NAME",
+            "ID",
+            "SIZE",
+            "REPLICAS",
+            "CHUNK",
+            "STATE",
+            "DEGRADED",
+            "ATTACHED",
+            "PORTAL",
+            "PUBLISHED",
         ],
         &rows,
     )
+}
+
+/// CSI publications in one word: `ro:n1,n2`, `rw:n1`, or `-`.
+fn published_cell(a: &pb::Attachment) -> String {
+    if a.published.is_empty() {
+        return "-".into();
+    }
+    let mode = if a.readonly { "ro" } else { "rw" };
+    format!("{mode}:{}", a.published.join(","))
 }
 
 fn volume_text(v: &pb::Volume) -> String {
@@ -536,6 +564,18 @@ fn volume_text(v: &pb::Volume) -> String {
         Some(a) if !a.gateway.is_empty() => {
             f.push(("Attached to", a.gateway.clone()));
             f.push(("Writer epoch", a.writer_epoch.to_string()));
+            f.push(("Portal", or_dash(&a.portal)));
+            if !a.published.is_empty() {
+                let mode = if a.readonly {
+                    "read-only"
+                } else {
+                    "read-write"
+                };
+                f.push((
+                    "Published to",
+                    format!("{} ({mode})", a.published.join(", ")),
+                ));
+            }
         }
         _ => f.push(("Attached to", "-".into())),
     }

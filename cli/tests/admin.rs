@@ -104,7 +104,7 @@ fn volume_commands() {
         ]
     );
 
-    // vol2 is attached and degraded.
+    // vol2 is attached, published read-only to two nodes, and degraded.
     {
         let mut s = fake.state();
         let v = s.volumes.iter_mut().find(|v| v.name == "vol2").unwrap();
@@ -115,15 +115,39 @@ fn volume_commands() {
             writer_epoch: 9,
             lease_expires_ms: 1_700_000_010_000,
             lease_ms: 10_000,
-            ..Default::default()
+            portal: "10.0.0.1:3260".into(),
+            readonly: true,
+            published: vec!["gw-a".into(), "node-b".into()],
         });
     }
     let table = ok(&fake, &["volume", "list"]);
     assert_eq!(
         rows(&table),
         vec![
-            vec!["NAME", "ID", "SIZE", "REPLICAS", "CHUNK", "STATE", "DEGRADED", "ATTACHED"],
-            vec!["vol1", "1", "10GiB", "2", "32MiB", "available", "0", "-"],
+            vec![
+                "NAME",
+                "ID",
+                "SIZE",
+                "REPLICAS",
+                "CHUNK",
+                "STATE",
+                "DEGRADED",
+                "ATTACHED",
+                "PORTAL",
+                "PUBLISHED"
+            ],
+            vec![
+                "vol1",
+                "1",
+                "10GiB",
+                "2",
+                "32MiB",
+                "available",
+                "0",
+                "-",
+                "-",
+                "-"
+            ],
             vec![
                 "vol2",
                 "2",
@@ -132,7 +156,9 @@ fn volume_commands() {
                 "64MiB",
                 "available",
                 "4",
-                "gw-a"
+                "gw-a",
+                "10.0.0.1:3260",
+                "ro:gw-a,node-b"
             ],
         ],
         "{table}"
@@ -155,6 +181,12 @@ fn volume_commands() {
     assert_eq!(vols[1]["degraded_chunks"], 4);
     assert_eq!(vols[1]["attachment"]["gateway"], "gw-a");
     assert_eq!(vols[1]["attachment"]["writer_epoch"], 9);
+    assert_eq!(vols[1]["attachment"]["portal"], "10.0.0.1:3260");
+    assert_eq!(vols[1]["attachment"]["readonly"], true);
+    assert_eq!(
+        vols[1]["attachment"]["published"],
+        serde_json::json!(["gw-a", "node-b"])
+    );
 
     let v = json(&ok(&fake, &["volume", "get", "vol2", "--json"]));
     assert_eq!(
@@ -171,6 +203,14 @@ fn volume_commands() {
     let out = ok(&fake, &["volume", "get", "vol2"]);
     assert!(
         out.contains("Attached to:") && out.contains("gw-a"),
+        "{out}"
+    );
+    assert!(
+        out.contains("Portal:") && out.contains("10.0.0.1:3260"),
+        "{out}"
+    );
+    assert!(
+        out.contains("Published to:") && out.contains("gw-a, node-b (read-only)"),
         "{out}"
     );
 

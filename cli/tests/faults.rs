@@ -324,6 +324,13 @@ fn cluster_smoke() {
     let seed = seed();
     println!("seed {seed}");
     let h = Harness::start(ClusterConfig::new("smoke", 1, 3, 1), 64, 4, seed);
+    // The gateway's own attach recorded the portal it advertises: its bound address here.
+    let v = h.c.volume(VOL);
+    assert_eq!(
+        v["attachment"]["portal"].as_str(),
+        Some(h.c.portal(1).as_str()),
+        "{v:#}"
+    );
     let wl = Workload::start(&h.wcfg, &h.portals);
     assert!(
         wl.wait_progress(300, Duration::from_secs(60)),
