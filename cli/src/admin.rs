@@ -96,8 +96,12 @@ pub struct NodeArgs {
 
 #[derive(Subcommand, Debug)]
 enum NodeCmd {
-    /// List storage nodes with their state and space.
-    List,
+    /// List storage nodes with their state and space (with --gateways: the registered iSCSI
+    /// gateways and their portals instead).
+    List {
+        #[arg(long)]
+        gateways: bool,
+    },
     /// Move every chunk off a node, then leave it empty (for decommissioning).
     Drain { id: String },
 }
@@ -272,7 +276,27 @@ pub async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
     let c = client(&args.conn)?;
     let json = args.conn.json;
     match args.cmd {
-        NodeCmd::List => {
+        NodeCmd::List { gateways: true } => {
+            let list = c
+                .list_gateways(pb::ListGatewaysRequest {})
+                .await
+                .map_err(|e| explain(e, ""))?
+                .gateways;
+            if json {
+                let list: Vec<Value> = list
+                    .iter()
+                    .map(|g| json!({ "id": g.id, "portal": g.portal, "registered_ms": g.registered_ms }))
+                    .collect();
+                println!("{:#}", json!({ "gateways": list }));
+            } else {
+                let rows: Vec<Vec<String>> = list
+                    .iter()
+                    .map(|g| vec![g.id.clone(), or_dash(&g.portal)])
+                    .collect();
+                print!("{}", table(&["GATEWAY", "PORTAL"], &rows));
+            }
+        }
+        NodeCmd::List { gateways: false } => {
             let mut nodes = c
                 .list_nodes(pb::ListNodesRequest {})
                 .await

@@ -335,6 +335,11 @@ rpcs! {
     /// Unpublishes a volume from a CSI node; the last node out drops the attachment. `NOT_FOUND`
     /// only for an unknown volume.
     unpublish(pb::UnpublishRequest) -> pb::UnpublishResponse;
+    /// Announces a gateway and its portal (idempotent).
+    register_gateway(pb::RegisterGatewayRequest) -> pb::Gateway;
+    /// A registered gateway (`NOT_FOUND` if none has that id).
+    get_gateway(pb::GatewayRef) -> pb::Gateway;
+    list_gateways(pb::ListGatewaysRequest) -> pb::ListGatewaysResponse;
     get_chunks(pb::GetChunksRequest) -> pb::GetChunksResponse;
     report_failed_replica(pb::ReportFailedReplicaRequest) -> pb::Chunk;
     register_node(pb::RegisterNodeRequest) -> pb::RegisterNodeResponse;
@@ -445,6 +450,9 @@ mod tests {
             detach(pb::DetachRequest) -> pb::DetachResponse;
             publish(pb::PublishRequest) -> pb::Attachment;
             unpublish(pb::UnpublishRequest) -> pb::UnpublishResponse;
+            register_gateway(pb::RegisterGatewayRequest) -> pb::Gateway;
+            get_gateway(pb::GatewayRef) -> pb::Gateway;
+            list_gateways(pb::ListGatewaysRequest) -> pb::ListGatewaysResponse;
             get_chunks(pb::GetChunksRequest) -> pb::GetChunksResponse;
             report_failed_replica(pb::ReportFailedReplicaRequest) -> pb::Chunk;
             register_node(pb::RegisterNodeRequest) -> pb::RegisterNodeResponse;

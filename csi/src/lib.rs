@@ -14,7 +14,11 @@
 //! the socket is served by tonic 0.11 while the manager is reached with the workspace's
 //! tonic 0.14 client.
 
+// tonic's `Status` is the error of every generated service method; helpers return it too.
+#![allow(clippy::result_large_err)]
+
 pub mod capability;
+pub mod controller;
 mod error;
 pub mod identity;
 pub mod node;
@@ -115,10 +119,22 @@ pub struct Config {
 
 /// Serves the CSI services until `shutdown`, then removes the socket file.
 pub async fn serve(cfg: Config, shutdown: CancellationToken) -> Result<(), CsiError> {
+    use csi::controller_server::ControllerServer;
     use csi::identity_server::IdentityServer;
     use csi::node_server::NodeServer;
 
     let identity = identity::IdentityService::new(cfg.manager.clone());
+    let controller = if cfg.mode.controller() {
+        let mgr = cfg
+            .manager
+            .clone()
+            .ok_or_else(|| CsiError::Config("the controller needs --manager".to_string()))?;
+        Some(ControllerServer::new(controller::ControllerService::new(
+            mgr, cfg.lease,
+        )))
+    } else {
+        None
+    };
     let node = if cfg.mode.node() {
         Some(NodeServer::new(
             node::NodeService::new(cfg.node.clone(), cfg.manager.clone()).await?,
@@ -128,11 +144,13 @@ pub async fn serve(cfg: Config, shutdown: CancellationToken) -> Result<(), CsiEr
     };
     let router = Server::builder()
         .add_service(IdentityServer::new(identity))
+        .add_optional_service(controller)
         .add_optional_service(node);
-    tracing::info!(endpoint = ?cfg.endpoint, mode = ?cfg.mode, node = %cfg.node.node_id, "CSI driver serving");
+    let serving = || tracing::info!(endpoint = ?cfg.endpoint, mode = ?cfg.mode, node = %cfg.node.node_id, "CSI driver serving");
     match &cfg.endpoint {
         Endpoint::Unix(path) => {
             let listener = bind_unix(path)?;
+            serving();
             let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
             let served = router
                 .serve_with_incoming_shutdown(incoming, shutdown.cancelled())
@@ -141,8 +159,13 @@ pub async fn serve(cfg: Config, shutdown: CancellationToken) -> Result<(), CsiEr
             served?;
         }
         Endpoint::Tcp(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| CsiError::Io(format!("bind {addr}"), e))?;
+            serving();
+            let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
             router
-                .serve_with_shutdown(*addr, shutdown.cancelled())
+                .serve_with_incoming_shutdown(incoming, shutdown.cancelled())
                 .await?;
         }
     }

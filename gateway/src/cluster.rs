@@ -1,5 +1,5 @@
-//! The gateway as a cluster member: it serves, as iSCSI targets, exactly the volumes the
-//! manager says are attached to it.
+//! The gateway as a cluster member: it registers its id and portal with the manager, then
+//! serves, as iSCSI targets, exactly the volumes the manager says are attached to it.
 //!
 //! Every `poll` it lists the volumes. One attached to this gateway and not yet served is
 //! opened ([`Volume::open`] attaches again, so the new writer epoch fences this gateway's own
@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ironsan_common::manager_client::ManagerClient;
-use ironsan_common::proto::manager::ListVolumesRequest;
+use ironsan_common::proto::manager::{ListVolumesRequest, RegisterGatewayRequest};
 use ironsan_storage::client::{ClientConfig, Pool};
 use tokio_util::sync::CancellationToken;
 
@@ -60,7 +60,23 @@ pub async fn serve_attached(
     let pool = Arc::new(Pool::new(cfg.data_path.clone()));
     let me = cfg.replica.gateway.clone();
     let mut served: HashMap<String, Arc<Volume>> = HashMap::new();
+    let mut registered = false;
     loop {
+        // Announce this gateway and its portal (CSI publishes volumes to registered gateways
+        // only); retried every pass until the manager takes it.
+        if !registered {
+            let req = RegisterGatewayRequest {
+                id: me.clone(),
+                portal: cfg.replica.portal.clone(),
+            };
+            match mgr.register_gateway(req).await {
+                Ok(g) => {
+                    registered = true;
+                    tracing::info!(gateway = %g.id, portal = %g.portal, "gateway registered");
+                }
+                Err(e) => tracing::warn!(error = %e, "cannot register the gateway yet"),
+            }
+        }
         match mgr.list_volumes(ListVolumesRequest {}).await {
             Ok(list) => {
                 let mine: HashMap<&str, u64> = list

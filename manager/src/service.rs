@@ -442,6 +442,42 @@ impl manager_server::Manager for Service {
         Ok(Response::new(pb::UnpublishResponse {}))
     }
 
+    async fn register_gateway(
+        &self,
+        req: Request<pb::RegisterGatewayRequest>,
+    ) -> Result<Response<pb::Gateway>, Status> {
+        let r = req.into_inner();
+        // A restart re-registers unchanged: no log entry for that.
+        if let Ok(g) = self.node().state().gateway(&r.id) {
+            if g.portal == r.portal {
+                return Ok(Response::new(g));
+            }
+        }
+        expect!(self.submit(Op::RegisterGateway(r)).await?, Gateway)
+    }
+
+    async fn get_gateway(
+        &self,
+        req: Request<pb::GatewayRef>,
+    ) -> Result<Response<pb::Gateway>, Status> {
+        self.read().await?;
+        let g = self
+            .node()
+            .state()
+            .gateway(&req.into_inner().id)
+            .map_err(Error::from)?;
+        Ok(Response::new(g))
+    }
+
+    async fn list_gateways(
+        &self,
+        _: Request<pb::ListGatewaysRequest>,
+    ) -> Result<Response<pb::ListGatewaysResponse>, Status> {
+        self.read().await?;
+        let gateways = self.node().state().gateways().cloned().collect();
+        Ok(Response::new(pb::ListGatewaysResponse { gateways }))
+    }
+
     async fn get_chunks(
         &self,
         req: Request<pb::GetChunksRequest>,

@@ -18,6 +18,10 @@
 //! and lists the node in `published`. A volume published read-only may be published to more
 //! nodes, which all reach the one serving gateway through its portal. The holder attaching
 //! again keeps the publications; the last `Unpublish`, or a `Detach`, drops the attachment.
+//!
+//! Gateways: each announces its id and portal at start (`RegisterGateway`), so CSI can tell an
+//! unknown node (NOT_FOUND) from a known one and hand out the portal of the gateway serving a
+//! volume. The registry only grows; a gateway that moves re-registers with its new portal.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -149,6 +153,7 @@ pub struct State {
     stale: BTreeMap<String, BTreeMap<(u64, u64), u64>>,
     members: BTreeMap<u64, String>,
     members_seen: BTreeSet<u64>,
+    gateways: BTreeMap<String, pb::Gateway>,
 }
 
 type ApplyOutcome = Result<apply_result::Result, Reject>;
@@ -176,6 +181,7 @@ impl State {
             Some(Op::Detach(c)) => self.detach(c),
             Some(Op::Publish(c)) => self.publish(c, now),
             Some(Op::Unpublish(c)) => self.unpublish(c),
+            Some(Op::RegisterGateway(c)) => self.register_gateway(c, now),
             Some(Op::RegisterNode(c)) => self.register_node(c),
             Some(Op::SetNodeState(c)) => self.set_node_state(c),
             Some(Op::RemoveReplica(c)) => self.remove_replica(c),
@@ -284,6 +290,17 @@ impl State {
 
     pub fn nodes(&self) -> impl Iterator<Item = &Node> {
         self.nodes.values()
+    }
+
+    pub fn gateway(&self, id: &str) -> Result<pb::Gateway, Reject> {
+        self.gateways
+            .get(id)
+            .cloned()
+            .ok_or_else(|| Reject::not_found(format!("gateway {id:?}")))
+    }
+
+    pub fn gateways(&self) -> impl Iterator<Item = &pb::Gateway> {
+        self.gateways.values()
     }
 
     pub fn tasks(&self) -> impl Iterator<Item = &RecoveryTask> {
@@ -694,6 +711,33 @@ impl State {
         }
     }
 
+    // ---------- gateways ----------
+
+    fn register_gateway(&mut self, c: &pb::RegisterGatewayRequest, now: u64) -> ApplyOutcome {
+        if c.id.is_empty() || c.id.len() > 253 {
+            return Err(Reject::invalid("gateway id must be 1 to 253 characters"));
+        }
+        let portal_ok = c.portal.rsplit_once(':').is_some_and(|(host, port)| {
+            !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p != 0)
+        });
+        if !portal_ok {
+            return Err(Reject::invalid(format!(
+                "gateway portal {:?} is not host:port",
+                c.portal
+            )));
+        }
+        let g = self
+            .gateways
+            .entry(c.id.clone())
+            .or_insert_with(|| pb::Gateway {
+                id: c.id.clone(),
+                registered_ms: now,
+                ..Default::default()
+            });
+        g.portal = c.portal.clone();
+        Ok(apply_result::Result::Gateway(g.clone()))
+    }
+
     // ---------- publications (CSI) ----------
 
     fn publish(&mut self, c: &pb::PublishCmd, now: u64) -> ApplyOutcome {
@@ -1044,6 +1088,7 @@ impl State {
                 })
                 .collect(),
             members_seen: self.members_seen.iter().copied().collect(),
+            gateways: self.gateways.values().cloned().collect(),
         }
     }
 
@@ -1081,6 +1126,7 @@ impl State {
             stale: keyed(s.stale),
             members: s.members.into_iter().map(|m| (m.id, m.addr)).collect(),
             members_seen: s.members_seen.into_iter().collect(),
+            gateways: s.gateways.into_iter().map(|g| (g.id.clone(), g)).collect(),
         };
         st.recount();
         st

@@ -1,6 +1,6 @@
 //! Attachments and CSI publications in the state machine: the portal an attach carries, what
 //! a re-attach keeps, Publish/Unpublish rules (idempotence, read-only sharing, adoption of an
-//! operator's attach, refusals) and their survival through a snapshot.
+//! operator's attach, refusals), the gateway registry, and their survival through a snapshot.
 
 use ironsan_common::proto::manager::{
     self as pb, apply_result, command::Op, Attachment, Command, StateSnapshot, VolumeState,
@@ -427,4 +427,66 @@ fn publications_survive_a_snapshot() {
         )
     );
     assert_eq!(back.volumes()[0].attachment, Some(a));
+}
+
+fn register(st: &mut State, now: u64, id: &str, portal: &str) -> apply_result::Result {
+    run(
+        st,
+        now,
+        Op::RegisterGateway(pb::RegisterGatewayRequest {
+            id: id.into(),
+            portal: portal.into(),
+        }),
+    )
+}
+
+#[test]
+fn gateways_register_move_and_survive_a_snapshot() {
+    let mut st = cluster();
+    assert_eq!(
+        st.gateway("n1").map_err(|r| r.code),
+        Err(Code::NotFound),
+        "unknown before registering"
+    );
+    let g = match register(&mut st, T0, "n1", "10.0.0.1:3260") {
+        apply_result::Result::Gateway(g) => g,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(
+        (g.id.as_str(), g.portal.as_str(), g.registered_ms),
+        ("n1", "10.0.0.1:3260", T0)
+    );
+    // Moving keeps the first registration time.
+    register(&mut st, T0 + 5, "n1", "[fd00::2]:3260");
+    let g = st.gateway("n1").expect("registered");
+    assert_eq!((g.portal.as_str(), g.registered_ms), ("[fd00::2]:3260", T0));
+    register(&mut st, T0, "n2", "gw2.example:3260");
+    assert_eq!(st.gateways().count(), 2);
+
+    for (id, portal) in [
+        ("", "10.0.0.1:3260"),
+        ("n3", "10.0.0.1"),
+        ("n3", ":3260"),
+        ("n3", "h:0"),
+        ("n3", "h:99999"),
+    ] {
+        refused(register(&mut st, T0, id, portal), Code::InvalidArgument);
+    }
+    refused(
+        register(&mut st, T0, &"x".repeat(254), "h:1"),
+        Code::InvalidArgument,
+    );
+    assert_eq!(
+        st.gateways().count(),
+        2,
+        "a refused registration added a gateway"
+    );
+
+    let bytes = st.snapshot().encode_to_vec();
+    let back = State::restore(StateSnapshot::decode(bytes.as_slice()).expect("decodes"));
+    assert_eq!(back, st);
+    assert_eq!(
+        back.gateway("n2").expect("restored").portal,
+        "gw2.example:3260"
+    );
 }

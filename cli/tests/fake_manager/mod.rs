@@ -280,6 +280,30 @@ impl Manager for Svc {
         })
     }
 
+    async fn register_gateway(
+        &self,
+        req: Request<pb::RegisterGatewayRequest>,
+    ) -> Answer<pb::Gateway> {
+        self.handle("register_gateway", req, |_, _| {
+            Err(Status::unimplemented("register_gateway"))
+        })
+    }
+
+    async fn get_gateway(&self, req: Request<pb::GatewayRef>) -> Answer<pb::Gateway> {
+        self.handle("get_gateway", req, |_, _| {
+            Err(Status::unimplemented("get_gateway"))
+        })
+    }
+
+    async fn list_gateways(
+        &self,
+        req: Request<pb::ListGatewaysRequest>,
+    ) -> Answer<pb::ListGatewaysResponse> {
+        self.handle("list_gateways", req, |_, _| {
+            Err(Status::unimplemented("list_gateways"))
+        })
+    }
+
     async fn get_chunks(
         &self,
         req: Request<pb::GetChunksRequest>,
