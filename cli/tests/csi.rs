@@ -70,6 +70,8 @@ async fn cluster(label: &str) -> Cluster {
             &state.display().to_string(),
             "--lease",
             "5s",
+            "--metrics",
+            "127.0.0.1:0",
         ],
     );
     let c = clients(&endpoint).await;
@@ -203,6 +205,25 @@ impl Cluster {
         let mut nodes = r.status.expect("status").published_node_ids;
         nodes.sort();
         nodes
+    }
+
+    /// The driver's Prometheus text.
+    fn metrics(&self) -> String {
+        use std::io::{Read, Write};
+        let log = self.driver.as_ref().expect("driver").log_text();
+        let addr = log
+            .lines()
+            .find(|l| l.contains("metrics ready"))
+            .and_then(|l| l.split("addr=").nth(1))
+            .and_then(|a| a.split_whitespace().next())
+            .unwrap_or_else(|| panic!("no `metrics ready` line in:\n{log}"))
+            .to_string();
+        let mut s = std::net::TcpStream::connect(&addr).expect("connect to /metrics");
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .expect("send");
+        let mut text = String::new();
+        s.read_to_string(&mut text).expect("read /metrics");
+        text
     }
 
     /// Whether the dev gateway's portal lists the volume's target.
@@ -836,6 +857,17 @@ async fn publish_expand_unpublish() {
         })
         .await
         .expect("delete");
+
+    // Every call was counted by method and code.
+    let m = cl.metrics();
+    for want in [
+        r#"ironsan_csi_requests_total{method="ControllerPublishVolume",code="Ok"}"#,
+        r#"ironsan_csi_requests_total{method="ControllerPublishVolume",code="FailedPrecondition"}"#,
+        r#"ironsan_csi_requests_total{method="ControllerExpandVolume",code="OutOfRange"} 1"#,
+        "ironsan_csi_request_seconds",
+    ] {
+        assert!(m.contains(want), "/metrics lacks {want}:\n{m}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -21,6 +21,7 @@ pub mod capability;
 pub mod controller;
 mod error;
 pub mod identity;
+mod metrics;
 pub mod node;
 pub mod volume;
 
@@ -143,6 +144,7 @@ pub async fn serve(cfg: Config, shutdown: CancellationToken) -> Result<(), CsiEr
         None
     };
     let router = Server::builder()
+        .layer(metrics::ObserveLayer)
         .add_service(IdentityServer::new(identity))
         .add_optional_service(controller)
         .add_optional_service(node);
