@@ -186,8 +186,8 @@ impl Lun {
     /// Switches write protection on the live LUN; returns whether it changed. Waits for the
     /// medium-changing commands in flight (they hold the write-ordering lock), so once it
     /// returns with protection on nothing writes any more; sessions stay. The WP bit in the
-    /// mode parameter header changed, so every nexus gets MODE PARAMETERS CHANGED (SPC-4 asks
-    /// for it when mode parameters change other than through its own MODE SELECT).
+    /// mode parameter header changed: every nexus gets MODE PARAMETERS CHANGED, as SPC-4 has
+    /// the other nexuses get it after a MODE SELECT changes a parameter (here none asked).
     pub async fn set_write_protected(&self, on: bool) -> bool {
         // Polled every second with the same value: no lock unless something changes.
         if self.is_write_protected() == on {
@@ -423,8 +423,9 @@ fn write_error(e: DeviceError) -> ScsiError {
     }
 }
 
-/// Fuzzing entry point: `data[0]` selects the CDB length (6/10/12/16/32), then the CDB,
-/// then data-out. Runs against a 1 MiB memory device; must never panic.
+/// Fuzzing entry point: `data[0]` selects the CDB length (6/10/12/16/32) and, with its top
+/// bit, a write-protected LUN; then the CDB, then data-out. Runs against a 1 MiB memory
+/// device; must never panic.
 #[doc(hidden)]
 pub fn fuzz_execute(data: &[u8]) {
     let Some((&sel, rest)) = data.split_first() else {
@@ -441,7 +442,8 @@ pub fn fuzz_execute(data: &[u8]) {
             name: "fuzz".into(),
             naa: 1,
         },
-    );
+    )
+    .with_write_protect(sel & 0x80 != 0);
     let nexus = Nexus {
         id: 1,
         initiator: "iqn.fuzz".into(),
