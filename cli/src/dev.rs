@@ -24,7 +24,7 @@ use ironsan_common::{parse_size, ByteSize};
 use ironsan_gateway::device::{BlockDevice, Engine, FileDevice};
 use ironsan_gateway::iscsi::chap::Credentials;
 use ironsan_gateway::scsi::PHYSICAL_BLOCK;
-use ironsan_gateway::target::{self, Gateway, GatewayConfig};
+use ironsan_gateway::target::{self, Gateway, GatewayConfig, TargetOptions};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Args, Debug)]
@@ -193,7 +193,7 @@ async fn run_local(args: DevArgs) -> anyhow::Result<()> {
         }
         let size = dev.size();
         let io = dev.engine();
-        let t = gw.add_target(&v.name, Arc::new(dev), Vec::new())?;
+        let t = gw.add_target(&v.name, Arc::new(dev), TargetOptions::default())?;
         tracing::info!(volume = %v.name, iqn = %t.iqn, size = %ByteSize(size), io, "volume ready");
     }
 

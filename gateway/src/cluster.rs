@@ -8,6 +8,24 @@
 //! its sessions. A volume whose lease was lost while still attached here (the manager was
 //! unreachable for longer than the lease) is reopened. Growth is picked up and announced to
 //! initiators as CAPACITY DATA HAS CHANGED.
+//!
+//! A volume whose attachment is `readonly` (published read-only for CSI ReadOnlyMany, several
+//! nodes logged in to this one target) is exported write-protected: the target itself refuses
+//! writes, whatever a reader node's kernel or a misbehaving client sends. The flag can change
+//! while the volume is served: an operator's attachment adopted by a read-only publish keeps
+//! its epoch, and a last unpublish followed by a publish in the other mode within one poll
+//! looks the same until the lease keeper notices the new epoch. It is then switched on the
+//! live LUN, not re-exported, and sessions stay:
+//! - to read-only: the switch waits for writes already in flight; every later one fails with
+//!   DATA PROTECT. Ending the sessions would protect nothing more (the target refuses the
+//!   writes either way) and would throw out reader nodes that logged in early.
+//! - to read-write: sessions left from the read-only publication could now write, but their
+//!   nodes were unpublished (and unmounted first), and their kernels still hold the disk
+//!   read-only. With a new epoch the volume is reopened anyway (a new target, sessions ended).
+//!
+//! Every session gets MODE PARAMETERS CHANGED (2A/01) on its next command. Linux reads WP only
+//! when it scans the disk (login, or a rescan), so a node that logged in before the switch
+//! keeps its old view until it rescans.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -19,7 +37,7 @@ use ironsan_storage::client::{ClientConfig, Pool};
 use tokio_util::sync::CancellationToken;
 
 use crate::replica::{ReplicaConfig, Volume};
-use crate::target::Gateway;
+use crate::target::{Gateway, TargetOptions};
 
 #[derive(Debug, Clone)]
 pub struct ClusterConfig {
@@ -79,11 +97,14 @@ pub async fn serve_attached(
         }
         match mgr.list_volumes(ListVolumesRequest {}).await {
             Ok(list) => {
-                let mine: HashMap<&str, u64> = list
+                // Name -> (size, read-only).
+                let mine: HashMap<&str, (u64, bool)> = list
                     .volumes
                     .iter()
-                    .filter(|v| v.attachment.as_ref().is_some_and(|a| a.gateway == me))
-                    .map(|v| (v.name.as_str(), v.size))
+                    .filter_map(|v| {
+                        let a = v.attachment.as_ref().filter(|a| a.gateway == me)?;
+                        Some((v.name.as_str(), (v.size, a.readonly)))
+                    })
                     .collect();
                 served.retain(|name, vol| {
                     if mine.contains_key(name.as_str()) && vol.is_serving() {
@@ -99,15 +120,20 @@ pub async fn serve_attached(
                     gw.remove_target(name);
                     false
                 });
-                for (name, size) in mine {
+                for (name, (size, readonly)) in mine {
                     if let Some(vol) = served.get(name) {
                         grow(&gw, vol, size).await;
+                        protect(&gw, name, readonly).await;
                         continue;
                     }
+                    let options = TargetOptions {
+                        write_protected: readonly,
+                        ..TargetOptions::default()
+                    };
                     match Volume::open(mgr.clone(), pool.clone(), cfg.replica.clone(), name).await {
-                        Ok(vol) => match gw.add_target(name, vol.clone(), Vec::new()) {
+                        Ok(vol) => match gw.add_target(name, vol.clone(), options) {
                             Ok(t) => {
-                                tracing::info!(volume = %name, iqn = %t.iqn, "target ready");
+                                tracing::info!(volume = %name, iqn = %t.iqn, readonly, "target ready");
                                 served.insert(name.to_string(), vol);
                             }
                             Err(e) => {
@@ -138,6 +164,16 @@ pub async fn serve_attached(
     // the keepers stop renewing and the leases run out.
     for vol in served.values() {
         vol.stop_keeper();
+    }
+}
+
+/// Follows the attachment's `readonly` on the live target (see the module docs).
+async fn protect(gw: &Gateway, name: &str, readonly: bool) {
+    let Some(t) = gw.target_by_name(name) else {
+        return;
+    };
+    if t.lun.set_write_protected(readonly).await {
+        tracing::info!(volume = %name, readonly, "write protection switched on the live target");
     }
 }
 

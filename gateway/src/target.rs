@@ -1,5 +1,6 @@
 //! The gateway: its targets (one per volume, LUN 0) and the portal that accepts iSCSI
-//! connections for them.
+//! connections for them. A target may be exported write-protected ([`TargetOptions`]); the
+//! flag lives on its LUN and can be switched while sessions are logged in.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -97,6 +98,24 @@ pub struct Target {
     pub metrics: TargetMetrics,
 }
 
+/// How a volume is exported.
+#[derive(Debug, Clone, Default)]
+pub struct TargetOptions {
+    /// Initiator names allowed to log in; empty allows all.
+    pub acl: Vec<String>,
+    /// Export the LUN write-protected (WP in MODE SENSE; writes fail with DATA PROTECT).
+    pub write_protected: bool,
+}
+
+impl TargetOptions {
+    pub fn acl(acl: Vec<String>) -> Self {
+        Self {
+            acl,
+            ..Self::default()
+        }
+    }
+}
+
 impl Target {
     pub fn allows(&self, initiator: &str) -> bool {
         self.acl.is_empty() || self.acl.iter().any(|a| a.eq_ignore_ascii_case(initiator))
@@ -147,7 +166,7 @@ impl Gateway {
         &self,
         name: &str,
         device: Arc<dyn BlockDevice>,
-        acl: Vec<String>,
+        options: TargetOptions,
     ) -> Result<Arc<Target>, ConfigError> {
         check_volume_name(name)?;
         let iqn = format!("{IQN_PREFIX}{name}").to_ascii_lowercase();
@@ -158,8 +177,9 @@ impl Gateway {
         let target = Arc::new(Target {
             iqn: iqn.clone(),
             name: name.to_string(),
-            lun: Lun::new(device, identity),
-            acl,
+            // Protected from the start: an initiator must never see it writable first.
+            lun: Lun::new(device, identity).with_write_protect(options.write_protected),
+            acl: options.acl,
             metrics: TargetMetrics::new(name),
         });
         let mut t = self.targets.write().unwrap_or_else(|e| e.into_inner());

@@ -10,7 +10,7 @@ use ironsan_gateway::device::MemDevice;
 use ironsan_gateway::iscsi::chap::{self, Credentials};
 use ironsan_gateway::iscsi::pdu::{op, try_parse, Bhs, Framing, OutPdu, Pdu, StatSn, NO_TAG};
 use ironsan_gateway::iscsi::text;
-use ironsan_gateway::target::{self, Gateway, GatewayConfig};
+use ironsan_gateway::target::{self, Gateway, GatewayConfig, TargetOptions};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
@@ -32,12 +32,16 @@ impl Drop for Server {
 
 async fn server(config: GatewayConfig) -> Server {
     let gw = Gateway::new(config).expect("config");
-    gw.add_target("vol", Arc::new(MemDevice::new(16 << 20)), Vec::new())
-        .expect("target");
+    gw.add_target(
+        "vol",
+        Arc::new(MemDevice::new(16 << 20)),
+        TargetOptions::default(),
+    )
+    .expect("target");
     gw.add_target(
         "other",
         Arc::new(MemDevice::new(1 << 20)),
-        vec!["iqn.2026-11.test:nobody".into()],
+        TargetOptions::acl(vec!["iqn.2026-11.test:nobody".into()]),
     )
     .expect("target");
     let listener = target::bind("127.0.0.1:0".parse().unwrap())

@@ -127,6 +127,13 @@ extern "C" {
         data: *mut c_void,
     ) -> *mut ScsiTask;
     fn scsi_cdb_readcapacity16() -> *mut ScsiTask;
+    fn scsi_cdb_modesense6(
+        dbd: c_int,
+        pc: c_int,
+        page_code: c_int,
+        sub_page_code: c_int,
+        alloc_len: u8,
+    ) -> *mut ScsiTask;
     fn scsi_task_set_iov_in(task: *mut ScsiTask, iov: *mut ScsiIovec, niov: c_int);
     fn scsi_task_get_status(task: *mut ScsiTask, sense: *mut ScsiSense) -> c_int;
     fn scsi_free_scsi_task(task: *mut ScsiTask);
@@ -148,6 +155,7 @@ impl Sense {
     pub const HARDWARE_ERROR: u8 = 0x04;
     pub const ILLEGAL_REQUEST: u8 = 0x05;
     pub const UNIT_ATTENTION: u8 = 0x06;
+    pub const DATA_PROTECT: u8 = 0x07;
     pub const ABORTED_COMMAND: u8 = 0x0b;
 }
 
@@ -161,7 +169,7 @@ impl fmt::Display for Sense {
             Self::HARDWARE_ERROR => "HARDWARE ERROR",
             Self::ILLEGAL_REQUEST => "ILLEGAL REQUEST",
             Self::UNIT_ATTENTION => "UNIT ATTENTION",
-            0x07 => "DATA PROTECT",
+            Self::DATA_PROTECT => "DATA PROTECT",
             Self::ABORTED_COMMAND => "ABORTED COMMAND",
             _ => "other",
         };
@@ -513,20 +521,24 @@ impl Session {
         self.check("SYNCHRONIZE CACHE(10)", &task)
     }
 
-    /// READ CAPACITY(16): (number of logical blocks, logical block size in bytes).
-    pub fn capacity(&mut self) -> Result<(u64, u32), IscsiError> {
-        let mut data = [0u8; 32];
+    /// Runs the command a libiscsi CDB builder made (`t`, NULL when it failed), its data-in
+    /// going to `data`.
+    fn data_in(
+        &mut self,
+        op: &'static str,
+        t: *mut ScsiTask,
+        data: &mut [u8],
+    ) -> Result<(), IscsiError> {
+        if t.is_null() {
+            return Err(IscsiError::Context);
+        }
         let mut iov = ScsiIovec {
             iov_base: data.as_mut_ptr().cast(),
             iov_len: data.len(),
         };
-        // SAFETY: the CDB builder returns a fresh task (or NULL); the data-in iovec points at
-        // `data`, which outlives the command. The task passed in is the task returned.
+        // SAFETY: `t` is a fresh task from a CDB builder; the data-in iovec points at `data`,
+        // which outlives the command. The task passed in is the task returned.
         let task = unsafe {
-            let t = scsi_cdb_readcapacity16();
-            if t.is_null() {
-                return Err(IscsiError::Context);
-            }
             scsi_task_set_iov_in(t, &mut iov, 1);
             // NULL back means "not queued" or "the event loop gave up with the command still
             // queued"; the two cannot be told apart, so the task is leaked rather than freed
@@ -538,7 +550,25 @@ impl Session {
                 std::ptr::null_mut(),
             ))
         };
-        self.check("READ CAPACITY(16)", &task)?;
+        self.check(op, &task)
+    }
+
+    /// MODE SENSE(6) of all pages: whether the LUN is write-protected (WP, bit 7 of the
+    /// header's DEVICE-SPECIFIC PARAMETER), as Linux sd and qemu read it.
+    pub fn write_protected(&mut self) -> Result<bool, IscsiError> {
+        let mut data = [0u8; 255];
+        // SAFETY: builds a CDB; no pointers involved.
+        let t = unsafe { scsi_cdb_modesense6(0, 0, 0x3f, 0, 255) };
+        self.data_in("MODE SENSE(6)", t, &mut data)?;
+        Ok(data[2] & 0x80 != 0)
+    }
+
+    /// READ CAPACITY(16): (number of logical blocks, logical block size in bytes).
+    pub fn capacity(&mut self) -> Result<(u64, u32), IscsiError> {
+        let mut data = [0u8; 32];
+        // SAFETY: builds a CDB; no pointers involved.
+        let t = unsafe { scsi_cdb_readcapacity16() };
+        self.data_in("READ CAPACITY(16)", t, &mut data)?;
         let last_lba = u64::from_be_bytes(data[0..8].try_into().expect("8 bytes"));
         let block = u32::from_be_bytes(data[8..12].try_into().expect("4 bytes"));
         if block == 0 {

@@ -12,9 +12,17 @@
 //! persistent reservations, `attention` unit attentions.
 //!
 //! Concurrency: LUN state (unit attentions, reservations) sits behind a `std` mutex that is
-//! never held across an `.await`. Data-path ordering uses one async `RwLock`: writes take it
+//! never held across an `.await`. Data-path ordering uses one async `RwLock`, taken by the
+//! dispatcher for every command the table marks as changing the medium: writes take it
 //! shared, COMPARE AND WRITE and ORWRITE exclusively, so their read-compare-write is atomic
 //! with respect to every other writer.
+//!
+//! Write protection: a LUN exported write-protected reports WP in MODE SENSE and refuses every
+//! medium-changing command with DATA PROTECT / WRITE PROTECTED before it touches anything;
+//! reads, cache flushes, mode pages and reservations work as usual. The flag is checked under
+//! the write-ordering lock and [`Lun::set_write_protected`] switches it holding that lock
+//! exclusively, so a switch is one point in the command order: writes that passed the check
+//! have finished when it returns, and none starts after it.
 
 mod attention;
 mod capacity;
@@ -29,6 +37,7 @@ pub mod sense;
 #[cfg(test)]
 mod tests;
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::{BufMut, Bytes, BytesMut};
@@ -36,10 +45,10 @@ use bytes::{BufMut, Bytes, BytesMut};
 use crate::device::{BlockDevice, DeviceError, MemDevice};
 use attention::UnitAttentions;
 use cdb::Fields;
-use opcodes::Lookup;
+use opcodes::{Lookup, Medium};
 use reservation::{ItKey, Reservations};
 pub use sense::{sense, ScsiError, ScsiResult, Sense};
-use sense::{INVALID_FIELD_IN_CDB, INVALID_OPCODE};
+use sense::{INVALID_FIELD_IN_CDB, INVALID_OPCODE, WRITE_PROTECTED};
 
 /// Logical block size reported to initiators.
 pub const LOGICAL_BLOCK: u64 = 512;
@@ -126,6 +135,14 @@ pub struct Lun {
     /// Write ordering: shared for ordinary writes, exclusive for read-modify-write commands
     /// (COMPARE AND WRITE, ORWRITE). The one lock deliberately held across device awaits.
     io_order: tokio::sync::RwLock<()>,
+    /// WP: medium-changing commands are refused. Changed only under `io_order` exclusive.
+    write_protected: AtomicBool,
+}
+
+/// The write-ordering lock as a medium-changing command holds it.
+enum OrderGuard<'a> {
+    Shared(#[allow(dead_code)] tokio::sync::RwLockReadGuard<'a, ()>),
+    Exclusive(#[allow(dead_code)] tokio::sync::RwLockWriteGuard<'a, ()>),
 }
 
 #[derive(Default)]
@@ -139,6 +156,7 @@ mod ua {
     pub const BUS_DEVICE_RESET: (u8, u8) = (0x29, 0x03);
     pub const SCSI_BUS_RESET: (u8, u8) = (0x29, 0x02);
     pub const CAPACITY_CHANGED: (u8, u8) = (0x2a, 0x09);
+    pub const MODE_PARAMETERS_CHANGED: (u8, u8) = (0x2a, 0x01);
 }
 
 /// What a successful handler hands back: data-in (possibly empty).
@@ -151,7 +169,37 @@ impl Lun {
             identity,
             state: Mutex::new(State::default()),
             io_order: tokio::sync::RwLock::new(()),
+            write_protected: AtomicBool::new(false),
         }
+    }
+
+    /// The LUN starts write-protected (before any initiator can see it) when `on`.
+    pub fn with_write_protect(self, on: bool) -> Self {
+        self.write_protected.store(on, Ordering::Relaxed);
+        self
+    }
+
+    pub fn is_write_protected(&self) -> bool {
+        self.write_protected.load(Ordering::Relaxed)
+    }
+
+    /// Switches write protection on the live LUN; returns whether it changed. Waits for the
+    /// medium-changing commands in flight (they hold the write-ordering lock), so once it
+    /// returns with protection on nothing writes any more; sessions stay. The WP bit in the
+    /// mode parameter header changed: every nexus gets MODE PARAMETERS CHANGED, as SPC-4 has
+    /// the other nexuses get it after a MODE SELECT changes a parameter (here none asked).
+    pub async fn set_write_protected(&self, on: bool) -> bool {
+        // Polled every second with the same value: no lock unless something changes.
+        if self.is_write_protected() == on {
+            return false;
+        }
+        let _order = self.io_order.write().await;
+        if self.write_protected.swap(on, Ordering::Relaxed) == on {
+            return false;
+        }
+        let (asc, ascq) = ua::MODE_PARAMETERS_CHANGED;
+        self.state().attention.broadcast(asc, ascq);
+        true
     }
 
     pub fn device(&self) -> &Arc<dyn BlockDevice> {
@@ -250,6 +298,15 @@ impl Lun {
         let Lookup::Found(info) = lookup else {
             return Err(INVALID_OPCODE.into());
         };
+        // Held until the handler is done; WP is read under it (see set_write_protected).
+        let order = match info.medium {
+            Medium::Unchanged => None,
+            Medium::Write => Some(OrderGuard::Shared(self.io_order.read().await)),
+            Medium::ReadModifyWrite => Some(OrderGuard::Exclusive(self.io_order.write().await)),
+        };
+        if order.is_some() && self.is_write_protected() {
+            return Err(WRITE_PROTECTED.into());
+        }
         // The transport may pass the whole 16-byte BHS CDB field: cut to the command's size.
         let cdb = cmd
             .cdb
@@ -274,8 +331,8 @@ impl Lun {
             (0x9e, _) => Ok(capacity::read_capacity16(self.blocks(), cdb)),
             (0x25, _) => Ok(capacity::read_capacity10(self.blocks())),
             (0x12, _) => inquiry::inquiry(cdb, &self.identity),
-            (0x1a, _) => mode::mode_sense(cdb, false, self.blocks()),
-            (0x5a, _) => mode::mode_sense(cdb, true, self.blocks()),
+            (0x1a, _) => mode::mode_sense(cdb, false, self.blocks(), self.is_write_protected()),
+            (0x5a, _) => mode::mode_sense(cdb, true, self.blocks(), self.is_write_protected()),
             (0x15, _) => mode::mode_select(cdb, false, data).map(|()| Bytes::new()),
             (0x55, _) => mode::mode_select(cdb, true, data).map(|()| Bytes::new()),
             (0xa0, _) => report_luns(cdb),
@@ -366,8 +423,9 @@ fn write_error(e: DeviceError) -> ScsiError {
     }
 }
 
-/// Fuzzing entry point: `data[0]` selects the CDB length (6/10/12/16/32), then the CDB,
-/// then data-out. Runs against a 1 MiB memory device; must never panic.
+/// Fuzzing entry point: `data[0]` selects the CDB length (6/10/12/16/32) and, with its top
+/// bit, a write-protected LUN; then the CDB, then data-out. Runs against a 1 MiB memory
+/// device; must never panic.
 #[doc(hidden)]
 pub fn fuzz_execute(data: &[u8]) {
     let Some((&sel, rest)) = data.split_first() else {
@@ -384,7 +442,8 @@ pub fn fuzz_execute(data: &[u8]) {
             name: "fuzz".into(),
             naa: 1,
         },
-    );
+    )
+    .with_write_protect(sel & 0x80 != 0);
     let nexus = Nexus {
         id: 1,
         initiator: "iqn.fuzz".into(),

@@ -5,6 +5,10 @@
 //! Informational Exceptions Control (1Ch). No field is changeable: MODE SELECT accepts a
 //! parameter list that restates the current values and refuses any change with INVALID
 //! FIELD IN PARAMETER LIST, which SPC-4 allows for unchangeable fields.
+//!
+//! The mode parameter header's DEVICE-SPECIFIC PARAMETER carries WP (bit 7; SBC-3 mode parameters) for
+//! a write-protected logical unit; Linux sd, qemu and libiscsi's test suite read it from MODE
+//! SENSE(6) to treat the disk as read-only. It is not changeable by MODE SELECT.
 
 use bytes::{BufMut, Bytes, BytesMut};
 
@@ -53,8 +57,8 @@ fn put_page(b: &mut BytesMut, code: u8, pc: PageControl) {
     }
 }
 
-/// MODE SENSE (6) when `ten` is false, else MODE SENSE (10).
-pub fn mode_sense(cdb: &[u8], ten: bool, blocks: u64) -> ScsiResult<Bytes> {
+/// MODE SENSE (6) when `ten` is false, else MODE SENSE (10); `write_protected` sets WP.
+pub fn mode_sense(cdb: &[u8], ten: bool, blocks: u64, write_protected: bool) -> ScsiResult<Bytes> {
     let f = Fields(cdb);
     let dbd = f.bit(1, 3);
     let llbaa = ten && f.bit(1, 4);
@@ -96,8 +100,8 @@ pub fn mode_sense(cdb: &[u8], ten: bool, blocks: u64) -> ScsiResult<Bytes> {
             bd.put_uint(LOGICAL_BLOCK, 3);
         }
     }
-    // DEVICE-SPECIFIC PARAMETER: DPOFUA (DPO and FUA bits honoured), not write protected.
-    let device_specific = 0x10;
+    // DEVICE-SPECIFIC PARAMETER: WP, and DPOFUA (DPO and FUA bits honoured).
+    let device_specific = if write_protected { 0x80 } else { 0 } | 0x10;
     let mut b = BytesMut::new();
     if ten {
         let len = 8 + bd.len() + pages.len();
@@ -196,30 +200,42 @@ mod tests {
 
     #[test]
     fn sense_all_pages_and_descriptors() {
-        let d = mode_sense(&[0x1a, 0, 0x3f, 0, 0xff, 0], false, 2048).unwrap();
+        let d = mode_sense(&[0x1a, 0, 0x3f, 0, 0xff, 0], false, 2048, false).unwrap();
         assert_eq!(usize::from(d[0]) + 1, d.len());
         assert_eq!(d[3], 8);
         assert_eq!(&d[4..8], &[0, 0, 8, 0]);
         assert_eq!(d[12], 0x08);
         assert_eq!(d[14] & 0x04, 0x04, "WCE");
         assert_eq!(d.len(), 4 + 8 + 20 + 12 + 12);
-        let d = mode_sense(&[0x5a, 0x18, 0x0a, 0, 0, 0, 0, 0, 0xff, 0], true, 2048).unwrap();
+        let d = mode_sense(
+            &[0x5a, 0x18, 0x0a, 0, 0, 0, 0, 0, 0xff, 0],
+            true,
+            2048,
+            false,
+        )
+        .unwrap();
         assert_eq!((d[7], d[8]), (0, 0x0a), "DBD: no descriptors");
         assert_eq!(d[10] & 0x04, 0, "D_SENSE is 0");
-        let d = mode_sense(&[0x5a, 0x10, 0x08, 0, 0, 0, 0, 0, 0xff, 0], true, 2048).unwrap();
+        let d = mode_sense(
+            &[0x5a, 0x10, 0x08, 0, 0, 0, 0, 0, 0xff, 0],
+            true,
+            2048,
+            false,
+        )
+        .unwrap();
         assert_eq!((d[4], d[7]), (1, 16), "long LBA descriptor");
         assert!(
-            mode_sense(&[0x1a, 0, 0xc8, 0, 0xff, 0], false, 1).is_err(),
+            mode_sense(&[0x1a, 0, 0xc8, 0, 0xff, 0], false, 1, false).is_err(),
             "saved values"
         );
         assert!(
-            mode_sense(&[0x1a, 0, 0x01, 0, 0xff, 0], false, 1).is_err(),
+            mode_sense(&[0x1a, 0, 0x01, 0, 0xff, 0], false, 1, false).is_err(),
             "unknown page"
         );
-        let ch = mode_sense(&[0x1a, 8, 0x48, 0, 0xff, 0], false, 1).unwrap();
+        let ch = mode_sense(&[0x1a, 8, 0x48, 0, 0xff, 0], false, 1, false).unwrap();
         assert!(ch[6..].iter().all(|&b| b == 0), "nothing changeable");
         assert_eq!(
-            mode_sense(&[0x1a, 0, 0x3f, 0, 4, 0], false, 1)
+            mode_sense(&[0x1a, 0, 0x3f, 0, 4, 0], false, 1, false)
                 .unwrap()
                 .len(),
             4
@@ -227,8 +243,18 @@ mod tests {
     }
 
     #[test]
+    fn write_protect_bit_in_both_headers() {
+        for wp in [false, true] {
+            let six = mode_sense(&[0x1a, 0, 0x3f, 0, 0xff, 0], false, 2048, wp).unwrap();
+            let ten = mode_sense(&[0x5a, 0, 0x3f, 0, 0, 0, 0, 0, 0xff, 0], true, 2048, wp).unwrap();
+            let expect = if wp { 0x90 } else { 0x10 };
+            assert_eq!((six[2], ten[3]), (expect, expect), "WP {wp}, DPOFUA");
+        }
+    }
+
+    #[test]
     fn select_accepts_current_and_refuses_changes() {
-        let current = mode_sense(&[0x1a, 0, 0x08, 0, 0xff, 0], false, 2048).unwrap();
+        let current = mode_sense(&[0x1a, 0, 0x08, 0, 0xff, 0], false, 2048, false).unwrap();
         let mut list = current.to_vec();
         list[0] = 0;
         let cdb = [0x15, 0x10, 0, 0, list.len() as u8, 0];

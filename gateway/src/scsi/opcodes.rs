@@ -3,7 +3,9 @@
 //! [`COMMANDS`] is the single source of truth: [`super::Lun::execute`] refuses any operation
 //! code that is not in it (INVALID COMMAND OPERATION CODE) and any service action that is not
 //! (INVALID FIELD IN CDB), and REPORT SUPPORTED OPERATION CODES reports exactly it, so the two
-//! cannot drift apart.
+//! cannot drift apart. Each entry also says whether the command changes the medium
+//! ([`Medium`]): that decides the write-ordering lock it runs under and whether a
+//! write-protected logical unit refuses it, so a new write command cannot forget either.
 
 use bytes::{BufMut, Bytes, BytesMut};
 
@@ -21,13 +23,36 @@ pub struct CommandInfo {
     /// length.
     pub usage: &'static [u8],
     pub access: Access,
+    pub medium: Medium,
+}
+
+/// Whether and how a command changes the medium.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Medium {
+    /// Reads it, or leaves it alone (mode pages, reservations and cache flushes are not data).
+    Unchanged,
+    /// Writes it: runs holding the write-ordering lock shared.
+    Write,
+    /// Reads, then writes depending on what it read (COMPARE AND WRITE, ORWRITE): runs holding
+    /// the lock exclusively, so no other write lands in between.
+    ReadModifyWrite,
 }
 
 use Access::{Always, Read, Release, Reserve, Write};
 
 macro_rules! cmd {
     ($op:expr, $sa:expr, $name:expr, $access:expr, [$($u:expr),* $(,)?]) => {
-        CommandInfo { opcode: $op, service_action: $sa, name: $name, usage: &[$($u),*], access: $access }
+        cmd!($op, $sa, $name, $access, Medium::Unchanged, [$($u),*])
+    };
+    ($op:expr, $sa:expr, $name:expr, $access:expr, $medium:expr, [$($u:expr),* $(,)?]) => {
+        CommandInfo {
+            opcode: $op,
+            service_action: $sa,
+            name: $name,
+            usage: &[$($u),*],
+            access: $access,
+            medium: $medium,
+        }
     };
 }
 
@@ -53,6 +78,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         None,
         "WRITE(6)",
         Write,
+        Medium::Write,
         [0x0a, 0x1f, 0xff, 0xff, 0xff, 0]
     ),
     cmd!(
@@ -111,6 +137,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         None,
         "WRITE(10)",
         Write,
+        Medium::Write,
         [0x2a, 0x18, 0xff, 0xff, 0xff, 0xff, 0x1f, 0xff, 0xff, 0]
     ),
     cmd!(
@@ -118,6 +145,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         None,
         "WRITE AND VERIFY(10)",
         Write,
+        Medium::Write,
         [0x2e, 0x16, 0xff, 0xff, 0xff, 0xff, 0x1f, 0xff, 0xff, 0]
     ),
     cmd!(
@@ -146,6 +174,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         None,
         "WRITE SAME(10)",
         Write,
+        Medium::Write,
         [0x41, 0x08, 0xff, 0xff, 0xff, 0xff, 0x1f, 0xff, 0xff, 0]
     ),
     cmd!(
@@ -153,6 +182,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         None,
         "UNMAP",
         Write,
+        Medium::Write,
         [0x42, 0, 0, 0, 0, 0, 0x1f, 0xff, 0xff, 0]
     ),
     cmd!(
@@ -275,6 +305,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         None,
         "COMPARE AND WRITE",
         Write,
+        Medium::ReadModifyWrite,
         [0x89, 0x18, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0, 0, 0, 0xff, 0x1f, 0]
     ),
     cmd!(
@@ -282,6 +313,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         None,
         "WRITE(16)",
         Write,
+        Medium::Write,
         [
             0x8a, 0x18, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
             0x1f, 0
@@ -292,6 +324,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         None,
         "ORWRITE(16)",
         Write,
+        Medium::ReadModifyWrite,
         [
             0x8b, 0x18, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
             0x1f, 0
@@ -302,6 +335,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         None,
         "WRITE AND VERIFY(16)",
         Write,
+        Medium::Write,
         [
             0x8e, 0x16, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
             0x1f, 0
@@ -342,6 +376,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         None,
         "WRITE SAME(16)",
         Write,
+        Medium::Write,
         [
             0x93, 0x09, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
             0x1f, 0
@@ -390,6 +425,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         None,
         "WRITE(12)",
         Write,
+        Medium::Write,
         [0xaa, 0x18, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x1f, 0]
     ),
     cmd!(
@@ -397,6 +433,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         None,
         "WRITE AND VERIFY(12)",
         Write,
+        Medium::Write,
         [0xae, 0x16, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x1f, 0]
     ),
     cmd!(

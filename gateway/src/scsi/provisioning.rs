@@ -59,7 +59,6 @@ impl Lun {
                 ranges.push((lba, blocks));
             }
         }
-        let _order = self.io_order.read().await;
         for (lba, blocks) in ranges {
             self.device
                 .write_zeroes(lba * LOGICAL_BLOCK, blocks * LOGICAL_BLOCK, true)
@@ -107,7 +106,6 @@ impl Lun {
             return Ok(Bytes::new());
         }
         let (offset, len) = (lba * LOGICAL_BLOCK, blocks * LOGICAL_BLOCK);
-        let _order = self.io_order.read().await;
         if unmap || block.iter().all(|&b| b == 0) {
             self.device
                 .write_zeroes(offset, len, unmap)

@@ -81,7 +81,6 @@ impl Lun {
             return Ok(Bytes::new());
         }
         let payload = Self::payload(data, u64::from(e.blocks))?;
-        let _order = self.io_order.read().await;
         self.device
             .write(e.lba * LOGICAL_BLOCK, payload, fua)
             .await
@@ -115,8 +114,8 @@ impl Lun {
         Ok(Bytes::new())
     }
 
-    /// COMPARE AND WRITE: data-out is the verify data then the write data. Exclusive on
-    /// `io_order`, so no other write lands between the compare and the write.
+    /// COMPARE AND WRITE: data-out is the verify data then the write data. The dispatcher
+    /// holds `io_order` exclusively, so no other write lands between the compare and the write.
     pub(super) async fn compare_and_write(&self, cdb: &[u8], data: &Bytes) -> Done {
         let f = Fields(cdb);
         if f.u8(1) & 0xe0 != 0 {
@@ -135,7 +134,6 @@ impl Lun {
         let both = Self::payload(data, 2 * blocks)?;
         let half = (blocks * LOGICAL_BLOCK) as usize;
         let (verify, write) = (both.slice(..half), both.slice(half..));
-        let _order = self.io_order.write().await;
         let stored = self.read_blocks(lba, blocks).await?;
         compare(&stored, &verify)?;
         self.device
@@ -153,7 +151,6 @@ impl Lun {
             return Ok(Bytes::new());
         }
         let payload = Self::payload(data, u64::from(e.blocks))?;
-        let _order = self.io_order.write().await;
         let stored = self.read_blocks(e.lba, u64::from(e.blocks)).await?;
         let merged: Vec<u8> = stored
             .iter()

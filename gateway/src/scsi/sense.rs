@@ -85,6 +85,8 @@ pub const NOT_READY_UNAVAILABLE: Sense = Sense::new(key::NOT_READY, 0x04, 0x00);
 pub const NOT_READY_TRANSITION: Sense = Sense::new(key::NOT_READY, 0x04, 0x0a);
 pub const INTERNAL_TARGET_FAILURE: Sense = Sense::new(key::HARDWARE_ERROR, 0x44, 0x00);
 pub const MISCOMPARE_DURING_VERIFY: Sense = Sense::new(key::MISCOMPARE, 0x1d, 0x00);
+/// A command that would change the medium of a write-protected logical unit.
+pub const WRITE_PROTECTED: Sense = Sense::new(key::DATA_PROTECT, 0x27, 0x00);
 pub const NO_ADDITIONAL_SENSE: Sense = Sense::new(key::NO_SENSE, 0x00, 0x00);
 
 /// Why a command did not complete with GOOD status.

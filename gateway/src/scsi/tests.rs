@@ -528,3 +528,298 @@ fn fuzz_entry_survives_garbage() {
         fuzz_execute(&data);
     }
 }
+
+// ---------- write protection ----------
+
+/// Every medium-changing command, with a CDB and data-out that succeed on a writable LUN
+/// whose blocks 0..8 hold 0x5a, and that would change those blocks.
+fn medium_changing_commands() -> Vec<(&'static str, Vec<u8>, Vec<u8>)> {
+    let one = vec![0xa5; 512];
+    let w12 = vec![0xaa, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0];
+    let mut wv12 = w12.clone();
+    wv12[0] = 0xae;
+    let mut ws10_unmap = rw10(0x41, 0, 8).to_vec();
+    ws10_unmap[1] = 0x08;
+    let mut ws16_unmap = rw16(0x93, 0, 8).to_vec();
+    ws16_unmap[1] = 0x08;
+    let mut ws16_ndob = rw16(0x93, 0, 8).to_vec();
+    ws16_ndob[1] = 0x01;
+    let unmap = vec![0x42, 0, 0, 0, 0, 0, 0, 0, 24, 0];
+    let mut unmap_list = vec![0, 22, 0, 16, 0, 0, 0, 0];
+    unmap_list.extend_from_slice(&0u64.to_be_bytes());
+    unmap_list.extend_from_slice(&8u32.to_be_bytes());
+    unmap_list.extend_from_slice(&[0; 4]);
+    let mut caw = rw16(0x89, 0, 0).to_vec();
+    caw[13] = 1;
+    let mut caw_data = vec![0x5a; 512];
+    caw_data.extend_from_slice(&one);
+    vec![
+        ("WRITE(6)", vec![0x0a, 0, 0, 0, 1, 0], one.clone()),
+        ("WRITE(10)", rw10(0x2a, 0, 1).to_vec(), one.clone()),
+        ("WRITE(12)", w12, one.clone()),
+        ("WRITE(16)", rw16(0x8a, 0, 1).to_vec(), one.clone()),
+        (
+            "WRITE AND VERIFY(10)",
+            rw10(0x2e, 0, 1).to_vec(),
+            one.clone(),
+        ),
+        ("WRITE AND VERIFY(12)", wv12, one.clone()),
+        (
+            "WRITE AND VERIFY(16)",
+            rw16(0x8e, 0, 1).to_vec(),
+            one.clone(),
+        ),
+        ("WRITE SAME(10)", rw10(0x41, 0, 8).to_vec(), one.clone()),
+        ("WRITE SAME(10) UNMAP", ws10_unmap, vec![0; 512]),
+        ("WRITE SAME(16)", rw16(0x93, 0, 8).to_vec(), one.clone()),
+        ("WRITE SAME(16) UNMAP", ws16_unmap, vec![0; 512]),
+        ("WRITE SAME(16) NDOB", ws16_ndob, Vec::new()),
+        ("UNMAP", unmap, unmap_list),
+        ("COMPARE AND WRITE", caw, caw_data),
+        ("ORWRITE(16)", rw16(0x8b, 0, 1).to_vec(), one),
+    ]
+}
+
+async fn fill(lun: &Lun, n: &Nexus) {
+    let r = exec(lun, n, &rw10(0x2a, 0, 8), &[0x5a; 4096]).await;
+    assert_eq!(r.status, Status::Good, "{:?}", check(&r));
+}
+
+async fn first_blocks(lun: &Lun, n: &Nexus) -> Bytes {
+    let r = exec(lun, n, &rw10(0x28, 0, 8), &[]).await;
+    assert_eq!(r.status, Status::Good, "{:?}", check(&r));
+    r.data
+}
+
+/// The table's medium-changing commands are exactly the ones exercised here.
+#[test]
+fn medium_changing_commands_cover_the_table() {
+    let mut tested: Vec<u8> = medium_changing_commands()
+        .iter()
+        .map(|(_, cdb, _)| cdb[0])
+        .collect();
+    tested.sort_unstable();
+    tested.dedup();
+    let table: Vec<u8> = COMMANDS
+        .iter()
+        .filter(|c| c.medium != opcodes::Medium::Unchanged)
+        .map(|c| c.opcode)
+        .collect();
+    assert_eq!(tested, table);
+}
+
+#[tokio::test]
+async fn write_protected_lun_refuses_every_medium_change() {
+    let lun = mem_lun(1 << 20);
+    let n = nexus(1);
+    fill(&lun, &n).await;
+    let before = first_blocks(&lun, &n).await;
+    assert!(lun.set_write_protected(true).await);
+    assert!(
+        !lun.set_write_protected(true).await,
+        "no change, no second switch"
+    );
+    assert_eq!(
+        check(&exec(&lun, &n, &[0, 0, 0, 0, 0, 0], &[]).await),
+        Some((6, 0x2a, 0x01)),
+        "MODE PARAMETERS CHANGED once"
+    );
+    for (name, cdb, data) in medium_changing_commands() {
+        let r = exec(&lun, &n, &cdb, &data).await;
+        assert_eq!(check(&r), Some((7, 0x27, 0)), "{name}");
+        assert_eq!(
+            first_blocks(&lun, &n).await,
+            before,
+            "{name} changed nothing"
+        );
+    }
+    // Refused before any field is looked at: a zero-length WRITE too.
+    assert_eq!(
+        check(&exec(&lun, &n, &rw10(0x2a, 0, 0), &[]).await),
+        Some((7, 0x27, 0))
+    );
+    // And the same commands work once the protection is lifted (the CDBs are valid).
+    assert!(lun.set_write_protected(false).await);
+    assert_eq!(
+        check(&exec(&lun, &n, &[0, 0, 0, 0, 0, 0], &[]).await),
+        Some((6, 0x2a, 0x01))
+    );
+    for (name, cdb, data) in medium_changing_commands() {
+        fill(&lun, &n).await;
+        let r = exec(&lun, &n, &cdb, &data).await;
+        assert_eq!(r.status, Status::Good, "{name}: {:?}", check(&r));
+        assert_ne!(first_blocks(&lun, &n).await, before, "{name} wrote");
+    }
+}
+
+#[tokio::test]
+async fn write_protected_lun_serves_everything_else() {
+    let lun = mem_lun(1 << 20).with_write_protect(true);
+    let n = nexus(1);
+    let good = [
+        ("TEST UNIT READY", vec![0, 0, 0, 0, 0, 0], Vec::new()),
+        ("INQUIRY", vec![0x12, 0, 0, 0, 96, 0], Vec::new()),
+        ("READ(6)", vec![0x08, 0, 0, 0, 1, 0], Vec::new()),
+        ("READ(10)", rw10(0x28, 0, 8).to_vec(), Vec::new()),
+        ("READ(16)", rw16(0x88, 0, 8).to_vec(), Vec::new()),
+        ("VERIFY(10)", rw10(0x2f, 0, 8).to_vec(), Vec::new()),
+        ("PRE-FETCH(10)", rw10(0x34, 0, 8).to_vec(), Vec::new()),
+        (
+            "SYNCHRONIZE CACHE(10)",
+            rw10(0x35, 0, 0).to_vec(),
+            Vec::new(),
+        ),
+        (
+            "SYNCHRONIZE CACHE(16)",
+            rw16(0x91, 0, 0).to_vec(),
+            Vec::new(),
+        ),
+        (
+            "READ CAPACITY(10)",
+            vec![0x25, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            Vec::new(),
+        ),
+        (
+            "READ CAPACITY(16)",
+            {
+                let mut c = rw16(0x9e, 0, 32).to_vec();
+                c[1] = 0x10;
+                c
+            },
+            Vec::new(),
+        ),
+        (
+            "GET LBA STATUS",
+            {
+                let mut c = rw16(0x9e, 0, 64).to_vec();
+                c[1] = 0x12;
+                c
+            },
+            Vec::new(),
+        ),
+        (
+            "REPORT LUNS",
+            vec![0xa0, 0, 0, 0, 0, 0, 0, 0, 0, 16, 0, 0],
+            Vec::new(),
+        ),
+        ("START STOP UNIT", vec![0x1b, 0, 0, 0, 1, 0], Vec::new()),
+        ("RESERVE(6)", vec![0x16, 0, 0, 0, 0, 0], Vec::new()),
+        ("RELEASE(6)", vec![0x17, 0, 0, 0, 0, 0], Vec::new()),
+    ];
+    for (name, cdb, data) in good {
+        let r = exec(&lun, &n, &cdb, &data).await;
+        assert_eq!(r.status, Status::Good, "{name}: {:?}", check(&r));
+    }
+    let six = exec(&lun, &n, &[0x1a, 0, 0x3f, 0, 0xff, 0], &[]).await;
+    assert_eq!(six.data[2] & 0x80, 0x80, "MODE SENSE(6) WP");
+    let ten = exec(&lun, &n, &[0x5a, 0, 0x3f, 0, 0, 0, 0, 0, 0xff, 0], &[]).await;
+    assert_eq!(ten.data[3] & 0x80, 0x80, "MODE SENSE(10) WP");
+    // A MODE SELECT restating the current page is still accepted.
+    let page = exec(&lun, &n, &[0x1a, 0x08, 0x08, 0, 0xff, 0], &[]).await;
+    let mut list = page.data.to_vec();
+    list[0] = 0;
+    let r = exec(&lun, &n, &[0x15, 0x10, 0, 0, list.len() as u8, 0], &list).await;
+    assert_eq!(r.status, Status::Good, "MODE SELECT: {:?}", check(&r));
+    // Writable LUNs report no WP.
+    let rw = mem_lun(1 << 20);
+    let six = exec(&rw, &n, &[0x1a, 0, 0x3f, 0, 0xff, 0], &[]).await;
+    assert_eq!(six.data[2] & 0x80, 0);
+}
+
+/// A device whose writes wait for a permit, to hold one in flight.
+struct GatedDevice {
+    inner: MemDevice,
+    entered: tokio::sync::Semaphore,
+    gate: tokio::sync::Semaphore,
+}
+
+impl BlockDevice for GatedDevice {
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+    fn read(
+        &self,
+        offset: u64,
+        len: usize,
+    ) -> futures::future::BoxFuture<'_, Result<Bytes, DeviceError>> {
+        self.inner.read(offset, len)
+    }
+    fn write(
+        &self,
+        offset: u64,
+        data: Bytes,
+        fua: bool,
+    ) -> futures::future::BoxFuture<'_, Result<(), DeviceError>> {
+        Box::pin(async move {
+            self.entered.add_permits(1);
+            self.gate.acquire().await.expect("gate open").forget();
+            self.inner.write(offset, data, fua).await
+        })
+    }
+    fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u64,
+        unmap: bool,
+    ) -> futures::future::BoxFuture<'_, Result<(), DeviceError>> {
+        self.inner.write_zeroes(offset, len, unmap)
+    }
+    fn flush(&self) -> futures::future::BoxFuture<'_, Result<(), DeviceError>> {
+        self.inner.flush()
+    }
+    fn allocation(
+        &self,
+        offset: u64,
+        len: u64,
+    ) -> futures::future::BoxFuture<'_, Result<crate::device::Extent, DeviceError>> {
+        self.inner.allocation(offset, len)
+    }
+}
+
+/// Switching protection on waits for the write in flight, and no write starts after it.
+#[tokio::test]
+async fn switching_protection_on_drains_writes_in_flight() {
+    let dev = Arc::new(GatedDevice {
+        inner: MemDevice::new(1 << 20),
+        entered: tokio::sync::Semaphore::new(0),
+        gate: tokio::sync::Semaphore::new(0),
+    });
+    let lun = Arc::new(Lun::new(
+        dev.clone(),
+        LunIdentity {
+            name: "vol".into(),
+            naa: 42,
+        },
+    ));
+    let n = nexus(1);
+    let writer = {
+        let (lun, n) = (lun.clone(), n.clone());
+        tokio::spawn(async move { exec(&lun, &n, &rw10(0x2a, 0, 1), &[1; 512]).await })
+    };
+    dev.entered.acquire().await.expect("write entered").forget();
+    let switch = {
+        let lun = lun.clone();
+        tokio::spawn(async move { lun.set_write_protected(true).await })
+    };
+    let late = {
+        let (lun, n) = (lun.clone(), nexus(2));
+        tokio::spawn(async move {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            exec(&lun, &n, &rw10(0x2a, 1, 1), &[2; 512]).await
+        })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    assert!(
+        !switch.is_finished(),
+        "the switch waits for the write in flight"
+    );
+    dev.gate.add_permits(1);
+    assert_eq!(writer.await.unwrap().status, Status::Good);
+    assert!(switch.await.unwrap());
+    assert_eq!(check(&late.await.unwrap()), Some((7, 0x27, 0)));
+    let r = exec(&lun, &n, &rw10(0x28, 0, 2), &[]).await;
+    assert_eq!(check(&r), Some((6, 0x2a, 0x01)));
+    let r = exec(&lun, &n, &rw10(0x28, 0, 2), &[]).await;
+    assert_eq!(&r.data[..512], &[1; 512][..]);
+    assert_eq!(&r.data[512..], &[0; 512][..], "the late write never landed");
+}
