@@ -60,10 +60,12 @@ pub fn check(cap: &VolumeCapability) -> Result<Capability, String> {
         .map_err(|_| "volume capability has an unknown access mode".to_string())?;
     match mode {
         Mode::Unknown => return Err("access mode UNKNOWN is not supported".to_string()),
-        Mode::MultiNodeSingleWriter | Mode::MultiNodeMultiWriter => return Err(format!(
+        Mode::MultiNodeSingleWriter | Mode::MultiNodeMultiWriter => {
+            return Err(format!(
             "access mode {} is not supported: an IronSAN volume is written from one node at a time",
             mode.as_str_name()
-        )),
+        ))
+        }
         _ => {}
     }
     let access = match &cap.access_type {
