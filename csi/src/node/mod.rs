@@ -62,6 +62,7 @@ use crate::error::invalid;
 use crate::volume::{self, CTX_FS_TYPE};
 use crate::{CsiError, TOPOLOGY_NODE, TOPOLOGY_ZONE};
 use iscsi::Chap;
+use mount::MountTable;
 use state::{Publish, StageRecord, Staged, StateDir};
 
 /// Publish context key: HOST:PORT of the gateway serving the volume.
@@ -354,8 +355,10 @@ impl NodeService {
         let dev = fs::device_number(device)
             .await
             .map_err(st("inspect the disk"))?;
-        let table = mount::mounts().await.map_err(st("read the mount table"))?;
-        if let Some(m) = mount::top(&table, staging) {
+        let table = MountTable::read()
+            .await
+            .map_err(st("read the mount table"))?;
+        if let Some(m) = table.top(staging).await {
             if (m.major, m.minor) != dev {
                 return Err(Status::failed_precondition(format!(
                     "{} is already a mount of {} ({}), not of volume {volume_id}'s disk {}",
@@ -429,18 +432,22 @@ impl NodeService {
             None => return Ok(()),
         };
         let device = iscsi::find_device(&iqn, lun, &portal).await;
-        let table = mount::mounts().await.map_err(st("read the mount table"))?;
+        let table = MountTable::read()
+            .await
+            .map_err(st("read the mount table"))?;
         if let Some(dev) = &device {
             let num = fs::device_number(dev)
                 .await
                 .map_err(st("inspect the disk"))?;
+            let staging_real = mount::resolve(&staging).await;
             let mut users: Vec<PathBuf> = table
+                .entries()
                 .iter()
-                .filter(|m| (m.major, m.minor) == num && m.mount_point != staging)
+                .filter(|m| (m.major, m.minor) == num && m.mount_point != staging_real)
                 .map(|m| m.mount_point.clone())
                 .collect();
             for p in rec.iter().flat_map(|r| &r.publishes) {
-                if mount::top(&table, &p.target_path).is_some()
+                if table.top(&p.target_path).await.is_some()
                     && fs::block_node_at(&p.target_path).await.ok().flatten() == Some(num)
                 {
                     users.push(p.target_path.clone());
@@ -515,9 +522,11 @@ impl NodeService {
             .await
             .map_err(st("inspect the disk"))?;
         let block = rec.staged == Staged::Block;
-        let table = mount::mounts().await.map_err(st("read the mount table"))?;
+        let table = MountTable::read()
+            .await
+            .map_err(st("read the mount table"))?;
 
-        if let Some(m) = mount::top(&table, &target) {
+        if let Some(m) = table.top(&target).await {
             let ours = if block {
                 fs::block_node_at(&target).await.ok().flatten() == Some(num)
             } else {
@@ -561,15 +570,13 @@ impl NodeService {
         }
 
         if cap.single_writer() || rec.access_mode == "SINGLE_NODE_SINGLE_WRITER" {
-            if let Some(other) = rec
-                .publishes
-                .iter()
-                .find(|p| p.target_path != target && mount::top(&table, &p.target_path).is_some())
-            {
-                return Err(Status::failed_precondition(format!(
-                    "volume {volume_id} is SINGLE_NODE_SINGLE_WRITER and already published at {}",
-                    other.target_path.display()
-                )));
+            for other in rec.publishes.iter().filter(|p| p.target_path != target) {
+                if table.top(&other.target_path).await.is_some() {
+                    return Err(Status::failed_precondition(format!(
+                        "volume {volume_id} is SINGLE_NODE_SINGLE_WRITER and already published at {}",
+                        other.target_path.display()
+                    )));
+                }
             }
         }
         match (&cap.access, &rec.staged) {
@@ -580,7 +587,7 @@ impl NodeService {
                     .map_err(st("bind mount the device"))?;
             }
             (Access::Mount { .. }, Staged::Filesystem { .. }) => {
-                if mount::top(&table, &staging).is_none() {
+                if table.top(&staging).await.is_none() {
                     return Err(Status::failed_precondition(format!(
                         "volume {volume_id}'s staging path {} is not mounted; stage it again",
                         staging.display()
@@ -654,9 +661,11 @@ impl NodeService {
             Some(d) => fs::device_number(d).await.ok(),
             None => None,
         };
-        let table = mount::mounts().await.map_err(st("read the mount table"))?;
+        let table = MountTable::read()
+            .await
+            .map_err(st("read the mount table"))?;
         let block = rec.staged == Staged::Block;
-        let mounted_here = match (mount::top(&table, &path), num) {
+        let mounted_here = match (table.top(&path).await, num) {
             (Some(m), Some(n)) if !block => (m.major, m.minor) == n,
             (Some(_), Some(n)) => fs::block_node_at(&path).await.ok().flatten() == Some(n),
             _ => false,
@@ -708,7 +717,7 @@ impl NodeService {
             let source = if mounted_here {
                 Some(path.clone())
             } else {
-                match (mount::top(&table, &rec.staging_path), num) {
+                match (table.top(&rec.staging_path).await, num) {
                     (Some(m), Some(n)) if (m.major, m.minor) == n => Some(rec.staging_path.clone()),
                     _ => None,
                 }
@@ -802,8 +811,10 @@ impl NodeService {
 fn logged<T>(op: &str, volume: &str, start: Instant, r: Result<T, Status>) -> Result<T, Status> {
     let ms = start.elapsed().as_millis() as u64;
     match &r {
-        Ok(_) => tracing::info!(op, volume, ms, "ok"),
-        Err(s) => tracing::warn!(op, volume, ms, code = ?s.code(), error = s.message(), "failed"),
+        Ok(_) => tracing::info!(volume, ms, "{op} succeeded"),
+        Err(s) => {
+            tracing::warn!(volume, ms, code = ?s.code(), error = s.message(), "{op} failed")
+        }
     }
     r
 }

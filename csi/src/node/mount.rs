@@ -5,6 +5,8 @@
 //! mountinfo (unlike /proc/mounts) gives each mount's device number, which is how a mount is
 //! recognised as the volume's: a filesystem on the device has its major:minor, a bind mount of
 //! the device node (block volumes) is recognised by the node it leads to (`stat` of the target).
+//! The table shows where a mount really is, symlinks resolved (`/var/lib/kubelet` may be a link
+//! elsewhere), so paths are resolved the same way before they are looked up.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -94,13 +96,53 @@ fn unescape(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// The current mount table of this process's mount namespace.
-pub async fn mounts() -> Result<Vec<MountInfo>, NodeError> {
-    let text = tokio::task::spawn_blocking(|| std::fs::read_to_string("/proc/self/mountinfo"))
-        .await
-        .map_err(|e| NodeError::Internal(format!("mountinfo reader: {e}")))?
-        .map_err(|e| NodeError::Io("read /proc/self/mountinfo".into(), e))?;
-    Ok(parse_mountinfo(&text))
+/// The mount table of this process's mount namespace, read once.
+#[derive(Debug, Clone)]
+pub struct MountTable(Vec<MountInfo>);
+
+impl MountTable {
+    pub async fn read() -> Result<MountTable, NodeError> {
+        let text = tokio::task::spawn_blocking(|| std::fs::read_to_string("/proc/self/mountinfo"))
+            .await
+            .map_err(|e| NodeError::Internal(format!("mountinfo reader: {e}")))?
+            .map_err(|e| NodeError::Io("read /proc/self/mountinfo".into(), e))?;
+        Ok(MountTable(parse_mountinfo(&text)))
+    }
+
+    pub fn entries(&self) -> &[MountInfo] {
+        &self.0
+    }
+
+    /// The mount on top at `path` (its symlinks resolved first), if any.
+    pub async fn top(&self, path: &Path) -> Option<&MountInfo> {
+        let resolved = resolve(path).await;
+        top(&self.0, &resolved)
+    }
+}
+
+/// `path` with its symlinks resolved, as the kernel records mount points; a tail that does not
+/// exist yet is kept as given.
+pub async fn resolve(path: &Path) -> PathBuf {
+    let p = path.to_path_buf();
+    tokio::task::spawn_blocking(move || {
+        let mut existing = p.as_path();
+        let mut rest = Vec::new();
+        loop {
+            if let Ok(mut real) = std::fs::canonicalize(existing) {
+                real.extend(rest.iter().rev());
+                return real;
+            }
+            match (existing.parent(), existing.file_name()) {
+                (Some(parent), Some(name)) => {
+                    rest.push(name.to_owned());
+                    existing = parent;
+                }
+                _ => return p.clone(),
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| path.to_path_buf())
 }
 
 /// The mounts at `path` (the last one is on top).
@@ -157,16 +199,16 @@ pub async fn bind(source: &Path, target: &Path, read_only: bool) -> Result<(), N
 
 /// Unmounts everything stacked at `path`; nothing mounted there is fine.
 pub async fn unmount(path: &Path) -> Result<(), NodeError> {
+    let resolved = resolve(path).await;
     for _ in 0..MAX_STACKED {
-        let table = mounts().await?;
-        if top(&table, path).is_none() {
+        if top(MountTable::read().await?.entries(), &resolved).is_none() {
             return Ok(());
         }
-        let cmd = Cmd::new("umount", MOUNT_TIMEOUT).arg(path_str(path)?);
+        let cmd = Cmd::new("umount", MOUNT_TIMEOUT).arg(path_str(&resolved)?);
         let out = cmd.output().await?;
         if !out.success() {
             // A concurrent unmount may have won; only a mount still there is a failure.
-            if top(&mounts().await?, path).is_some() {
+            if top(MountTable::read().await?.entries(), &resolved).is_some() {
                 return Err(cmd.failed(&out));
             }
         }
@@ -225,6 +267,21 @@ garbage line
         );
         assert_eq!(at(&t, Path::new("/x")).len(), 2);
         assert_eq!(top(&t, Path::new("/x")).map(|m| m.minor), Some(32));
+    }
+
+    #[tokio::test]
+    async fn resolves_symlinks_like_the_mount_table() {
+        let dir = tempfile::tempdir().unwrap();
+        let real = std::fs::canonicalize(dir.path()).unwrap();
+        std::fs::create_dir(real.join("run")).unwrap();
+        std::os::unix::fs::symlink("run", real.join("var")).unwrap();
+        assert_eq!(resolve(&real.join("var")).await, real.join("run"));
+        assert_eq!(
+            resolve(&real.join("var/lib/kubelet/x")).await,
+            real.join("run/lib/kubelet/x"),
+            "the missing tail is kept"
+        );
+        assert_eq!(resolve(Path::new("/")).await, PathBuf::from("/"));
     }
 
     #[test]
