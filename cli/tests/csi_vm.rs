@@ -317,6 +317,18 @@ impl Node<'_> {
         }
     }
 
+    /// A call that must fail with `code`.
+    async fn refused<T: std::fmt::Debug, F>(&self, what: &str, code: tonic011::Code, f: F)
+    where
+        F: std::future::Future<Output = Result<tonic011::Response<T>, tonic011::Status>>,
+    {
+        let r = tokio::time::timeout(CALL_TIMEOUT, f)
+            .await
+            .unwrap_or_else(|_| panic!("{what} did not answer within {CALL_TIMEOUT:?}"));
+        let s = expect_code(what, r, code);
+        eprintln!("{what}: {:?} as expected: {}", s.code(), s.message());
+    }
+
     /// Every state-changing call is made twice: the second must find the work done.
     async fn stage(&self, r: csi::NodeStageVolumeRequest) {
         for i in 1..=2 {
@@ -480,6 +492,13 @@ async fn filesystem_volume(
         ..Default::default()
     };
     node.publish(publish_req(&target, false)).await;
+    let mut c = node.c.clone();
+    node.refused(
+        &format!("{vol}: publish at the same target read-only"),
+        tonic011::Code::AlreadyExists,
+        c.node_publish_volume(publish_req(&target, true)),
+    )
+    .await;
     vm.ok(
         &format!("{vol}: data written through the target reads back after dropping caches"),
         &format!(
@@ -581,7 +600,49 @@ async fn filesystem_volume(
         )
         .await;
         node.unpublish(&vol, &target).await;
+        // A plugin that lost its record (a crash before it was written, a wiped state dir)
+        // still unstages: the staging mount from the mount table, the session by IQN.
+        vm.ok(
+            "forget the staging record",
+            &format!("rm /run/csi-state/{vol}.json"),
+        )
+        .await;
         node.unstage(&vol, &staging).await;
+        vm.ok(
+            &format!("{vol}: unstaged without its record"),
+            &format!(
+                "! grep -F ' {staging_real} ' /proc/mounts || exit 1\n\
+                 ! iscsiadm -m session 2>/dev/null | grep -F '{iqn}' || exit 1"
+            ),
+        )
+        .await;
+    }
+    if fs == "xfs" {
+        // The volume holds xfs: a stage asking for ext4 must refuse, never reformat. The
+        // session it left behind (no record was written) goes with the unstage.
+        let mut c = node.c.clone();
+        node.refused(
+            &format!("{vol}: stage as ext4"),
+            tonic011::Code::FailedPrecondition,
+            c.node_stage_volume(csi::NodeStageVolumeRequest {
+                volume_id: vol.clone(),
+                publish_context: ctx.clone(),
+                staging_target_path: staging.clone(),
+                volume_capability: Some(mount_cap(Mode::SingleNodeWriter, "ext4")),
+                ..Default::default()
+            }),
+        )
+        .await;
+        node.unstage(&vol, &staging).await;
+        vm.ok(
+            &format!("{vol}: still xfs, nothing left"),
+            &format!(
+                "! iscsiadm -m session 2>/dev/null | grep -F '{iqn}' || exit 1\n\
+                 ! grep -F ' {staging_real} ' /proc/mounts || exit 1\n\
+                 [ ! -e /run/csi-state/{vol}.json ]"
+            ),
+        )
+        .await;
     }
 }
 
@@ -595,7 +656,8 @@ async fn block_volume(vm: &Vm, prov: &Provisioner, node: &Node<'_>) {
     let staging_real = real(&staging);
     let target =
         format!("/var/lib/kubelet/plugins/kubernetes.io/csi/volumeDevices/publish/{vol}/pod-b");
-    let cap = block_cap(Mode::SingleNodeWriter);
+    // ReadWriteOncePod: one target only.
+    let cap = block_cap(Mode::SingleNodeSingleWriter);
     node.stage(csi::NodeStageVolumeRequest {
         volume_id: vol.clone(),
         publish_context: ctx.clone(),
@@ -604,14 +666,21 @@ async fn block_volume(vm: &Vm, prov: &Provisioner, node: &Node<'_>) {
         ..Default::default()
     })
     .await;
-    node.publish(csi::NodePublishVolumeRequest {
+    let publish_req = |target: &str| csi::NodePublishVolumeRequest {
         volume_id: vol.clone(),
-        publish_context: ctx,
+        publish_context: ctx.clone(),
         staging_target_path: staging.clone(),
-        target_path: target.clone(),
-        volume_capability: Some(cap),
+        target_path: target.to_string(),
+        volume_capability: Some(cap.clone()),
         ..Default::default()
-    })
+    };
+    node.publish(publish_req(&target)).await;
+    let mut c = node.c.clone();
+    node.refused(
+        &format!("{vol}: SINGLE_NODE_SINGLE_WRITER published at a second target"),
+        tonic011::Code::FailedPrecondition,
+        c.node_publish_volume(publish_req(&target.replace("pod-b", "pod-c"))),
+    )
     .await;
     vm.ok(
         &format!("{vol}: a block device at the target, raw data reads back"),
