@@ -132,15 +132,20 @@ impl Vm {
         self.out.lock().map(|o| o.clone()).unwrap_or_default()
     }
 
-    fn wait_ready(&self) {
+    fn wait_ready(&mut self) {
         match self.ready.recv_timeout(VM_READY_TIMEOUT) {
             Ok(()) => {}
             // run.sh ended first: its output says why (a missing package names the
             // apt-get install line).
-            Err(mpsc::RecvTimeoutError::Disconnected) => panic!(
-                "the csi-node VM did not come up (tests/vm/run.sh ended first):\n{}",
-                self.output()
-            ),
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                let status = self.child.wait();
+                // The stderr reader may still be copying the last lines.
+                std::thread::sleep(Duration::from_millis(300));
+                panic!(
+                    "the csi-node VM did not come up (tests/vm/run.sh ended first, {status:?}):\n{}",
+                    self.output()
+                )
+            }
             Err(mpsc::RecvTimeoutError::Timeout) => panic!(
                 "the csi-node VM was not ready within {VM_READY_TIMEOUT:?}:\n{}",
                 self.output()
@@ -758,7 +763,7 @@ async fn node_plugin_in_a_vm() {
         .and_then(|(_, p)| p.parse().ok())
         .expect("the dev server's portal port");
     let log_dir: PathBuf = dir.path().join("vm");
-    let vm = Vm::boot(gateway_port, &log_dir);
+    let mut vm = Vm::boot(gateway_port, &log_dir);
     vm.wait_ready();
     let booted = t0.elapsed();
 

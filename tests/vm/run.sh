@@ -212,7 +212,8 @@ ensure_image() {
   mkdir -p "$CACHE" || die "cannot create $CACHE (set IRONSAN_VM_CACHE)"
   exec 8> "$CACHE/.lock" && flock 8 || die "cannot lock $CACHE/.lock"
   local kdeb key
-  kdeb=$(kernel_deb) || exit 1
+  # kernel_deb's die writes its FAIL lines into $kdeb: pass them on
+  kdeb=$(kernel_deb) || { printf '%s\n' "$kdeb"; exit 1; }
   key=$( { declare -f build_image copy_libs; echo "${MODULES[*]} ${GUEST_BINS[*]}"; basename "$kdeb"; stat -c %s "$kdeb"
            dpkg-query -W open-iscsi busybox-static e2fsprogs xfsprogs util-linux mount libc6 kmod; } | sha256sum | cut -c1-16)
   IMG=$CACHE/img-$key
