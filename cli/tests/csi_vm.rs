@@ -327,9 +327,9 @@ impl Node<'_> {
     where
         F: std::future::Future<Output = Result<tonic011::Response<T>, tonic011::Status>>,
     {
-        let r = tokio::time::timeout(CALL_TIMEOUT, f)
-            .await
-            .unwrap_or_else(|_| panic!("{what} did not answer within {CALL_TIMEOUT:?}"));
+        let Ok(r) = tokio::time::timeout(CALL_TIMEOUT, f).await else {
+            panic!("{what} did not answer within {CALL_TIMEOUT:?}")
+        };
         let s = expect_code(what, r, code);
         eprintln!("{what}: {:?} as expected: {}", s.code(), s.message());
     }
