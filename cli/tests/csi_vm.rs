@@ -3,7 +3,8 @@
 //! host. The test drives the plugin over gRPC (guest port forwarded to 127.0.0.1) and checks
 //! the results through the guest's command channel: ext4 and xfs volumes staged, published,
 //! written and read back, stats, grown online; a read-only publish and a reader-only stage
-//! that refuse writes; a block volume published as a device file, written and read raw, grown;
+//! that refuse writes; mutual CHAP from the NodeStage secrets (a wrong password refused); a
+//! block volume published as a device file, written and read raw, grown;
 //! every call made twice (idempotence); at the end no iSCSI session, mount or record is left.
 //!
 //! Fails (never skips) when qemu, the kernel image or the guest's tools cannot be had:
@@ -421,6 +422,22 @@ impl Node<'_> {
     }
 }
 
+/// The dev cluster's gateway wants mutual CHAP; NodeStageVolume gets these secrets (what a
+/// StorageClass's node-stage secret holds).
+const CHAP_USER: &str = "csi-initiator";
+const CHAP_SECRET: &str = "csi-vm-secret-1";
+const CHAP_TARGET_USER: &str = "csi-target";
+const CHAP_TARGET_SECRET: &str = "csi-vm-secret-2";
+
+fn chap_secrets() -> HashMap<String, String> {
+    HashMap::from([
+        ("username".to_string(), CHAP_USER.to_string()),
+        ("password".to_string(), CHAP_SECRET.to_string()),
+        ("usernameIn".to_string(), CHAP_TARGET_USER.to_string()),
+        ("passwordIn".to_string(), CHAP_TARGET_SECRET.to_string()),
+    ])
+}
+
 fn usage(r: &csi::NodeGetVolumeStatsResponse, unit: Unit) -> csi::VolumeUsage {
     r.usage
         .iter()
@@ -470,6 +487,7 @@ async fn filesystem_volume(
     let (staging_real, target_ro_real) = (real(&staging), real(&target_ro));
     let cap = mount_cap(Mode::SingleNodeWriter, fs);
     let stage_req = csi::NodeStageVolumeRequest {
+        secrets: chap_secrets(),
         volume_id: vol.clone(),
         publish_context: ctx.clone(),
         staging_target_path: staging.clone(),
@@ -583,6 +601,7 @@ async fn filesystem_volume(
         // the one written above (no mkfs on a volume that has a filesystem).
         let ro_cap = mount_cap(Mode::SingleNodeReaderOnly, fs);
         node.stage(csi::NodeStageVolumeRequest {
+            secrets: chap_secrets(),
             volume_id: vol.clone(),
             publish_context: ctx.clone(),
             staging_target_path: staging.clone(),
@@ -630,6 +649,7 @@ async fn filesystem_volume(
             &format!("{vol}: stage as ext4"),
             tonic011::Code::FailedPrecondition,
             c.node_stage_volume(csi::NodeStageVolumeRequest {
+                secrets: chap_secrets(),
                 volume_id: vol.clone(),
                 publish_context: ctx.clone(),
                 staging_target_path: staging.clone(),
@@ -663,7 +683,37 @@ async fn block_volume(vm: &Vm, prov: &Provisioner, node: &Node<'_>) {
         format!("/var/lib/kubelet/plugins/kubernetes.io/csi/volumeDevices/publish/{vol}/pod-b");
     // ReadWriteOncePod: one target only.
     let cap = block_cap(Mode::SingleNodeSingleWriter);
+    // A wrong CHAP secret: the gateway refuses the login. The kernel logs "detected conn
+    // error (1020)" when the target closes the refused connection; that line (and only
+    // lines of this step) is expected by the guest's final kernel log check.
+    vm.ok(
+        "kernel log before the refused login",
+        "dmesg > /tmp/klog.before",
+    )
+    .await;
+    let mut wrong = chap_secrets();
+    wrong.insert("password".into(), "not-the-secret".into());
+    let mut c = node.c.clone();
+    node.refused(
+        &format!("{vol}: stage with a wrong CHAP password"),
+        tonic011::Code::PermissionDenied,
+        c.node_stage_volume(csi::NodeStageVolumeRequest {
+            volume_id: vol.clone(),
+            publish_context: ctx.clone(),
+            staging_target_path: staging.clone(),
+            volume_capability: Some(cap.clone()),
+            secrets: wrong,
+            ..Default::default()
+        }),
+    )
+    .await;
+    vm.ok(
+        "the refused login's conn error is expected",
+        "sleep 1; dmesg | grep -vxF -f /tmp/klog.before | grep -F 'conn error (1020)' >> /tmp/klog.expected; true",
+    )
+    .await;
     node.stage(csi::NodeStageVolumeRequest {
+        secrets: chap_secrets(),
         volume_id: vol.clone(),
         publish_context: ctx.clone(),
         staging_target_path: staging.clone(),
@@ -736,7 +786,12 @@ async fn block_volume(vm: &Vm, prov: &Provisioner, node: &Node<'_>) {
 async fn node_plugin_in_a_vm() {
     let t0 = Instant::now();
     let dir = TestDir::new("csi-vm");
-    let server = Server::start(&dir.path().join("data"), ServerConfig::default());
+    let server = Server::start(
+        &dir.path().join("data"),
+        ServerConfig::default()
+            .chap(CHAP_USER, CHAP_SECRET)
+            .mutual_chap(CHAP_TARGET_USER, CHAP_TARGET_SECRET),
+    );
     let managers = dev_managers(&server.data_dir);
     let controller_sock = dir.path().join("controller.sock");
     let controller = CsiDriver::start(
