@@ -3,7 +3,9 @@
 # kernel initiator (open-iscsi + iscsi_tcp) into an IronSAN target on the host
 # and checks that a filesystem survives logout/login (SCENARIO=basic), or
 # writes and fsyncs files for WRITE_SECS seconds while the host kills a storage
-# daemon, then checks the filesystem and every file (SCENARIO=storage-kill).
+# daemon, then checks the filesystem and every file (SCENARIO=storage-kill),
+# or serves the CSI node plugin and a command channel to the host, which drives
+# them (SCENARIO=csi-node, cli/tests/csi_vm.rs).
 # Parameters come from /etc/ivm.conf, which run.sh adds to the initramfs for
 # each run.
 #
@@ -22,7 +24,8 @@ mount -t tmpfs tmpfs /run
 mkdir -p /run/lock/iscsi /mnt/t /etc/iscsi/nodes /etc/iscsi/send_targets /etc/iscsi/ifaces
 
 # PORT IQN HOST CHAP_USER CHAP_SECRET MUTUAL_USER MUTUAL_SECRET FILEMB SCENARIO WRITE_SECS
-SCENARIO=basic WRITE_SECS=25
+# CSI_PORT SHELL_PORT CSI_SECS
+SCENARIO=basic WRITE_SECS=25 CSI_PORT=10000 SHELL_PORT=10001 CSI_SECS=540
 . /etc/ivm.conf
 PORTAL=$HOST:$PORT
 
@@ -179,9 +182,9 @@ drop_caches() { sync; echo 3 > /proc/sys/vm/drop_caches; }
 
 klog_clean() {
   echo "(no expected kernel messages)" >> /tmp/klog.expected   # never empty: busybox grep -f
-  dmesg | grep -vxF -f /tmp/klog.expected | grep -E 'conn error|I/O error|Buffer I/O|EXT4-fs (error|warning)|[Aa]bort|(LU|[Tt]arget|[Hh]ost|[Bb]us) [Rr]eset|Sense Key|hostbyte=|timing out|blocked for more than|WARNING:|BUG:|Call Trace' \
+  dmesg | grep -vxF -f /tmp/klog.expected | grep -E 'conn error|I/O error|Buffer I/O|EXT4-fs (error|warning)|XFS .*([Cc]orrupt|I/O error|Internal error|shut down)|[Aa]bort|(LU|[Tt]arget|[Hh]ost|[Bb]us) [Rr]eset|Sense Key|hostbyte=|timing out|blocked for more than|WARNING:|BUG:|Call Trace' \
     && return 1
-  echo "no iSCSI/SCSI/ext4 errors in the kernel log"
+  echo "no iSCSI/SCSI/ext4/xfs errors in the kernel log"
 }
 
 # ---- storage-kill: write while the host kills a storage daemon ----------------
@@ -266,6 +269,75 @@ main_storage_kill() {
   step "logout, disk gone" logout
 }
 
+# ---- csi-node: the host drives the CSI node plugin through its gRPC port -------
+# The plugin logs in, makes filesystems and mounts by itself; the command channel
+# lets the host look at the result (files, df, iscsiadm -m session). Both ports
+# are forwarded to the host's 127.0.0.1 only.
+start_csi() {
+  mkdir -p /run/csi-state /var/lib/kubelet || return 1
+  RUST_LOG=info NO_COLOR=1 ironsan csi --mode node --endpoint "tcp://0.0.0.0:$CSI_PORT" \
+    --node-id dev --portal "$PORTAL" --state-dir /run/csi-state > /tmp/csi.log 2>&1 &
+  CSI_PID=$!
+  i=0
+  while ! grep -q 'CSI driver serving' /tmp/csi.log; do
+    kill -0 $CSI_PID 2>/dev/null || { cat /tmp/csi.log; return 1; }
+    [ $i -lt 600 ] || { echo "not serving after 60s"; cat /tmp/csi.log; return 1; }
+    usleep 100000; i=$((i + 1))
+  done
+  cat /tmp/csi.log
+}
+
+# One shell script per connection (busybox nc -ll forks per connection): read
+# until the host half-closes, run it, answer its output and "IVM-RC=<status>".
+start_shell() {
+  cat > /etc/ivm-shell <<'EOF'
+#!/bin/sh
+f=/tmp/ivm-shell.$$
+cat > $f
+sh $f 2>&1
+echo "IVM-RC=$?"
+rm -f $f
+EOF
+  chmod 755 /etc/ivm-shell || return 1
+  nc -ll -p "$SHELL_PORT" -e /etc/ivm-shell > /tmp/shell.log 2>&1 &
+  SHELL_PID=$!
+  usleep 300000
+  kill -0 $SHELL_PID || { cat /tmp/shell.log; return 1; }
+}
+
+# The host creates /tmp/ivm-stop (through the channel) when it is done.
+wait_for_host() {
+  _t0=$(now)
+  while [ ! -e /tmp/ivm-stop ]; do
+    awk -v a="$_t0" -v b="$(now)" -v m="$CSI_SECS" 'BEGIN{exit !(b - a < m)}' \
+      || { echo "the host did not finish within ${CSI_SECS}s"; return 1; }
+    sleep 1
+  done
+  echo "the host finished after $(awk -v a="$_t0" -v b="$(now)" 'BEGIN{printf "%.0f", b - a}')s"
+}
+
+no_sessions() { iscsiadm -m session; [ $? -eq 21 ]; }   # 21: no active sessions
+stop_csi() {
+  kill -TERM $CSI_PID; wait $CSI_PID; _r=$?
+  echo "exit status $_r"; [ $_r -eq 0 ]
+}
+
+main_csi_node() {
+  say "INFO guest: kernel $(uname -r); CSI node plugin against the gateway at $PORTAL"
+  step "guest boot (modules, network)" boot || return
+  step "iscsid started" start_iscsid || return
+  step "csi node plugin serving on :$CSI_PORT" start_csi || return
+  step "command channel on :$SHELL_PORT" start_shell || return
+  say "INFO csi-node ready"
+  step "host finished its CSI calls" wait_for_host
+  step "csi plugin still running" kill -0 $CSI_PID
+  step "no iSCSI session left" no_sessions
+  step "no staging record left" sh -c '[ -z "$(ls /run/csi-state)" ]'
+  step "csi plugin stopped by SIGTERM, exit status 0" stop_csi
+  step "csi plugin log has no panic" sh -c '! grep -q panicked /tmp/csi.log'
+  echo "== csi plugin log"; sed 's/^/  csi| /' /tmp/csi.log
+}
+
 main() {
   AUTH=none; [ -n "$CHAP_USER" ] && AUTH=CHAP; [ -n "$MUTUAL_USER" ] && AUTH="mutual CHAP"
   say "INFO guest: kernel $(uname -r); target $IQN at $PORTAL; auth: $AUTH"
@@ -292,7 +364,11 @@ main() {
   step "logout #2, disk gone" logout
 }
 
-if [ "$SCENARIO" = storage-kill ]; then main_storage_kill; else main; fi
+case "$SCENARIO" in
+  storage-kill) main_storage_kill ;;
+  csi-node) main_csi_node ;;
+  *) main ;;
+esac
 step "kernel log clean" klog_clean
 [ $FAILED -gt 0 ] && { echo "== iscsid log"; cat /tmp/iscsid.log; }
 echo "== dmesg"; dmesg

@@ -5,12 +5,23 @@
 #
 # usage: tests/vm/run.sh [--chap USER:SECRET] [--mutual-chap USER:SECRET]
 #                        [--scenario basic|storage-kill] PORT IQN
+#        tests/vm/run.sh --scenario csi-node --csi-bin IRONSAN --csi-port HOSTPORT
+#                        --shell-port HOSTPORT PORT [IQN]
 #
 # The guest reaches the host's 127.0.0.1 as 10.0.2.2 (qemu user networking).
 # Scenario basic (the default): files written, logout/login, verified.
 # Scenario storage-kill: files written and fsynced for IRONSAN_VM_WRITE_SECS
 # (the guest prints "IVM INFO write phase started" when it begins, so that the
 # caller can kill a storage daemon meanwhile), then e2fsck and verification.
+# Scenario csi-node: the guest runs IRONSAN (`ironsan csi --mode node`, node id
+# dev, portal 10.0.2.2:PORT) on guest port 10000, forwarded to the host's
+# 127.0.0.1:--csi-port, and a command channel (busybox nc -e sh: one shell
+# script per connection, its output and "IVM-RC=<status>" back) on guest port
+# 10001, forwarded to 127.0.0.1:--shell-port; it announces "IVM INFO csi-node
+# ready" and waits until the host creates /tmp/ivm-stop in the guest (or
+# IRONSAN_VM_CSI_SECS pass), then checks that no iSCSI session is left, that
+# the plugin stops on SIGTERM, and the kernel log. The host drives the rest
+# (cli/tests/csi_vm.rs).
 # THE LUN'S CONTENTS ARE OVERWRITTEN. Output: one "PASS name" / "FAIL name"
 # line per step (plus INFO lines), last line "N passed, N failed".
 # Exit status 0 only if every step passed and at least one ran.
@@ -26,16 +37,25 @@ SMP=${IRONSAN_VM_SMP:-2}
 FILEMB=${IRONSAN_VM_FILEMB:-8}
 WRITE_SECS=${IRONSAN_VM_WRITE_SECS:-25}
 LOG_DIR=${IRONSAN_VM_LOG_DIR:-}
-HOST_PKGS=(qemu-system-x86 open-iscsi busybox-static e2fsprogs kmod cpio zstd)
+CSI_SECS=${IRONSAN_VM_CSI_SECS:-540}
+HOST_PKGS=(qemu-system-x86 open-iscsi busybox-static e2fsprogs xfsprogs util-linux mount kmod cpio zstd)
 # kernel modules the guest loads (modprobe resolves their dependencies)
-MODULES=(virtio_pci virtio_net crc32c_generic iscsi_tcp sd_mod ext4)
+MODULES=(virtio_pci virtio_net crc32c_generic iscsi_tcp sd_mod ext4 xfs)
+# the guest's tools: busybox for the rest; util-linux's mount and blkid as on a real node
+GUEST_BINS=(/usr/bin/busybox /usr/sbin/iscsid /usr/sbin/iscsiadm /usr/sbin/mke2fs /usr/sbin/e2fsck
+            /usr/sbin/resize2fs /usr/sbin/mkfs.xfs /usr/sbin/xfs_growfs
+            /usr/sbin/blkid /usr/bin/mount /usr/bin/umount)
+CSI_GUEST_PORT=10000 SHELL_GUEST_PORT=10001
 
-usage() { echo "usage: $0 [--chap USER:SECRET] [--mutual-chap USER:SECRET] [--scenario basic|storage-kill] PORT IQN" >&2; }
+usage() {
+  echo "usage: $0 [--chap USER:SECRET] [--mutual-chap USER:SECRET] [--scenario basic|storage-kill] PORT IQN" >&2
+  echo "       $0 --scenario csi-node --csi-bin IRONSAN --csi-port HOSTPORT --shell-port HOSTPORT PORT [IQN]" >&2
+}
 # every exit path ends with the summary line, so callers can always parse it
 die() { echo "FAIL setup: $*"; echo "0 passed, 1 failed"; exit 1; }
 log() { echo "run.sh: $*" >&2; }
 
-CHAP= MUTUAL= SCENARIO=basic
+CHAP= MUTUAL= SCENARIO=basic CSI_BIN= CSI_PORT= SHELL_PORT=
 while [ $# -gt 0 ]; do
   case "$1" in
     --chap) [ $# -ge 2 ] || { usage; die "--chap needs USER:SECRET"; }; CHAP=$2; shift 2 ;;
@@ -44,18 +64,32 @@ while [ $# -gt 0 ]; do
     --mutual-chap=*) MUTUAL=${1#*=}; shift ;;
     --scenario) [ $# -ge 2 ] || { usage; die "--scenario needs a name"; }; SCENARIO=$2; shift 2 ;;
     --scenario=*) SCENARIO=${1#*=}; shift ;;
+    --csi-bin|--csi-port|--shell-port)
+      [ $# -ge 2 ] || { usage; die "$1 needs a value"; }
+      case "$1" in --csi-bin) CSI_BIN=$2 ;; --csi-port) CSI_PORT=$2 ;; --shell-port) SHELL_PORT=$2 ;; esac
+      shift 2 ;;
     -h|--help) usage; exit 0 ;;
     --) shift; break ;;
     -*) usage; die "unknown option $1" ;;
     *) break ;;
   esac
 done
+# csi-node needs no IQN: the host's CSI calls name the volumes
+[ "$SCENARIO" = csi-node ] && [ $# -eq 1 ] && set -- "$1" iqn.2026-11.io.ironsan:unused
 [ $# -eq 2 ] || { usage; die "expected PORT and IQN"; }
 PORT=$1 IQN=$2
-[[ "$PORT" =~ ^[0-9]+$ ]] && [ "$PORT" -ge 1 ] && [ "$PORT" -le 65535 ] || die "bad PORT '$PORT'"
+port_ok() { [[ "$1" =~ ^[0-9]+$ ]] && [ "$1" -ge 1 ] && [ "$1" -le 65535 ]; }
+port_ok "$PORT" || die "bad PORT '$PORT'"
 [[ "$IQN" =~ ^[a-z0-9][a-z0-9.:-]*$ ]] || die "bad IQN '$IQN'"
-case "$SCENARIO" in basic|storage-kill) ;; *) usage; die "unknown scenario '$SCENARIO'" ;; esac
-for v in TIMEOUT MEM SMP FILEMB WRITE_SECS; do [[ "${!v}" =~ ^[0-9]+$ ]] || die "IRONSAN_VM_$v must be a number"; done
+case "$SCENARIO" in basic|storage-kill|csi-node) ;; *) usage; die "unknown scenario '$SCENARIO'" ;; esac
+if [ "$SCENARIO" = csi-node ]; then
+  [ -n "$CSI_BIN" ] && [ -x "$CSI_BIN" ] || die "csi-node needs --csi-bin (an ironsan binary), got '$CSI_BIN'"
+  port_ok "$CSI_PORT" || die "csi-node needs --csi-port HOSTPORT, got '$CSI_PORT'"
+  port_ok "$SHELL_PORT" || die "csi-node needs --shell-port HOSTPORT, got '$SHELL_PORT'"
+  # the plugin (a debug build with librocksdb) and xfs need more room than the default
+  MEM=${IRONSAN_VM_MEM:-1024}
+fi
+for v in TIMEOUT MEM SMP FILEMB WRITE_SECS CSI_SECS; do [[ "${!v}" =~ ^[0-9]+$ ]] || die "IRONSAN_VM_$v must be a number"; done
 [ -z "$CHAP" ] || [[ "$CHAP" == ?*:?* ]] || die "--chap wants USER:SECRET"
 [ -z "$MUTUAL" ] || [[ "$MUTUAL" == ?*:?* ]] || die "--mutual-chap wants USER:SECRET"
 [ -z "$MUTUAL" ] || [ -n "$CHAP" ] || die "--mutual-chap needs --chap too"
@@ -121,6 +155,16 @@ kernel_deb() {
 }
 
 # ---- guest image (kernel + initramfs of this host's binaries) ----------------
+# copy_libs BINARY ROOT: the shared libraries BINARY loads, into ROOT under their
+# real directories (/lib is a symlink into /usr on this host and in the guest: a
+# directory of that name in an appended archive would replace the guest's link).
+copy_libs() {
+  local lib dst
+  for lib in $(ldd "$1" 2>/dev/null | awk '/=> \// {print $3} /^\t\/[^ ]+ \(/ {print $1}'); do
+    dst=$(readlink -f "${lib%/*}")/${lib##*/}
+    [ -e "$2$dst" ] || { mkdir -p "$2${dst%/*}" && cp -L "$lib" "$2$dst"; } || return 1
+  done
+}
 # Builds $1/vmlinuz and $1/base.img from kernel .deb $2. Its own text is part
 # of the cache key, so editing it rebuilds the image.
 build_image() {
@@ -147,12 +191,9 @@ build_image() {
     esac || return 1
     echo "/etc/ivm/$rel" >> "$r/etc/ivm/modules"
   done < "$w/mods"
-  local b lib
-  for b in /usr/bin/busybox /usr/sbin/iscsid /usr/sbin/iscsiadm /usr/sbin/mke2fs /usr/sbin/e2fsck; do
-    cp "$b" "$r$b" || return 1
-    for lib in $(ldd "$b" 2>/dev/null | awk '/=> \// {print $3} /^\t\/[^ ]+ \(/ {print $1}'); do
-      [ -e "$r$lib" ] || { mkdir -p "$r${lib%/*}" && cp -L "$lib" "$r$lib"; } || return 1
-    done
+  local b
+  for b in "${GUEST_BINS[@]}"; do
+    cp "$b" "$r$b" && copy_libs "$b" "$r" || return 1
   done
   ln -s mke2fs "$r/usr/sbin/mkfs.ext4"
   ln -s e2fsck "$r/usr/sbin/fsck.ext4"
@@ -171,9 +212,10 @@ ensure_image() {
   mkdir -p "$CACHE" || die "cannot create $CACHE (set IRONSAN_VM_CACHE)"
   exec 8> "$CACHE/.lock" && flock 8 || die "cannot lock $CACHE/.lock"
   local kdeb key
-  kdeb=$(kernel_deb) || exit 1
-  key=$( { declare -f build_image; echo "${MODULES[*]}"; basename "$kdeb"; stat -c %s "$kdeb"
-           dpkg-query -W open-iscsi busybox-static e2fsprogs libc6 kmod; } | sha256sum | cut -c1-16)
+  # kernel_deb's die writes its FAIL lines into $kdeb: pass them on
+  kdeb=$(kernel_deb) || { printf '%s\n' "$kdeb"; exit 1; }
+  key=$( { declare -f build_image copy_libs; echo "${MODULES[*]} ${GUEST_BINS[*]}"; basename "$kdeb"; stat -c %s "$kdeb"
+           dpkg-query -W open-iscsi busybox-static e2fsprogs xfsprogs util-linux mount libc6 kmod; } | sha256sum | cut -c1-16)
   IMG=$CACHE/img-$key
   if [ ! -f "$IMG/ok" ]; then
     log "building guest image $IMG from $(basename "$kdeb")"
@@ -200,30 +242,45 @@ rm -rf "$OV"; mkdir -p "$OV/etc" || die "cannot create $OV"
 install -m 755 "$HERE/guest-init.sh" "$OV/init" || die "cannot copy guest-init.sh"
 {
   echo "PORT=$PORT IQN=$IQN HOST=10.0.2.2 FILEMB=$FILEMB SCENARIO=$SCENARIO WRITE_SECS=$WRITE_SECS"
+  echo "CSI_PORT=$CSI_GUEST_PORT SHELL_PORT=$SHELL_GUEST_PORT CSI_SECS=$CSI_SECS"
   echo "CHAP_USER=$(sq "${CHAP%%:*}") CHAP_SECRET=$(sq "${CHAP#*:}")"
   echo "MUTUAL_USER=$(sq "${MUTUAL%%:*}") MUTUAL_SECRET=$(sq "${MUTUAL#*:}")"
 } > "$OV/etc/ivm.conf"
 [ -n "$CHAP" ] || sed -i 's/^CHAP_USER=.*/CHAP_USER= CHAP_SECRET=/' "$OV/etc/ivm.conf"
 [ -n "$MUTUAL" ] || sed -i 's/^MUTUAL_USER=.*/MUTUAL_USER= MUTUAL_SECRET=/' "$OV/etc/ivm.conf"
+if [ "$SCENARIO" = csi-node ]; then
+  # the plugin changes with every build, so it rides in the per-run archive (stripped: it
+  # is loaded into guest RAM), with the libraries it loads
+  mkdir -p "$OV/usr/bin" || die "cannot create $OV/usr/bin"
+  strip -o "$OV/usr/bin/ironsan" "$CSI_BIN" 2>/dev/null || cp "$CSI_BIN" "$OV/usr/bin/ironsan" || die "cannot copy $CSI_BIN"
+  copy_libs "$CSI_BIN" "$OV" || die "cannot copy the libraries of $CSI_BIN"
+fi
 INITRD=$LOG_DIR/initrd.img
 {
   cat "$IMG/base.img"
   # the next archive must start 4-byte aligned; the kernel skips zero padding
   head -c $(( (512 - $(stat -c %s "$IMG/base.img") % 512) % 512 )) /dev/zero
-  (cd "$OV" && printf '%s\n' init etc etc/ivm.conf | cpio -o -H newc -R 0:0 --quiet)
+  (cd "$OV" && find . -mindepth 1 | sed 's|^\./||' | LC_ALL=C sort | cpio -o -H newc -R 0:0 --quiet)
 } > "$INITRD" || die "cannot write $INITRD"
 rm -rf "$OV"
 
 CONSOLE=$LOG_DIR/console.log RESULTS=$LOG_DIR/results.log
 : > "$CONSOLE"; : > "$RESULTS"
 AUTH=none; [ -n "$CHAP" ] && AUTH="CHAP user ${CHAP%%:*}"; [ -n "$MUTUAL" ] && AUTH="$AUTH, mutual user ${MUTUAL%%:*}"
-echo "INFO vm: scenario $SCENARIO, $IQN at 127.0.0.1:$PORT, auth: $AUTH; $(cat "$IMG/info"); limit ${TIMEOUT}s; logs $LOG_DIR"
+NET=user,id=n0
+if [ "$SCENARIO" = csi-node ]; then
+  # host side bound to 127.0.0.1 only: the command channel is a root shell in the guest
+  NET="$NET,hostfwd=tcp:127.0.0.1:$CSI_PORT-:$CSI_GUEST_PORT,hostfwd=tcp:127.0.0.1:$SHELL_PORT-:$SHELL_GUEST_PORT"
+  echo "INFO vm: scenario csi-node, gateway 127.0.0.1:$PORT, CSI on 127.0.0.1:$CSI_PORT, shell on 127.0.0.1:$SHELL_PORT; $(cat "$IMG/info"); limit ${TIMEOUT}s; logs $LOG_DIR"
+else
+  echo "INFO vm: scenario $SCENARIO, $IQN at 127.0.0.1:$PORT, auth: $AUTH; $(cat "$IMG/info"); limit ${TIMEOUT}s; logs $LOG_DIR"
+fi
 T_BOOT=$SECONDS
 timeout -k 5 "$TIMEOUT" qemu-system-x86_64 -accel tcg -cpu max -smp "$SMP" -m "$MEM" \
   -nodefaults -no-user-config -display none -no-reboot -monitor none \
   -serial "file:$CONSOLE" -serial "file:$RESULTS" \
   -kernel "$IMG/vmlinuz" -initrd "$INITRD" -append "console=ttyS0 panic=1 loglevel=4" \
-  -netdev user,id=n0 -device virtio-net-pci,netdev=n0,romfile= \
+  -netdev "$NET" -device virtio-net-pci,netdev=n0,romfile= \
   < /dev/null > "$LOG_DIR/qemu.out" 2>&1 &
 QPID=$!
 trap 'kill "$QPID" 2>/dev/null; rm -f "$INITRD"; echo "FAIL interrupted"; echo "0 passed, 1 failed"; exit 1' INT TERM

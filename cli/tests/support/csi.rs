@@ -132,8 +132,26 @@ impl Drop for CsiDriver {
     }
 }
 
-/// A gRPC channel to a CSI endpoint (`unix:///path` or `tcp://IP:PORT`).
+/// How long `connect` retries: the driver logs `CSI driver serving` just before it binds.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A gRPC channel to a CSI endpoint (`unix:///path` or `tcp://IP:PORT`), retried for a few
+/// seconds.
 pub async fn connect(endpoint: &str) -> Channel {
+    let deadline = std::time::Instant::now() + CONNECT_TIMEOUT;
+    loop {
+        match try_connect(endpoint).await {
+            Ok(ch) => return ch,
+            Err(e) if std::time::Instant::now() >= deadline => {
+                panic!("connect {endpoint}: {e} (for {CONNECT_TIMEOUT:?})")
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+}
+
+/// One connection attempt.
+pub async fn try_connect(endpoint: &str) -> Result<Channel, tonic011::transport::Error> {
     if let Some(path) = endpoint.strip_prefix("unix://") {
         let path = PathBuf::from(path);
         // The URI is ignored: every connection goes to the socket.
@@ -142,13 +160,11 @@ pub async fn connect(endpoint: &str) -> Channel {
                 tokio::net::UnixStream::connect(path.clone())
             }))
             .await
-            .unwrap_or_else(|e| panic!("connect {endpoint}: {e}"))
     } else if let Some(addr) = endpoint.strip_prefix("tcp://") {
         Endpoint::from_shared(format!("http://{addr}"))
             .expect("valid address")
             .connect()
             .await
-            .unwrap_or_else(|e| panic!("connect {endpoint}: {e}"))
     } else {
         panic!("unknown endpoint {endpoint}")
     }
