@@ -11,9 +11,10 @@
 //! run.sh installs them as root and otherwise prints the `apt-get install` line, which this
 //! test's failure message shows. One guest boot for all cases (~10-40 s under TCG).
 //!
-//! Volumes come from [`Provisioner`]: today the admin CLI and a publish context built like
-//! ControllerPublishVolume's; each of its methods is one controller call once that service
-//! is in.
+//! Volumes come from the controller plugin (`ironsan csi --mode controller` on this host, see
+//! [`Provisioner`]), so each case walks the whole lifecycle: CreateVolume,
+//! ControllerPublishVolume, NodeStage, NodePublish, stats, ControllerExpandVolume +
+//! NodeExpandVolume, NodeUnpublish, NodeUnstage, ControllerUnpublishVolume, DeleteVolume.
 
 #[path = "support/csi.rs"]
 mod csi_support;
@@ -248,54 +249,102 @@ impl Drop for Vm {
     }
 }
 
-/// Creates, publishes and grows volumes the way the controller plugin does. Today: the admin
-/// CLI against the dev cluster, and the publish context ControllerPublishVolume returns,
-/// built here. Each method is one controller call when switching over (commented).
+/// The controller plugin's side of each case, on the host against the same cluster.
 struct Provisioner {
-    managers: String,
-    /// The dev server's portal: what the controller puts in the publish context.
+    c: csi::controller_client::ControllerClient<Channel>,
+    /// The dev server's portal: the gateway `dev` registered it.
     portal: String,
-    /// `ironsan csi --mode controller` against the same cluster, for that switch.
     _controller: CsiDriver,
 }
 
 impl Provisioner {
-    fn admin(&self, args: &[&str]) {
-        let out = Command::new(env!("CARGO_BIN_EXE_ironsan"))
-            .args(args)
-            .args(["--manager", &self.managers])
-            .output()
-            .expect("run ironsan");
-        assert!(
-            out.status.success(),
-            "ironsan {args:?} failed: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-
-    /// CreateVolume { name, capacity_range: size } → the volume id (= the name).
-    fn create(&self, name: &str, mib: i64) -> String {
-        self.admin(&["volume", "create", name, "--size", &format!("{mib}MiB")]);
-        name.to_string()
+    /// CreateVolume { name, capacity_range: size } → the volume id (here the name).
+    async fn create(&self, name: &str, mib: i64) -> String {
+        let v = self
+            .c
+            .clone()
+            .create_volume(csi::CreateVolumeRequest {
+                name: name.to_string(),
+                capacity_range: Some(csi::CapacityRange {
+                    required_bytes: mib * MIB,
+                    limit_bytes: 0,
+                }),
+                volume_capabilities: vec![mount_cap(Mode::SingleNodeWriter, "")],
+                ..Default::default()
+            })
+            .await
+            .unwrap_or_else(|s| panic!("CreateVolume {name}: {s:?}"))
+            .into_inner()
+            .volume
+            .expect("a volume");
+        assert_eq!(v.capacity_bytes, mib * MIB);
+        v.volume_id
     }
 
     /// ControllerPublishVolume { volume_id, node_id: "dev" } → its publish context: the gateway
     /// with node id `dev` serves the volume, which the node plugin (also `dev`) maps to its own
     /// --portal.
-    fn publish(&self, volume_id: &str) -> HashMap<String, String> {
-        self.admin(&["volume", "attach", volume_id, "--node", "dev"]);
-        HashMap::from([
-            ("portal".to_string(), self.portal.clone()),
-            ("iqn".to_string(), iqn(volume_id)),
-            ("lun".to_string(), "0".to_string()),
-            ("gateway".to_string(), "dev".to_string()),
-        ])
+    async fn publish(&self, volume_id: &str) -> HashMap<String, String> {
+        let ctx = self
+            .c
+            .clone()
+            .controller_publish_volume(csi::ControllerPublishVolumeRequest {
+                volume_id: volume_id.to_string(),
+                node_id: "dev".to_string(),
+                volume_capability: Some(mount_cap(Mode::SingleNodeWriter, "")),
+                ..Default::default()
+            })
+            .await
+            .unwrap_or_else(|s| panic!("ControllerPublishVolume {volume_id}: {s:?}"))
+            .into_inner()
+            .publish_context;
+        assert_eq!(ctx.get("portal"), Some(&self.portal), "{ctx:?}");
+        assert_eq!(ctx.get("gateway").map(String::as_str), Some("dev"));
+        ctx
     }
 
     /// ControllerExpandVolume { volume_id, capacity_range: size } (node expansion required).
-    fn expand(&self, volume_id: &str, mib: i64) {
-        self.admin(&["volume", "resize", volume_id, &format!("{mib}MiB")]);
+    async fn expand(&self, volume_id: &str, mib: i64) {
+        let r = self
+            .c
+            .clone()
+            .controller_expand_volume(csi::ControllerExpandVolumeRequest {
+                volume_id: volume_id.to_string(),
+                capacity_range: Some(csi::CapacityRange {
+                    required_bytes: mib * MIB,
+                    limit_bytes: 0,
+                }),
+                ..Default::default()
+            })
+            .await
+            .unwrap_or_else(|s| panic!("ControllerExpandVolume {volume_id}: {s:?}"))
+            .into_inner();
+        assert_eq!(r.capacity_bytes, mib * MIB);
+    }
+
+    /// ControllerUnpublishVolume then DeleteVolume, each twice (idempotence).
+    async fn unpublish_and_delete(&self, volume_id: &str) {
+        for _ in 0..2 {
+            self.c
+                .clone()
+                .controller_unpublish_volume(csi::ControllerUnpublishVolumeRequest {
+                    volume_id: volume_id.to_string(),
+                    node_id: "dev".to_string(),
+                    ..Default::default()
+                })
+                .await
+                .unwrap_or_else(|s| panic!("ControllerUnpublishVolume {volume_id}: {s:?}"));
+        }
+        for _ in 0..2 {
+            self.c
+                .clone()
+                .delete_volume(csi::DeleteVolumeRequest {
+                    volume_id: volume_id.to_string(),
+                    ..Default::default()
+                })
+                .await
+                .unwrap_or_else(|s| panic!("DeleteVolume {volume_id}: {s:?}"));
+        }
     }
 }
 
@@ -478,8 +527,8 @@ async fn filesystem_volume(
     mib: i64,
     grow: i64,
 ) {
-    let vol = prov.create(&format!("csi-{fs}"), mib);
-    let ctx = prov.publish(&vol);
+    let vol = prov.create(&format!("csi-{fs}"), mib).await;
+    let ctx = prov.publish(&vol).await;
     let iqn = iqn(&vol);
     let staging = staging_of(&vol);
     let target = target_of(&vol, "pod-a");
@@ -566,7 +615,7 @@ async fn filesystem_volume(
     node.unpublish(&vol, &target_ro).await;
 
     // Grow the volume, then the filesystem, online and in use.
-    prov.expand(&vol, grow);
+    prov.expand(&vol, grow).await;
     let cap_bytes = node.expand(&vol, &target, grow * MIB).await;
     assert_eq!(cap_bytes, grow * MIB, "{vol}: NodeExpandVolume capacity");
     let after = usage(&node.stats(&vol, &target).await, Unit::Bytes);
@@ -669,13 +718,14 @@ async fn filesystem_volume(
         )
         .await;
     }
+    prov.unpublish_and_delete(&vol).await;
 }
 
 /// A raw block volume: the device bind mounted on a file, written and read raw, grown.
 async fn block_volume(vm: &Vm, prov: &Provisioner, node: &Node<'_>) {
     let (mib, grow) = (32, 48);
-    let vol = prov.create("csi-block", mib);
-    let ctx = prov.publish(&vol);
+    let vol = prov.create("csi-block", mib).await;
+    let ctx = prov.publish(&vol).await;
     let iqn = iqn(&vol);
     let staging = format!("/var/lib/kubelet/plugins/kubernetes.io/csi/volumeDevices/staging/{vol}");
     let staging_real = real(&staging);
@@ -757,7 +807,7 @@ async fn block_volume(vm: &Vm, prov: &Provisioner, node: &Node<'_>) {
     assert_normal(&stats);
     assert_eq!(usage(&stats, Unit::Bytes).total, mib * MIB, "{stats:?}");
 
-    prov.expand(&vol, grow);
+    prov.expand(&vol, grow).await;
     assert_eq!(node.expand(&vol, &target, grow * MIB).await, grow * MIB);
     vm.ok(
         &format!("{vol}: the device grew, data intact"),
@@ -780,6 +830,7 @@ async fn block_volume(vm: &Vm, prov: &Provisioner, node: &Node<'_>) {
         ),
     )
     .await;
+    prov.unpublish_and_delete(&vol).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -808,7 +859,7 @@ async fn node_plugin_in_a_vm() {
         ],
     );
     let prov = Provisioner {
-        managers,
+        c: csi::controller_client::ControllerClient::new(connect(&controller.endpoint).await),
         portal: server.addr.clone(),
         _controller: controller,
     };

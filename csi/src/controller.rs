@@ -30,13 +30,8 @@ use crate::csi::controller_server::Controller;
 use crate::csi::controller_service_capability::{rpc, Rpc, Type as CapType};
 use crate::csi::*;
 use crate::error::{invalid, manager_status};
+use crate::node::{CTX_GATEWAY, CTX_IQN, CTX_LUN, CTX_PORTAL};
 use crate::volume::{self, Params, SizeError, CTX_FS_TYPE};
-
-/// Publish context keys, read by the node plugin.
-pub const CTX_PORTAL: &str = "portal";
-pub const CTX_IQN: &str = "iqn";
-pub const CTX_LUN: &str = "lun";
-pub const CTX_GATEWAY: &str = "gateway";
 
 /// ListVolumes tokens are `after:` + the last volume id returned, so a page boundary
 /// survives volumes being created or deleted in between.
