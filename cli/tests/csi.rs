@@ -27,15 +27,15 @@ struct Cluster {
     c: Clients,
     server: Server,
     managers: String,
-    _gateway_b: CsiLikeProcess,
+    _gateway_b: GatewayProcess,
     driver: Option<CsiDriver>,
     _dir: TestDir,
 }
 
 /// A second `ironsan gateway` process, killed on drop.
-struct CsiLikeProcess(std::process::Child);
+struct GatewayProcess(std::process::Child);
 
-impl Drop for CsiLikeProcess {
+impl Drop for GatewayProcess {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
@@ -79,7 +79,7 @@ async fn cluster(label: &str) -> Cluster {
         c,
         server,
         managers,
-        _gateway_b: CsiLikeProcess(gateway_b),
+        _gateway_b: GatewayProcess(gateway_b),
         driver: Some(driver),
         _dir: dir,
     };

@@ -132,7 +132,8 @@ impl Drop for CsiDriver {
     }
 }
 
-/// How long `connect` retries: the driver logs `CSI driver serving` just before it binds.
+/// How long `connect` retries: a plugin in the test VM is reached through a forwarded port
+/// that accepts before the guest's plugin listens.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A gRPC channel to a CSI endpoint (`unix:///path` or `tcp://IP:PORT`), retried for a few
