@@ -4,6 +4,7 @@ mod admin;
 mod bench;
 mod bench_manager;
 mod csi;
+mod deploy;
 mod dev;
 mod dev_cluster;
 mod gateway;
@@ -44,6 +45,9 @@ enum Command {
     Node(admin::NodeArgs),
     /// Show the manager group and the cluster's health.
     Status(admin::StatusArgs),
+    /// Install on Kubernetes: render the manifests.
+    #[command(subcommand)]
+    Deploy(deploy::DeployCmd),
     /// Load generators for benchmarks.
     #[command(subcommand)]
     Bench(bench::BenchCmd),
@@ -65,6 +69,13 @@ fn main() -> anyhow::Result<()> {
             None => daemon(manager::run(args.daemon)),
         },
         Command::Bench(cmd) => daemon(bench::run(cmd)),
+        Command::Deploy(cmd) => {
+            if let Err(e) = deploy::run(cmd) {
+                eprintln!("error: {e:#}");
+                std::process::exit(1);
+            }
+            Ok(())
+        }
         Command::Volume(args) => admin(admin::run_volume(args)),
         Command::Node(args) => admin(admin::run_node(args)),
         Command::Status(args) => admin(admin::run_status(args)),
