@@ -10,6 +10,7 @@
 #   iproute2                    network namespaces for the manager's partition tests
 #   xfsprogs util-linux         mkfs.xfs, xfs_growfs, blkid, mount for the CSI node plugin's VM test
 #   etcd-server                 the peer of benches/manager.sh
+#   kubernetes-validate         PyPI, in the venv /opt/ironsan-venv: the manifests' offline schema check
 #   fio build deps              dpkg-dev gcc make pkg-config libaio-dev zlib1g-dev libnbd-dev
 #   build deps                  scripts/install-build-deps.sh (librocksdb-dev, libclang-dev)
 #   cargo-fuzz, cargo-nextest   `cargo install` when missing
@@ -100,6 +101,25 @@ else
         || die "qemu-utils ($QU), qemu-block-extra ($QB) and qemu-system-x86 ($QS) versions differ"
 fi
 ls /usr/lib/*/qemu/block-iscsi.so >/dev/null 2>&1 || die "qemu's block-iscsi.so is missing after installing qemu-block-extra"
+
+# kubernetes-validate (PyPI) carries the Kubernetes OpenAPI schemas; deploy/tests/manifests.rs
+# runs it from this venv. Debian's python3 needs python3-venv for `-m venv`.
+KV_VERSION=1.37.0
+VENV=/opt/ironsan-venv
+if [ "$("$VENV/bin/kubernetes-validate" --version 2>/dev/null)" = "$KV_VERSION" ]; then
+    log "kubernetes-validate $KV_VERSION present"
+else
+    [ "$(id -u)" = 0 ] || die "kubernetes-validate missing and not root"
+    if ! python3 -m venv --clear "$VENV" >/dev/null 2>&1; then
+        log "apt-get install python3-venv"
+        apt-get install -y -qq --no-install-recommends python3-venv python3-pip \
+            || { apt-get update -qq && apt-get install -y -qq --no-install-recommends python3-venv python3-pip; } \
+            || die "apt-get install python3-venv failed"
+        /usr/bin/python3 -m venv --clear "$VENV" || die "python3 -m venv $VENV failed"
+    fi
+    log "pip install kubernetes-validate==$KV_VERSION into $VENV"
+    "$VENV/bin/pip" install -q "kubernetes-validate==$KV_VERSION" || die "pip install kubernetes-validate failed"
+fi
 
 if [ "$CARGO_TOOLS" = 1 ]; then
     command -v cargo >/dev/null || die "cargo not found in PATH (install Rust stable with rustup)"

@@ -119,3 +119,111 @@ pub(crate) fn run(cmd: DeployCmd) -> anyhow::Result<()> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+    use ironsan_deploy::{render, Object, Options};
+    use k8s_openapi::api::core::v1::{Container, PodSpec};
+
+    fn pods(b: &ironsan_deploy::Bundle) -> Vec<(String, &PodSpec)> {
+        b.objects()
+            .filter_map(|o| {
+                let t = match o {
+                    Object::StatefulSet(s) => &s.spec.as_ref()?.template,
+                    Object::DaemonSet(d) => &d.spec.as_ref()?.template,
+                    Object::Deployment(d) => &d.spec.as_ref()?.template,
+                    _ => return None,
+                };
+                Some((o.id().2.to_string(), t.spec.as_ref()?))
+            })
+            .collect()
+    }
+
+    /// The `ironsan` containers of every rendering, with `$(VAR)`s as Kubernetes would fill
+    /// them in.
+    fn ironsan_containers() -> Vec<(String, Container)> {
+        let zoned = Options {
+            managers: 5,
+            storage: 6,
+            zones: vec!["a".into(), "b".into(), "c".into()],
+            ..Options::default()
+        };
+        let host = Options {
+            storage_host_path: Some("/srv/ironsan".into()),
+            ..Options::default()
+        };
+        let mut out = Vec::new();
+        for o in [Options::default(), zoned, host] {
+            let b = render(&o).unwrap();
+            for (name, spec) in pods(&b) {
+                for c in &spec.containers {
+                    if c.image.as_deref() != Some(o.image.as_str()) {
+                        continue;
+                    }
+                    let mut c = c.clone();
+                    for a in c.args.iter_mut().flatten() {
+                        *a = a
+                            .replace("$(POD_NAME)", &format!("{name}-0"))
+                            .replace("$(POD_NAMESPACE)", &o.namespace)
+                            .replace("$(NODE_NAME)", "node-1")
+                            .replace("$(HOST_IP)", "10.0.0.7");
+                    }
+                    out.push((name.clone(), c));
+                }
+            }
+        }
+        assert!(out.len() >= 3 * 5, "{}", out.len());
+        out
+    }
+
+    /// Every `ironsan` container's arguments parse with the binary's own parser: a renamed
+    /// flag, a bad value or a missing required flag fails here, not in a crash-looping pod.
+    #[test]
+    fn manifest_args_parse() {
+        for (name, c) in ironsan_containers() {
+            let args = c.args.clone().unwrap_or_default();
+            let argv = std::iter::once("ironsan".to_string()).chain(args.iter().cloned());
+            if let Err(e) = crate::Cli::try_parse_from(argv) {
+                panic!("{name} {}: {args:?} do not parse:\n{e}", c.name);
+            }
+        }
+    }
+
+    /// The addresses the daemons bind are the ports the containers declare (which Services
+    /// and probes use).
+    #[test]
+    fn bound_ports_are_declared() {
+        for (name, c) in ironsan_containers() {
+            let args = c.args.clone().unwrap_or_default();
+            let declared: Vec<i32> = c.ports.iter().flatten().map(|p| p.container_port).collect();
+            // The CSI node plugin's --portal is the gateway it connects to, not a bind.
+            let binds: &[&str] = match args.first().map(String::as_str) {
+                Some("csi") => &["--metrics"],
+                _ => &["--listen", "--metrics", "--portal"],
+            };
+            let mut bound = Vec::new();
+            for w in args.windows(2) {
+                if binds.contains(&w[0].as_str()) {
+                    let port: i32 = w[1].rsplit_once(':').unwrap().1.parse().unwrap();
+                    assert!(
+                        declared.contains(&port),
+                        "{name} {} binds {} {} but declares {declared:?}",
+                        c.name,
+                        w[0],
+                        w[1]
+                    );
+                    bound.push(port);
+                }
+            }
+            bound.sort_unstable();
+            let mut declared = declared;
+            declared.sort_unstable();
+            assert_eq!(
+                bound, declared,
+                "{name} {}: a declared port nothing binds",
+                c.name
+            );
+        }
+    }
+}

@@ -51,7 +51,7 @@ pub struct VolumeSnapshotClass {
 impl Object {
     /// `(kind, namespace, name)`, for messages and lookups.
     pub fn id(&self) -> (&'static str, Option<&str>, &str) {
-        fn of<'a, T: Resource>(m: &'a ObjectMeta) -> (&'static str, Option<&'a str>, &'a str) {
+        fn of<T: Resource>(m: &ObjectMeta) -> (&'static str, Option<&str>, &str) {
             (
                 T::KIND,
                 m.namespace.as_deref(),

@@ -129,7 +129,7 @@ impl Options {
                 format!("{:?} is not a registry", self.sidecar_registry),
             );
         }
-        if self.managers == 0 || self.managers > 7 || self.managers % 2 == 0 {
+        if self.managers == 0 || self.managers > 7 || self.managers.is_multiple_of(2) {
             return bad(
                 "managers",
                 format!(

@@ -242,7 +242,7 @@ fn mounts_name_declared_volumes() {
     }
 }
 
-fn probe_port<'a>(p: &'a Probe) -> &'a IntOrString {
+fn probe_port(p: &Probe) -> &IntOrString {
     if let Some(h) = &p.http_get {
         &h.port
     } else if let Some(t) = &p.tcp_socket {
