@@ -8,8 +8,9 @@ use k8s_openapi::api::apps::v1::{
     RollingUpdateDeployment,
 };
 use k8s_openapi::api::core::v1::{
-    Affinity, Container, EmptyDirVolumeSource, PodAffinityTerm, PodAntiAffinity, PodSpec,
-    PodTemplateSpec, SecurityContext, Volume, VolumeMount, WeightedPodAffinityTerm,
+    Affinity, Container, EmptyDirVolumeSource, PodAffinityTerm, PodAntiAffinity,
+    PodSecurityContext, PodSpec, PodTemplateSpec, SecurityContext, Volume, VolumeMount,
+    WeightedPodAffinityTerm,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::api::rbac::v1::{
@@ -486,6 +487,13 @@ pub fn node(opts: &Options) -> Vec<Object> {
                     // in the host's network namespace.
                     host_network: Some(true),
                     dns_policy: Some("ClusterFirstWithHostNet".into()),
+                    // The sidecars use the driver's root-owned socket and write kubelet's
+                    // registration directory.
+                    security_context: Some(PodSecurityContext {
+                        run_as_user: Some(0),
+                        run_as_non_root: Some(false),
+                        ..Default::default()
+                    }),
                     termination_grace_period_seconds: Some(30),
                     tolerations: Some(everywhere()),
                     containers: vec![driver, registrar, liveness],
