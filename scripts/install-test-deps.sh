@@ -10,6 +10,7 @@
 #   iproute2                    network namespaces for the manager's partition tests
 #   xfsprogs util-linux         mkfs.xfs, xfs_growfs, blkid, mount for the CSI node plugin's VM test
 #   etcd-server                 the peer of benches/manager.sh
+#   mmdebstrap                  the image's runtime stage without a container engine (cli/tests/deploy.rs)
 #   kubernetes-validate         PyPI, in the venv /opt/ironsan-venv: the manifests' offline schema check
 #   fio build deps              dpkg-dev gcc make pkg-config libaio-dev zlib1g-dev libnbd-dev
 #   build deps                  scripts/install-build-deps.sh (librocksdb-dev, libclang-dev)
@@ -43,7 +44,7 @@ done
 
 PKGS=(libiscsi-bin libiscsi-dev tgt sg3-utils fio jq coreutils procps
       dpkg-dev gcc make pkg-config libaio-dev zlib1g-dev libnbd-dev
-      open-iscsi busybox-static e2fsprogs xfsprogs util-linux kmod cpio zstd iproute2 etcd-server)
+      open-iscsi busybox-static e2fsprogs xfsprogs util-linux kmod cpio zstd iproute2 etcd-server mmdebstrap)
 
 "$HERE/install-build-deps.sh" || die "installing the build dependencies failed"
 

@@ -1,13 +1,18 @@
 //! `ironsan deploy manifests` as an operator runs it, and the agreement between what the
 //! manifests and the image ask of the binary and what the binary offers: every flag the
 //! manifests pass appears in `ironsan <daemon> --help`, every shared library the binary links
-//! and every tool the CSI node plugin runs comes from a package the image installs.
+//! and every tool the CSI node plugin runs comes from a package the image installs, and the
+//! image's runtime stage (the same Debian packages, built with mmdebstrap) serves a volume to
+//! qemu as the image's non-root user.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use ironsan_deploy::{render, Object, Options};
+
+mod support;
+use support::{qemu_io, require_qemu_iscsi, Server, ServerConfig};
 
 fn ironsan(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_ironsan"))
@@ -360,4 +365,182 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
         }
     }
     out
+}
+
+/// The runtime stage of deploy/Dockerfile without a container engine: Debian bookworm with the
+/// packages the Dockerfile installs (mmdebstrap, cached by package list), the Dockerfile's user,
+/// and this build's binary. Unmounts what it mounted.
+struct Rootfs {
+    dir: tempfile::TempDir,
+    mounts: Vec<PathBuf>,
+}
+
+impl Rootfs {
+    fn build(img: &Image) -> Rootfs {
+        let have = Command::new("mmdebstrap").arg("--version").output();
+        assert!(
+            have.is_ok_and(|o| o.status.success()),
+            "mmdebstrap is missing: apt-get install mmdebstrap (scripts/install-test-deps.sh)"
+        );
+        let list: Vec<&str> = img.packages.iter().map(String::as_str).collect();
+        let key = list.join(",");
+        // FNV-1a: a cache key, nothing more.
+        let hash = key.bytes().fold(0xcbf29ce484222325u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x100000001b3)
+        });
+        let cache = PathBuf::from("/var/cache/ironsan-test");
+        std::fs::create_dir_all(&cache).unwrap();
+        let tar = cache.join(format!("rootfs-bookworm-{hash:016x}.tar"));
+        if !tar.exists() {
+            let tmp = tar.with_extension("partial.tar");
+            let out = Command::new("mmdebstrap")
+                .args([
+                    "--variant=apt",
+                    "--quiet",
+                    &format!("--include={key}"),
+                    "bookworm",
+                ])
+                .arg(&tmp)
+                .output()
+                .expect("mmdebstrap runs");
+            assert!(
+                out.status.success(),
+                "mmdebstrap {key} failed:\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            std::fs::rename(&tmp, &tar).unwrap();
+        }
+        let dir = tempfile::Builder::new()
+            .prefix("ironsan-rootfs-")
+            .tempdir()
+            .unwrap();
+        let root = dir.path();
+        let ok = |c: &mut Command, what: &str| {
+            let out = c.output().unwrap_or_else(|e| panic!("{what}: {e}"));
+            assert!(
+                out.status.success(),
+                "{what}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        ok(
+            Command::new("tar").arg("-C").arg(root).arg("-xf").arg(&tar),
+            "untar the rootfs",
+        );
+        // The Dockerfile's user and data directory.
+        ok(
+            Command::new("chroot")
+                .arg(root)
+                .args(["groupadd", "--gid", "65532", "ironsan"]),
+            "groupadd",
+        );
+        ok(
+            Command::new("chroot").arg(root).args([
+                "useradd",
+                "--uid",
+                "65532",
+                "--gid",
+                "65532",
+                "--no-create-home",
+                "--home-dir",
+                "/var/lib/ironsan",
+                "--shell",
+                "/usr/sbin/nologin",
+                "ironsan",
+            ]),
+            "useradd",
+        );
+        ok(
+            Command::new("install")
+                .args(["-d", "-o", "65532", "-g", "65532"])
+                .arg(root.join("var/lib/ironsan")),
+            "data dir",
+        );
+        std::fs::copy(env!("CARGO_BIN_EXE_ironsan"), root.join("usr/bin/ironsan")).unwrap();
+        let mut fs = Rootfs {
+            dir,
+            mounts: Vec::new(),
+        };
+        for (what, args) in [
+            ("proc", vec!["-t", "proc", "proc"]),
+            ("dev", vec!["--bind", "/dev"]),
+        ] {
+            let at = fs.dir.path().join(what);
+            ok(Command::new("mount").args(&args).arg(&at), "mount");
+            fs.mounts.push(at);
+        }
+        fs
+    }
+
+    /// A command that runs `ironsan ARGS` inside, as the image's user, under tini, with paths
+    /// below the root taken as the root's own.
+    fn wrapper(&self) -> PathBuf {
+        let root = self.dir.path().display().to_string();
+        let script = self.dir.path().join("ironsan-in-image.sh");
+        std::fs::write(
+            &script,
+            format!(
+                "#!/bin/bash\nR='{root}'\nexec chroot --userspec=65532:65532 \"$R\" /usr/bin/tini -s -- /usr/bin/ironsan \"${{@/#\"$R\"/}}\"\n"
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+        script
+    }
+}
+
+impl Drop for Rootfs {
+    fn drop(&mut self) {
+        for m in self.mounts.iter().rev() {
+            let _ = Command::new("umount").arg("-l").arg(m).status();
+        }
+        // Never let the temp dir's removal walk into a /dev still bound below it.
+        let root = self.dir.path().display().to_string();
+        let mounted =
+            std::fs::read_to_string("/proc/self/mountinfo").map_or(true, |m| m.contains(&root));
+        if mounted {
+            let dir = std::mem::replace(&mut self.dir, tempfile::tempdir().expect("tempdir"));
+            eprintln!("leaving {} behind: still mounted", dir.keep().display());
+        }
+    }
+}
+
+#[test]
+fn image_runtime_serves_a_volume() {
+    require_qemu_iscsi();
+    let fs = Rootfs::build(&image());
+    let root = fs.dir.path();
+    // The node plugin's tools run in there too.
+    for tool in [
+        ["iscsiadm", "--version"],
+        ["mkfs.xfs", "-V"],
+        ["mkfs.ext4", "-V"],
+        ["blkid", "-V"],
+    ] {
+        let out = Command::new("chroot")
+            .arg(root)
+            .args(tool)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{tool:?} in the image: {out:?}");
+    }
+    // A whole cluster as the image's non-root user on an unprivileged portal; qemu writes and
+    // reads through it.
+    // nextest runs each test in its own process: setting the variable races with nothing.
+    std::env::set_var("IRONSAN_TEST_BIN", fs.wrapper());
+    let data = root.join("var/lib/ironsan/dev");
+    let server = Server::start(&data, ServerConfig::default().volume("img", "64MiB"));
+    let url = server.url("img");
+    qemu_io(&url, &["write -P 0x3c 0 1M".into(), "flush".into()])
+        .expect_ok("write through the image");
+    qemu_io(&url, &["read -P 0x3c 0 1M".into()]).expect_ok("read back");
+    let owner = std::fs::metadata(&data)
+        .map(|m| std::os::unix::fs::MetadataExt::uid(&m))
+        .unwrap();
+    assert_eq!(
+        owner, 65532,
+        "the cluster's data belongs to the image's user"
+    );
+    drop(server);
 }
