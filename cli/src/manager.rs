@@ -4,8 +4,8 @@
 //!
 //! For a StatefulSet: `--id-from-hostname` takes the id from the pod name (`NAME-ORDINAL`,
 //! id = ordinal + 1), every pod may get the same `--peer` list (its own entry is skipped, and
-//! names its address when `--advertise` is not given), and `/readyz` is ready once this member
-//! is a voter that knows a leader.
+//! names its address when `--advertise` is not given), `/readyz` is ready once this member is
+//! a voter that knows a leader, and SIGTERM on the leader hands leadership over before exiting.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -123,6 +123,11 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(d)
 }
 
+/// How long a stopping leader waits at most for a follower to take over. A live follower
+/// takes over within a few round trips; raft-rs gives a transfer up after an election timeout,
+/// so waiting longer than two would only delay the exit.
+const HANDOVER_MAX: Duration = Duration::from_secs(3);
+
 pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
     let ready = crate::dev::start_metrics(args.metrics).await?;
     let stop = tokio_util::sync::CancellationToken::new();
@@ -202,6 +207,7 @@ pub async fn serve(
     };
     let mut raft = NodeConfig::new(id);
     raft.tick = a.raft_tick;
+    let handover = HANDOVER_MAX.min(raft.tick * (raft.election_ticks as u32) * 2);
     raft.snapshot_every = a.snapshot_every.max(1);
     // A tail longer than the interval would mean the log is never truncated at small intervals.
     raft.log_keep = raft.log_keep.min(raft.snapshot_every);
@@ -225,7 +231,7 @@ pub async fn serve(
     ready.set(move || node.ready());
     tracing::info!(addr = %server.addr, "manager listening");
     stop.cancelled().await;
-    server.shutdown().await;
+    server.stop(handover).await;
     Ok(())
 }
 

@@ -109,6 +109,19 @@ impl RaftStatus {
     }
 }
 
+/// The outcome of [`RaftNode::hand_over`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Handover {
+    /// Another member leads (or none is known): nothing to hand over.
+    NotLeader,
+    /// No other voter to take over (a group of one).
+    Alone,
+    /// This member now leads.
+    To(u64),
+    /// The member asked to take over did not in time.
+    TimedOut(u64),
+}
+
 enum Msg {
     Raft(Box<Message>),
     Propose(Box<Command>, oneshot::Sender<Result<ApplyResult, Error>>),
@@ -247,6 +260,45 @@ impl RaftNode {
     /// [`RaftStatus::ready`] of the latest status, without copying it.
     pub fn ready(&self) -> Result<(), String> {
         self.status.borrow().ready()
+    }
+
+    /// Hands leadership to the most caught-up other voter and waits up to `within` for a new
+    /// leader to be known here. For a clean stop: the group then has a leader at once instead
+    /// of after an election timeout.
+    pub async fn hand_over(&self, within: Duration) -> Handover {
+        let status = self.status();
+        if !status.is_leader {
+            return Handover::NotLeader;
+        }
+        let Some(to) = status
+            .members
+            .iter()
+            .filter(|m| m.id != self.id && m.voter)
+            .max_by_key(|m| m.matched)
+            .map(|m| m.id)
+        else {
+            return Handover::Alone;
+        };
+        let mut watch = self.watch_status();
+        if self.transfer_leader(to).is_err() {
+            return Handover::TimedOut(to);
+        }
+        let outcome = tokio::time::timeout(within, async {
+            loop {
+                let leader = watch.borrow_and_update().leader;
+                if leader != 0 && leader != self.id {
+                    return Some(leader);
+                }
+                if watch.changed().await.is_err() {
+                    return None;
+                }
+            }
+        })
+        .await;
+        match outcome {
+            Ok(Some(leader)) => Handover::To(leader),
+            _ => Handover::TimedOut(to),
+        }
     }
 
     /// The leader's address, when one is known and it is not this member.
