@@ -44,13 +44,14 @@ pub struct CsiArgs {
     /// Lease given to a published volume's gateway (default: the manager's, 10s).
     #[arg(long, value_parser = parse_duration)]
     pub(crate) lease: Option<Duration>,
-    /// Serve Prometheus metrics on /metrics and /healthz at this address.
+    /// Serve Prometheus metrics on /metrics, /healthz and /readyz (ready once the socket is
+    /// bound and, for the controller, the manager answers) at this address.
     #[arg(long, env = "IRONSAN_METRICS")]
     pub(crate) metrics: Option<SocketAddr>,
 }
 
 pub async fn run(args: CsiArgs) -> anyhow::Result<()> {
-    crate::dev::start_metrics(args.metrics).await?;
+    let ready = crate::dev::start_metrics(args.metrics).await?;
     let shutdown = CancellationToken::new();
     tokio::spawn(crate::dev::wait_for_signal(shutdown.clone()));
     let node_id = match &args.node_id {
@@ -80,6 +81,6 @@ pub async fn run(args: CsiArgs) -> anyhow::Result<()> {
             max_volumes: args.max_volumes,
         },
     };
-    ironsan_csi::serve(cfg, shutdown).await?;
+    ironsan_csi::serve(cfg, shutdown, ready).await?;
     Ok(())
 }

@@ -20,6 +20,7 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use clap::Args;
+use ironsan_common::observe::Readiness;
 use ironsan_common::{parse_size, ByteSize};
 use ironsan_gateway::device::{BlockDevice, Engine, FileDevice};
 use ironsan_gateway::iscsi::chap::Credentials;
@@ -197,7 +198,7 @@ async fn run_local(args: DevArgs) -> anyhow::Result<()> {
         tracing::info!(volume = %v.name, iqn = %t.iqn, size = %ByteSize(size), io, "volume ready");
     }
 
-    start_metrics(args.metrics).await?;
+    let ready = start_metrics(args.metrics).await?;
 
     let listener = target::bind(args.portal)
         .await
@@ -205,23 +206,28 @@ async fn run_local(args: DevArgs) -> anyhow::Result<()> {
     let addr = listener.local_addr()?;
     let shutdown = CancellationToken::new();
     tokio::spawn(wait_for_signal(shutdown.clone()));
+    // Every volume is open and the portal bound: nothing else to wait for.
+    ready.set(|| Ok(()));
     tracing::info!(addr = %addr, targets = wanted.len(), chap = args.chap.is_some(), "portal ready");
     gw.serve(listener, shutdown).await;
     tracing::info!("stopped cleanly");
     Ok(())
 }
 
-/// Installs the metrics recorder (before anything records) and serves `/metrics` when asked.
-pub(crate) async fn start_metrics(addr: Option<std::net::SocketAddr>) -> anyhow::Result<()> {
+/// Installs the metrics recorder (before anything records) and serves `/metrics`, `/healthz`
+/// and `/readyz` when asked. The returned readiness says "starting" until the daemon sets its
+/// check; without `addr` nobody asks it.
+pub(crate) async fn start_metrics(addr: Option<std::net::SocketAddr>) -> anyhow::Result<Readiness> {
+    let ready = Readiness::new();
     if let Some(addr) = addr {
-        let bound = ironsan_common::observe::serve_metrics(addr)
+        let bound = ironsan_common::observe::serve_metrics(addr, ready.clone())
             .await
             .context("bind metrics")?;
         tracing::info!(addr = %bound, "metrics ready");
     } else {
         ironsan_common::observe::metrics_handle();
     }
-    Ok(())
+    Ok(ready)
 }
 
 pub(crate) async fn wait_for_signal(shutdown: CancellationToken) {

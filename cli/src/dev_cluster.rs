@@ -1,5 +1,6 @@
 //! `ironsan dev` as a cluster: managers, storage daemons and the gateway as tasks of one
-//! process, talking over loopback exactly as separate daemons would (see `dev.rs`).
+//! process, talking over loopback exactly as separate daemons would (see `dev.rs`). Its
+//! `/readyz` is ready when every one of them is, else names the first that is not.
 
 use std::fs;
 use std::net::{SocketAddr, TcpListener};
@@ -8,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use ironsan_common::manager_client::ManagerClient;
+use ironsan_common::observe::Readiness;
 use ironsan_common::proto::manager as pb;
 use ironsan_common::ByteSize;
 use serde_json::{json, Value};
@@ -97,7 +99,9 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         tracing::warn!(dir = %args.data_dir.join("volumes").display(), "sparse-file volumes of `--local` are not served in cluster mode");
     }
     let layout = layout(&args.data_dir, &args)?;
-    crate::dev::start_metrics(args.metrics).await?;
+    let ready = crate::dev::start_metrics(args.metrics).await?;
+    // Each part's readiness, by name; the whole is ready when all are.
+    let mut parts: Vec<(String, Readiness)> = Vec::new();
     let members = layout.managers.join(",");
     let shutdown = CancellationToken::new();
     tokio::spawn(wait_for_signal(shutdown.clone()));
@@ -116,6 +120,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
             .collect();
         let margs = crate::manager::DaemonArgs {
             id: Some(id),
+            id_from_hostname: false,
             listen,
             advertise: None,
             data_dir: Some(args.data_dir.join(format!("manager-{id}"))),
@@ -130,9 +135,12 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
             manager: String::new(),
             json: false,
         };
+        let part = Readiness::new();
+        parts.push((format!("manager {id}"), part.clone()));
         managers.push(tokio::spawn(crate::manager::serve(
             margs,
             stop_managers.clone(),
+            part,
         )));
     }
 
@@ -156,11 +164,22 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
             max_connections: 1024,
             max_inflight: 128,
         };
+        let part = Readiness::new();
+        parts.push((format!("storage node{n}"), part.clone()));
         storage.push(tokio::spawn(crate::storage::serve(
             sargs,
             stop_storage.clone(),
+            part,
         )));
     }
+    let gateway = Readiness::new();
+    parts.push(("gateway".into(), gateway.clone()));
+    ready.set(move || {
+        for (name, part) in &parts {
+            part.check().map_err(|e| format!("{name}: {e}"))?;
+        }
+        Ok(())
+    });
 
     let outcome = tokio::select! {
         r = prepare(&members, &args) => r,
@@ -181,7 +200,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
             io_timeout: Duration::from_secs(4),
         };
         tracing::info!(managers = %members, storage = args.storage, "cluster ready: `ironsan volume ... --manager {members}`");
-        if let Err(e) = crate::gateway::serve(gargs, shutdown.clone()).await {
+        if let Err(e) = crate::gateway::serve(gargs, shutdown.clone(), gateway).await {
             tracing::error!(error = %format!("{e:#}"), "gateway failed");
         }
     }

@@ -2,6 +2,10 @@
 //! the data path until SIGTERM/SIGINT, then draining its connections and shutting the store
 //! down cleanly. With `--manager` it also registers with the cluster manager and heartbeats
 //! (`ironsan_storage::membership`), beside the data path and without delaying it.
+//!
+//! `/readyz`: standalone, ready once the data path listens; with `--manager`, once the store
+//! is open, the data path listens and the membership's standing is good (registered, a recent
+//! heartbeat accepted, nothing owed: see `membership::Standing`).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -10,8 +14,9 @@ use std::sync::Arc;
 use anyhow::{bail, Context};
 use clap::Args;
 use ironsan_common::manager_client::{check_addr, ManagerClient};
+use ironsan_common::observe::Readiness;
 use ironsan_common::{parse_size, ByteSize};
-use ironsan_storage::membership::{self, MembershipConfig};
+use ironsan_storage::membership::{self, MembershipConfig, Standing};
 use ironsan_storage::server::{self, ServerConfig};
 use ironsan_storage::{IoEngine, Store, StoreConfig};
 use tokio::net::TcpListener;
@@ -34,7 +39,8 @@ pub struct StorageArgs {
     #[arg(long, env = "IRONSAN_MANAGER")]
     pub(crate) manager: Option<String>,
     /// Data-path address announced to the manager, HOST:PORT (default: the listen address,
-    /// with the bound port; required when listening on 0.0.0.0 or [::]).
+    /// with the bound port; required when listening on 0.0.0.0 or [::]). A DNS name is
+    /// resolved by gateways at each connect, so it may resolve only later.
     #[arg(long, env = "IRONSAN_STORAGE_ADVERTISE")]
     pub(crate) advertise: Option<String>,
     /// This node's id in the cluster (default: the hostname).
@@ -43,7 +49,7 @@ pub struct StorageArgs {
     /// Failure domain (zone) of this node.
     #[arg(long, env = "IRONSAN_ZONE")]
     pub(crate) zone: Option<String>,
-    /// Serve Prometheus metrics on /metrics and /healthz at this address.
+    /// Serve Prometheus metrics on /metrics, /healthz and /readyz at this address.
     #[arg(long, env = "IRONSAN_METRICS")]
     pub(crate) metrics: Option<SocketAddr>,
     /// How chunk files are read and written: io_uring where the kernel allows it, or plain
@@ -118,13 +124,22 @@ pub(crate) fn hostname() -> anyhow::Result<String> {
 }
 
 pub async fn run(args: StorageArgs) -> anyhow::Result<()> {
+    // Flag mistakes fail before anything starts.
+    registration(&args)?;
+    // Before the store opens, so that its first gauges are recorded.
+    let ready = crate::dev::start_metrics(args.metrics).await?;
     let shutdown = CancellationToken::new();
     tokio::spawn(crate::dev::wait_for_signal(shutdown.clone()));
-    serve(args, shutdown).await
+    serve(args, shutdown, ready).await
 }
 
-/// Runs the daemon until `shutdown` (`ironsan dev` runs several in one process).
-pub async fn serve(args: StorageArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
+/// Runs the daemon until `shutdown` (`ironsan dev` runs several in one process); `ready`
+/// answers `/readyz`.
+pub async fn serve(
+    args: StorageArgs,
+    shutdown: CancellationToken,
+    ready: Readiness,
+) -> anyhow::Result<()> {
     // Flag mistakes fail before the store opens.
     let registration = registration(&args)?;
     for d in &args.data_dirs {
@@ -139,8 +154,6 @@ pub async fn serve(args: StorageArgs, shutdown: CancellationToken) -> anyhow::Re
         scrub_rate: args.scrub_rate,
         ..Default::default()
     };
-    // Before the store opens, so that its first gauges are recorded.
-    crate::dev::start_metrics(args.metrics).await?;
     // Opening replays each directory's write log: blocking work, off the runtime's workers.
     let store = tokio::task::spawn_blocking(move || Store::open(cfg))
         .await
@@ -162,6 +175,13 @@ pub async fn serve(args: StorageArgs, shutdown: CancellationToken) -> anyhow::Re
         .or_else(|| args.node_id.clone())
         .unwrap_or_else(|| "-".into());
     // Registration and heartbeats run beside the data path; they never hold it up.
+    let standing = Arc::new(Standing::default());
+    if registration.is_some() {
+        let standing = standing.clone();
+        ready.set(move || standing.ready());
+    } else {
+        ready.set(|| Ok(()));
+    }
     let membership = registration.map(|r| {
         let cfg = MembershipConfig {
             node_id: r.node_id,
@@ -173,6 +193,7 @@ pub async fn serve(args: StorageArgs, shutdown: CancellationToken) -> anyhow::Re
             r.client,
             store.clone(),
             cfg,
+            standing,
             shutdown.clone(),
         ))
     });

@@ -1221,3 +1221,73 @@ fn membership_change_right_after_an_election() {
         }
     });
 }
+
+// ---------- 7. a leader stopped cleanly hands over ----------
+
+/// SIGTERM on the leader (a rolling restart) hands leadership to a follower before the member
+/// exits: the group has a new leader well within the election timeout, and a client's calls
+/// stall for no longer than that.
+#[test]
+fn sigterm_leader_hands_over_without_an_election() {
+    run(async {
+        // The default 100 ms tick: an election after a leader vanishes takes 1-2 s.
+        let election_min = Duration::from_secs(1);
+        let mut g = Group::start(3, &["--node-timeout", "60m", "--recovery-grace", "60m"]);
+        let old = leader_of(&mut g).await;
+        register_nodes(&g, &g.addr(old)).await;
+        let mut stream = Stream::start((1..=3).map(|id| g.addr(id)).collect(), "h");
+        stream.reach(&g, 30, Duration::from_secs(20)).await;
+
+        let old = leader_of(&mut g).await;
+        let before = stream.count();
+        let stopped_at = Instant::now();
+        signal(&g, old, libc::SIGTERM);
+        let survivors: Vec<u64> = (1..=3).filter(|&id| id != old).collect();
+        let (new, took) = agreed_leader(&g, &survivors, old, Duration::from_secs(5)).await;
+        let exit = g.members.get_mut(&old).unwrap().stop();
+        let exited_after = stopped_at.elapsed();
+        println!(
+            "leader {old} got SIGTERM: members {survivors:?} agreed on leader {new} after \
+             {took:?}; {old} exited ({exit}) after {exited_after:?}"
+        );
+        check!(g, exit.success(), "member {old} exited with {exit}");
+        check!(
+            g,
+            g.members[&old].log().contains("leadership handed over"),
+            "member {old} did not log the handover"
+        );
+        check!(
+            g,
+            took < election_min / 2,
+            "a new leader took {took:?} (an election takes at least {election_min:?})"
+        );
+
+        stream.reach(&g, before + 30, Duration::from_secs(20)).await;
+        let retries = stream.client.retries.load(Ordering::Relaxed);
+        let acked = stream.finish(&g).await;
+        // The longest a client waited across the stop: from the last acknowledgement before
+        // it to the first after, and every gap after it.
+        let around: Vec<Instant> = acked
+            .iter()
+            .map(|(_, t)| *t)
+            .skip(before.saturating_sub(1))
+            .collect();
+        let longest = around
+            .windows(2)
+            .map(|w| w[1] - w[0])
+            .max()
+            .unwrap_or_default();
+        println!(
+            "{} creates acknowledged, {retries} retried attempts; longest gap between \
+             acknowledgements across the stop {longest:?}",
+            acked.len()
+        );
+        check!(
+            g,
+            longest < election_min,
+            "creates stalled for {longest:?} across the leader's clean stop"
+        );
+        let acked: Vec<String> = acked.into_iter().map(|(n, _)| n).collect();
+        check_everywhere(&g, &survivors, &acked).await;
+    });
+}

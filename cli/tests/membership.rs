@@ -2,7 +2,7 @@
 //! registers with its id, advertised address, zone and disks; heartbeats at the interval the
 //! manager asked for; registers again when a heartbeat is answered NOT_FOUND; obeys a
 //! drop order only for a replica whose epoch is not newer than the order's; and stops
-//! cleanly on SIGTERM.
+//! cleanly on SIGTERM. Its `/readyz` follows its standing with the manager.
 
 mod fake_manager;
 mod storaged;
@@ -251,4 +251,60 @@ fn storage_flags_are_checked_before_start() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("empty entry"), "{err}");
+}
+
+/// `/readyz`: standalone, ready once it serves; with a manager, only once registered, with
+/// heartbeats accepted and nothing owed (recovery copies to receive, replicas to drop) in two
+/// answers in a row; unready again when heartbeats stop being accepted.
+#[test]
+fn storage_readiness_follows_its_standing_with_the_manager() {
+    let dir = tempfile::tempdir().unwrap();
+    let alone = Daemon::start(&[dir.path().join("alone")], &[]);
+    assert_eq!(alone.readyz(), (200, "ready\n".to_string()));
+    drop(alone);
+
+    let fake = FakeManager::start();
+    fake.state().heartbeat_interval_ms = 100;
+    fake.state().fail.insert(
+        "register_node",
+        (tonic::Code::Unavailable, "no leader".into()),
+    );
+    let d = Daemon::start(
+        &[dir.path().join("d")],
+        &["--manager", &fake.addr, "--node-id", "n1"],
+    );
+    let (code, body) = d.readyz();
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("not registered"), "{body}");
+    assert!(fake.wait(WAIT, |s| s.count("register_node") >= 2));
+    assert_eq!(d.readyz().0, 503);
+
+    // Registered, but the manager says copies to this node are still to come.
+    fake.state().recovery_pending = 3;
+    fake.state().fail.clear();
+    let (_, body) = d.wait_readyz(WAIT, |_, b| b.contains("catching up"));
+    assert!(body.contains("3 recovery copies to receive"), "{body}");
+    assert!(fake.wait(WAIT, |s| s.count("heartbeat") >= 5));
+    assert_eq!(d.readyz().0, 503);
+    fake.state().recovery_pending = 0;
+    fake.state().drop_chunks = vec![chunk(9, 0, 1)];
+    d.wait_readyz(WAIT, |_, b| b.contains("1 replicas to drop"));
+    fake.state().drop_chunks.clear();
+    let t = Instant::now();
+    d.wait_readyz(WAIT, |c, _| c == 200);
+    println!(
+        "ready {:?} after the manager stopped naming anything owed",
+        t.elapsed()
+    );
+
+    // Heartbeats refused: unready once the last accepted one is stale (5 s at 100 ms).
+    fake.state()
+        .fail
+        .insert("heartbeat", (tonic::Code::Unavailable, "no leader".into()));
+    let t = Instant::now();
+    let (_, body) = d.wait_readyz(WAIT, |c, _| c == 503);
+    assert!(body.contains("no heartbeat accepted"), "{body}");
+    assert!(t.elapsed() >= Duration::from_secs(4), "{:?}", t.elapsed());
+    fake.state().fail.clear();
+    d.wait_readyz(WAIT, |c, _| c == 200);
 }

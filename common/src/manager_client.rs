@@ -8,6 +8,10 @@
 //! backoff after each full round (50 ms doubling to 500 ms) until the overall deadline (10 s by
 //! default). Every other status is the manager's answer and is returned at once.
 //!
+//! Members may be DNS names (a StatefulSet's `ironsan-manager-0.ironsan-manager...:7400`):
+//! the channel's connector resolves the name at every (re)connect, so a name that does not
+//! resolve yet only makes that member unavailable for the moment, like a member that is down.
+//!
 //! Channels connect lazily on first use (1 s connect timeout), so building a client never
 //! blocks and needs no runtime; each attempt is bounded by the per-call timeout (5 s by
 //! default, never beyond the overall deadline), which is also sent to the server as

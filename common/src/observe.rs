@@ -1,12 +1,17 @@
 //! Logging and metrics setup shared by every daemon.
 //!
 //! Each daemon calls [`init_tracing`] once and may serve [`serve_metrics`]: a tiny HTTP/1.1
-//! responder with `GET /metrics` (Prometheus text from the `metrics` recorder) and
-//! `GET /healthz`. It is hand-rolled on tokio so that no HTTP stack or TLS provider is built
-//! into the binary for two read-only endpoints.
+//! responder with `GET /metrics` (Prometheus text from the `metrics` recorder), `GET /healthz`
+//! (liveness: 200 while the process serves) and `GET /readyz` (readiness: `200 ready` or `503`
+//! with a one-line reason, from the daemon's [`Readiness`]). It is hand-rolled on tokio so that
+//! no HTTP stack or TLS provider is built into the binary for three read-only endpoints.
+//!
+//! Kubernetes probes these: a failing `/healthz` restarts the container, a failing `/readyz`
+//! only holds back what waits for readiness (a StatefulSet's next pod in a rolling update,
+//! a Service's endpoints), so `/readyz` may say "not yet" for as long as it needs to.
 
 use std::net::SocketAddr;
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock, RwLock};
 
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -42,8 +47,79 @@ pub fn metrics_handle() -> PrometheusHandle {
         .clone()
 }
 
-/// Serves `/metrics` and `/healthz` on `addr` until the task is dropped.
-pub async fn serve_metrics(addr: SocketAddr) -> std::io::Result<SocketAddr> {
+/// A readiness check: `Ok(())` when ready, else why not (one line). Called for every `/readyz`
+/// request on a runtime worker, so it must be cheap and never block: read atomics or a watch,
+/// never call out.
+pub type ReadyCheck = Arc<dyn Fn() -> Result<(), String> + Send + Sync>;
+
+/// What `/readyz` answers. Created before the daemon's parts exist (the metrics endpoint comes
+/// up first), not ready ("starting") until the daemon [`set`](Readiness::set)s its check.
+/// Cheap to clone; clones share the check.
+#[derive(Clone)]
+pub struct Readiness {
+    check: Arc<RwLock<Option<ReadyCheck>>>,
+}
+
+impl Default for Readiness {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl std::fmt::Debug for Readiness {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Readiness")
+            .field("now", &self.check())
+            .finish()
+    }
+}
+
+impl Readiness {
+    pub fn new() -> Self {
+        Readiness {
+            check: Arc::new(RwLock::new(None)),
+        }
+    }
+
+    /// Installs (or replaces) the check.
+    pub fn set(&self, check: impl Fn() -> Result<(), String> + Send + Sync + 'static) {
+        let check: ReadyCheck = Arc::new(check);
+        match self.check.write() {
+            Ok(mut c) => *c = Some(check),
+            Err(p) => *p.into_inner() = Some(check),
+        }
+    }
+
+    /// Runs the check. The lock is held only to clone the check out, never while it runs.
+    pub fn check(&self) -> Result<(), String> {
+        let check = match self.check.read() {
+            Ok(c) => c.clone(),
+            Err(p) => p.into_inner().clone(),
+        };
+        match check {
+            Some(f) => f(),
+            None => Err("starting".to_string()),
+        }
+    }
+}
+
+/// The `/readyz` answer: status line and body (one line, whatever the check wrote).
+fn readyz(ready: &Readiness) -> (&'static str, String) {
+    match ready.check() {
+        Ok(()) => ("200 OK", "ready\n".to_string()),
+        Err(why) => {
+            let line: String = why
+                .chars()
+                .map(|c| if c.is_control() { ' ' } else { c })
+                .collect();
+            ("503 Service Unavailable", format!("{}\n", line.trim()))
+        }
+    }
+}
+
+/// Serves `/metrics`, `/healthz` and `/readyz` (answered by `ready`) on `addr` until the
+/// process ends.
+pub async fn serve_metrics(addr: SocketAddr, ready: Readiness) -> std::io::Result<SocketAddr> {
     let handle = metrics_handle();
     let listener = TcpListener::bind(addr).await?;
     let local = listener.local_addr()?;
@@ -53,6 +129,7 @@ pub async fn serve_metrics(addr: SocketAddr) -> std::io::Result<SocketAddr> {
                 continue;
             };
             let handle = handle.clone();
+            let ready = ready.clone();
             tokio::spawn(async move {
                 let mut buf = [0u8; 1024];
                 let n = match tokio::time::timeout(
@@ -65,10 +142,13 @@ pub async fn serve_metrics(addr: SocketAddr) -> std::io::Result<SocketAddr> {
                     _ => return,
                 };
                 let req = String::from_utf8_lossy(&buf[..n]);
-                let path = req.split_whitespace().nth(1).unwrap_or("/");
+                let target = req.split_whitespace().nth(1).unwrap_or("/");
+                // Probes may add a query string (`/readyz?verbose`); it changes nothing here.
+                let path = target.split('?').next().unwrap_or(target);
                 let (status, body) = match path {
                     "/metrics" => ("200 OK", handle.render()),
                     "/healthz" => ("200 OK", "ok\n".to_string()),
+                    "/readyz" => readyz(&ready),
                     _ => ("404 Not Found", "not found\n".to_string()),
                 };
                 let resp = format!(
@@ -80,4 +160,51 @@ pub async fn serve_metrics(addr: SocketAddr) -> std::io::Result<SocketAddr> {
         }
     });
     Ok(local)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    async fn get(addr: SocketAddr, path: &str) -> String {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(format!("GET {path} HTTP/1.1\r\nhost: x\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        out
+    }
+
+    #[tokio::test]
+    async fn readyz_follows_the_check() {
+        let ready = Readiness::new();
+        let addr = serve_metrics("127.0.0.1:0".parse().unwrap(), ready.clone())
+            .await
+            .unwrap();
+        let r = get(addr, "/readyz").await;
+        assert!(r.starts_with("HTTP/1.1 503 "), "{r}");
+        assert!(r.ends_with("\r\n\r\nstarting\n"), "{r}");
+        // Liveness is independent of readiness.
+        assert!(get(addr, "/healthz").await.starts_with("HTTP/1.1 200 "));
+
+        let up = Arc::new(AtomicBool::new(false));
+        let u = up.clone();
+        ready.set(move || {
+            if u.load(Ordering::Relaxed) {
+                Ok(())
+            } else {
+                Err("no leader known\nsecond line".into())
+            }
+        });
+        let r = get(addr, "/readyz?verbose").await;
+        assert!(r.starts_with("HTTP/1.1 503 "), "{r}");
+        assert!(r.ends_with("\r\n\r\nno leader known second line\n"), "{r}");
+        up.store(true, Ordering::Relaxed);
+        let r = get(addr, "/readyz").await;
+        assert!(r.starts_with("HTTP/1.1 200 "), "{r}");
+        assert!(r.ends_with("\r\n\r\nready\n"), "{r}");
+        assert!(get(addr, "/nope").await.starts_with("HTTP/1.1 404 "));
+    }
 }

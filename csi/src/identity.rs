@@ -31,6 +31,17 @@ impl IdentityService {
     }
 }
 
+/// The rule of Probe, shared with the plugin's `/readyz`: the manager answers `Status` within
+/// [`PROBE_DEADLINE`].
+pub async fn manager_answers(mgr: &ManagerClient) -> Result<(), String> {
+    mgr.clone()
+        .with_deadline(PROBE_DEADLINE)
+        .status(StatusRequest {})
+        .await
+        .map(|_| ())
+        .map_err(|e| format!("the IronSAN manager does not answer: {e}"))
+}
+
 fn capability(t: plugin_capability::Type) -> PluginCapability {
     PluginCapability { r#type: Some(t) }
 }
@@ -72,11 +83,9 @@ impl Identity for IdentityService {
 
     async fn probe(&self, _: Request<ProbeRequest>) -> Result<Response<ProbeResponse>, Status> {
         if let Some(mgr) = &self.manager {
-            if let Err(e) = mgr.status(StatusRequest {}).await {
+            if let Err(e) = manager_answers(mgr).await {
                 tracing::warn!(error = %e, "probe: the manager does not answer");
-                return Err(Status::failed_precondition(format!(
-                    "the IronSAN manager does not answer: {e}"
-                )));
+                return Err(Status::failed_precondition(e));
             }
         }
         Ok(Response::new(ProbeResponse { ready: Some(true) }))

@@ -2,7 +2,8 @@
 //! expands and inspects IronSAN volumes.
 //!
 //! - [`identity`]: plugin info, capabilities, and a probe that is healthy only while the
-//!   manager answers.
+//!   manager answers. The same rule makes the controller's `/readyz` (with the socket bound);
+//!   the node plugin is ready once its socket is bound.
 //! - [`controller`]: volumes are manager volumes; the CSI volume id is the IronSAN volume name.
 //!   Publishing a volume to a node attaches it to the gateway running on that node (same id),
 //!   under a lease; the publish context names the portal, IQN and LUN.
@@ -27,9 +28,12 @@ pub mod volume;
 
 use std::path::PathBuf;
 use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use ironsan_common::manager_client::ManagerClient;
+use ironsan_common::observe::Readiness;
 use tokio_util::sync::CancellationToken;
 use tonic011::transport::Server;
 
@@ -118,8 +122,63 @@ pub struct Config {
     pub node: node::NodeConfig,
 }
 
-/// Serves the CSI services until `shutdown`, then removes the socket file.
-pub async fn serve(cfg: Config, shutdown: CancellationToken) -> Result<(), CsiError> {
+/// How often the controller's readiness asks the manager.
+const READY_PROBE_EVERY: Duration = Duration::from_secs(2);
+
+/// Sets `ready`: the socket is bound (`bound`) and, for the controller, the manager answered
+/// the last probe, which a background task repeats every [`READY_PROBE_EVERY`] until
+/// `shutdown` (a `/readyz` request itself never waits for the network).
+fn watch_readiness(
+    cfg: &Config,
+    ready: &Readiness,
+    bound: Arc<AtomicBool>,
+    shutdown: &CancellationToken,
+) {
+    let manager = match (&cfg.manager, cfg.mode.controller()) {
+        (Some(m), true) => Some(m.clone()),
+        _ => None,
+    };
+    let last: Arc<RwLock<Result<(), String>>> = Arc::new(RwLock::new(Err(
+        "the IronSAN manager has not been asked yet".into(),
+    )));
+    if let Some(mgr) = manager.clone() {
+        let (last, shutdown) = (last.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            loop {
+                let r = identity::manager_answers(&mgr).await;
+                match last.write() {
+                    Ok(mut l) => *l = r,
+                    Err(p) => *p.into_inner() = r,
+                }
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(READY_PROBE_EVERY) => {}
+                }
+            }
+        });
+    }
+    let controller = manager.is_some();
+    ready.set(move || {
+        if !bound.load(Ordering::Relaxed) {
+            return Err("the CSI socket is not bound yet".into());
+        }
+        if !controller {
+            return Ok(());
+        }
+        match last.read() {
+            Ok(l) => l.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    });
+}
+
+/// Serves the CSI services until `shutdown`, then removes the socket file. `ready` answers
+/// the plugin's `/readyz`.
+pub async fn serve(
+    cfg: Config,
+    shutdown: CancellationToken,
+    ready: Readiness,
+) -> Result<(), CsiError> {
     use csi::controller_server::ControllerServer;
     use csi::identity_server::IdentityServer;
     use csi::node_server::NodeServer;
@@ -148,7 +207,12 @@ pub async fn serve(cfg: Config, shutdown: CancellationToken) -> Result<(), CsiEr
         .add_service(IdentityServer::new(identity))
         .add_optional_service(controller)
         .add_optional_service(node);
-    let serving = || tracing::info!(endpoint = ?cfg.endpoint, mode = ?cfg.mode, node = %cfg.node.node_id, "CSI driver serving");
+    let bound = Arc::new(AtomicBool::new(false));
+    watch_readiness(&cfg, &ready, bound.clone(), &shutdown);
+    let serving = || {
+        bound.store(true, Ordering::Relaxed);
+        tracing::info!(endpoint = ?cfg.endpoint, mode = ?cfg.mode, node = %cfg.node.node_id, "CSI driver serving")
+    };
     match &cfg.endpoint {
         Endpoint::Unix(path) => {
             let listener = bind_unix(path)?;

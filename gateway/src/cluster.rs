@@ -1,6 +1,8 @@
 //! The gateway as a cluster member: it registers its id and portal with the manager, then
 //! serves, as iSCSI targets, exactly the volumes the manager says are attached to it.
 //!
+//! Its [`Standing`] (the gateway's `/readyz`): registered, and the manager answered recently.
+//!
 //! Every `poll` it lists the volumes. One attached to this gateway and not yet served is
 //! opened ([`Volume::open`] attaches again, so the new writer epoch fences this gateway's own
 //! previous life) and exported; one served but no longer attached here (detached, or taken
@@ -28,8 +30,9 @@
 //! keeps its old view until it rescans.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ironsan_common::manager_client::ManagerClient;
 use ironsan_common::proto::manager::{ListVolumesRequest, RegisterGatewayRequest};
@@ -65,16 +68,72 @@ impl Default for ClusterConfig {
     }
 }
 
+/// The manager unanswered this long (at least; or five polls) makes the gateway unready: by a
+/// lease's length it could no longer serve I/O anyway.
+const CONTACT_STALE: Duration = Duration::from_secs(10);
+
+/// How the gateway stands with the manager, for its readiness; updated by
+/// [`serve_attached`], read lock-free.
+#[derive(Debug)]
+pub struct Standing {
+    base: Instant,
+    registered: AtomicBool,
+    /// Milliseconds from `base` to the manager's last answer, plus one (0: never).
+    contact_ms: AtomicU64,
+    stale: AtomicU64,
+}
+
+impl Default for Standing {
+    fn default() -> Self {
+        Standing {
+            base: Instant::now(),
+            registered: AtomicBool::new(false),
+            contact_ms: AtomicU64::new(0),
+            stale: AtomicU64::new(CONTACT_STALE.as_millis() as u64),
+        }
+    }
+}
+
+impl Standing {
+    fn now_ms(&self) -> u64 {
+        self.base.elapsed().as_millis() as u64 + 1
+    }
+
+    fn contact(&self) {
+        self.contact_ms.store(self.now_ms(), Ordering::Relaxed);
+    }
+
+    /// Ready, or why not (one line).
+    pub fn ready(&self) -> Result<(), String> {
+        if !self.registered.load(Ordering::Relaxed) {
+            return Err("not registered with the manager yet".into());
+        }
+        let ago = self
+            .now_ms()
+            .saturating_sub(self.contact_ms.load(Ordering::Relaxed));
+        if ago > self.stale.load(Ordering::Relaxed) {
+            return Err(format!("no answer from the manager for {ago} ms"));
+        }
+        Ok(())
+    }
+}
+
 /// Serves the volumes attached to this gateway until `shutdown`.
 /// `ready` fires after the first pass, once every volume attached here at start is exported
-/// (or failed to open), so a caller can announce the portal without a race.
+/// (or failed to open), so a caller can announce the portal without a race. `standing` follows
+/// the registration and every answer of the manager.
 pub async fn serve_attached(
     gw: Arc<Gateway>,
     mgr: ManagerClient,
     cfg: ClusterConfig,
     shutdown: CancellationToken,
     mut ready: Option<tokio::sync::oneshot::Sender<()>>,
+    standing: Arc<Standing>,
 ) {
+    standing.stale.store(
+        CONTACT_STALE.max(cfg.poll * 5).as_millis() as u64,
+        Ordering::Relaxed,
+    );
     let pool = Arc::new(Pool::new(cfg.data_path.clone()));
     let me = cfg.replica.gateway.clone();
     let mut served: HashMap<String, Arc<Volume>> = HashMap::new();
@@ -90,6 +149,8 @@ pub async fn serve_attached(
             match mgr.register_gateway(req).await {
                 Ok(g) => {
                     registered = true;
+                    standing.contact();
+                    standing.registered.store(true, Ordering::Relaxed);
                     tracing::info!(gateway = %g.id, portal = %g.portal, "gateway registered");
                 }
                 Err(e) => tracing::warn!(error = %e, "cannot register the gateway yet"),
@@ -97,6 +158,7 @@ pub async fn serve_attached(
         }
         match mgr.list_volumes(ListVolumesRequest {}).await {
             Ok(list) => {
+                standing.contact();
                 // Name -> (size, read-only).
                 let mine: HashMap<&str, (u64, bool)> = list
                     .volumes

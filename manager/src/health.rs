@@ -141,6 +141,7 @@ impl Health {
             heartbeat_interval_ms: cfg.heartbeat_interval.as_millis() as u64,
             drop_chunks: state.orphans_of(&req.id),
             resync_chunks: state.stale_of(&req.id),
+            recovery_pending: state.recovery_to(&req.id),
         };
         metrics::counter!("ironsan_manager_heartbeats_total").increment(1);
         Ok((resp, follow_up))

@@ -72,6 +72,56 @@ pub struct RaftStatus {
     pub removed: bool,
 }
 
+impl RaftStatus {
+    /// Readiness of this member: a voter of the group's current configuration that knows a
+    /// leader. A member alone (its peers not up), cut off, waiting to be added (`--join`) or
+    /// removed is not ready, so a StatefulSet rolls its next pod only once this one is back in
+    /// a quorum. Else the reason, one line.
+    pub fn ready(&self) -> Result<(), String> {
+        if self.removed {
+            return Err(format!("member {} was removed from the group", self.id));
+        }
+        match self.members.iter().find(|m| m.id == self.id) {
+            None if self.members.is_empty() => {
+                return Err(format!(
+                    "member {} has no configuration yet: waiting to be added (add-member)",
+                    self.id
+                ))
+            }
+            None => {
+                return Err(format!(
+                    "member {} is not in the group's configuration",
+                    self.id
+                ))
+            }
+            Some(m) if !m.voter => {
+                return Err(format!("member {} is not a voter", self.id));
+            }
+            Some(_) => {}
+        }
+        if self.leader == 0 {
+            return Err(format!(
+                "member {} knows no leader (term {}): no quorum reached yet",
+                self.id, self.term
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The outcome of [`RaftNode::hand_over`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Handover {
+    /// Another member leads (or none is known): nothing to hand over.
+    NotLeader,
+    /// No other voter to take over (a group of one).
+    Alone,
+    /// This member now leads.
+    To(u64),
+    /// The member asked to take over did not in time.
+    TimedOut(u64),
+}
+
 enum Msg {
     Raft(Box<Message>),
     Propose(Box<Command>, oneshot::Sender<Result<ApplyResult, Error>>),
@@ -205,6 +255,50 @@ impl RaftNode {
 
     pub fn watch_status(&self) -> watch::Receiver<RaftStatus> {
         self.status.clone()
+    }
+
+    /// [`RaftStatus::ready`] of the latest status, without copying it.
+    pub fn ready(&self) -> Result<(), String> {
+        self.status.borrow().ready()
+    }
+
+    /// Hands leadership to the most caught-up other voter and waits up to `within` for a new
+    /// leader to be known here. For a clean stop: the group then has a leader at once instead
+    /// of after an election timeout.
+    pub async fn hand_over(&self, within: Duration) -> Handover {
+        let status = self.status();
+        if !status.is_leader {
+            return Handover::NotLeader;
+        }
+        let Some(to) = status
+            .members
+            .iter()
+            .filter(|m| m.id != self.id && m.voter)
+            .max_by_key(|m| m.matched)
+            .map(|m| m.id)
+        else {
+            return Handover::Alone;
+        };
+        let mut watch = self.watch_status();
+        if self.transfer_leader(to).is_err() {
+            return Handover::TimedOut(to);
+        }
+        let outcome = tokio::time::timeout(within, async {
+            loop {
+                let leader = watch.borrow_and_update().leader;
+                if leader != 0 && leader != self.id {
+                    return Some(leader);
+                }
+                if watch.changed().await.is_err() {
+                    return None;
+                }
+            }
+        })
+        .await;
+        match outcome {
+            Ok(Some(leader)) => Handover::To(leader),
+            _ => Handover::TimedOut(to),
+        }
     }
 
     /// The leader's address, when one is known and it is not this member.
@@ -769,5 +863,44 @@ impl Driver {
                 false
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn member(id: u64, voter: bool) -> Member {
+        Member {
+            id,
+            voter,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn ready_means_a_voter_that_knows_a_leader() {
+        let mut s = RaftStatus {
+            id: 2,
+            leader: 1,
+            members: vec![member(1, true), member(2, true), member(3, true)],
+            ..Default::default()
+        };
+        assert_eq!(s.ready(), Ok(()));
+        s.leader = 0;
+        assert!(s.ready().unwrap_err().contains("knows no leader"));
+        s.leader = 2;
+        assert_eq!(s.ready(), Ok(()));
+        s.members[1].voter = false;
+        assert!(s.ready().unwrap_err().contains("not a voter"));
+        s.members.remove(1);
+        assert!(s.ready().unwrap_err().contains("not in the group"));
+        s.removed = true;
+        assert!(s.ready().unwrap_err().contains("removed"));
+        let fresh = RaftStatus {
+            id: 4,
+            ..Default::default()
+        };
+        assert!(fresh.ready().unwrap_err().contains("waiting to be added"));
     }
 }

@@ -13,7 +13,7 @@ use tracing::{info, warn};
 
 use crate::error::Error;
 use crate::health::{Health, HealthConfig};
-use crate::node::{NodeConfig, RaftNode};
+use crate::node::{Handover, NodeConfig, RaftNode};
 use crate::raftlog::RaftLog;
 use crate::service::Service;
 
@@ -119,6 +119,32 @@ impl Server {
             task,
             stop,
         })
+    }
+
+    /// A clean stop for rolling restarts: a leader first hands leadership to the most
+    /// caught-up follower and waits up to `handover` for it to take over (serving on
+    /// meanwhile, so calls in flight are forwarded to the new leader), then shuts down. The
+    /// group so has a leader again within a round trip instead of an election timeout.
+    pub async fn stop(self, handover: Duration) {
+        let started = std::time::Instant::now();
+        let id = self.node.id();
+        match self.node.hand_over(handover).await {
+            Handover::NotLeader | Handover::Alone => {}
+            Handover::To(to) => info!(
+                member = id,
+                new_leader = to,
+                took_ms = started.elapsed().as_millis() as u64,
+                "stopping: leadership handed over"
+            ),
+            Handover::TimedOut(to) => warn!(
+                member = id,
+                to,
+                "stopping: member {to} did not take leadership over within {} ms; the group \
+                 elects a leader after its election timeout",
+                handover.as_millis()
+            ),
+        }
+        self.shutdown().await;
     }
 
     /// Stops serving, then stops the Raft driver. Everything acknowledged is already synced.

@@ -313,6 +313,21 @@ impl State {
             .any(|t| t.volume_id == volume && t.index == index)
     }
 
+    /// Recovery copies to `node` that a gateway can carry out now (their volume is attached;
+    /// the serving gateway does the copy): what the node still has to receive before the
+    /// chunks it takes back are fully replicated.
+    pub fn recovery_to(&self, node: &str) -> u64 {
+        self.tasks
+            .values()
+            .filter(|t| t.target == node)
+            .filter(|t| {
+                self.volumes
+                    .get(&t.volume_id)
+                    .is_some_and(|v| v.attachment.is_some())
+            })
+            .count() as u64
+    }
+
     pub fn volume_replicas(&self, id: u64) -> Option<(u32, u64)> {
         self.volumes.get(&id).map(|v| (v.replicas, v.chunk_size))
     }

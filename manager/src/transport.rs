@@ -1,6 +1,10 @@
 //! Raft messages between members: one tokio task per peer drains that peer's queue into one
 //! `RaftPeer.Send` gRPC call per batch.
 //!
+//! Peer addresses may be DNS names that resolve only later (a StatefulSet's records appear as
+//! its pods start): the lazy channel resolves at every reconnect, so an unresolvable peer is
+//! just an unreachable one until its name appears.
+//!
 //! Raft tolerates loss, so the transport never retries a failed batch: it reports the peer
 //! unreachable (the leader then probes instead of streaming) and drops what was queued beyond
 //! a bound. Messages are raft-rs's own protobuf (rust-protobuf 2) carried as bytes; the

@@ -12,6 +12,13 @@
 //!   delete with the entry's epoch, so a replica is deleted only when its own epoch is <= the
 //!   one in the order; a replica with a newer epoch (placed here again since) is kept and the
 //!   refusal logged once. `resync_chunks` are logged (the replication path does the copy).
+//! - **Standing** ([`Standing`], the daemon's `/readyz`): ready once registered, with a
+//!   heartbeat accepted recently, and the last two answers naming nothing this node still owes
+//!   the cluster: no drop orders, no recovery copies to receive (`recovery_pending`). A node
+//!   back from a restart so turns ready only once the chunks written while it was away have
+//!   their replica on it again, and a rolling restart that waits for readiness never takes a
+//!   chunk's last up-to-date replica down. Two answers, because between the manager clearing
+//!   our drop acknowledgements and planning the copies to us there is a moment with neither.
 //! - **Failures** never end the daemon: they are counted
 //!   (`ironsan_storage_manager_heartbeats_total{result}`) and logged at warn at most once per
 //!   [`WARN_EVERY`], with the number of failures suppressed in between.
@@ -21,6 +28,7 @@
 
 use std::collections::HashSet;
 use std::fmt;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -54,6 +62,114 @@ pub struct MembershipConfig {
     pub addr: String,
     /// Failure domain.
     pub zone: String,
+}
+
+/// A heartbeat accepted longer ago than this many intervals (and at least
+/// [`STALE_MIN`]) makes the daemon unready: the manager is about to count it down.
+const STALE_INTERVALS: u32 = 4;
+const STALE_MIN: Duration = Duration::from_secs(5);
+/// Consecutive heartbeat answers with nothing owed before the node is ready.
+const CLEAN_ANSWERS: u32 = 2;
+
+/// How this daemon stands with the manager, for its readiness; updated by the membership
+/// task, read lock-free by `/readyz`.
+#[derive(Debug)]
+pub struct Standing {
+    base: std::time::Instant,
+    registered: AtomicBool,
+    /// Milliseconds from `base` to the last accepted registration or heartbeat, plus one
+    /// (0: never).
+    last_ok_ms: AtomicU64,
+    interval_ms: AtomicU64,
+    /// Heartbeat answers in a row with nothing owed, since the registration.
+    clean: AtomicU32,
+    /// What the last answer said is owed: drop orders, recovery copies to receive.
+    drops: AtomicU64,
+    recovery: AtomicU64,
+}
+
+impl Default for Standing {
+    fn default() -> Self {
+        Standing {
+            base: std::time::Instant::now(),
+            registered: AtomicBool::new(false),
+            last_ok_ms: AtomicU64::new(0),
+            interval_ms: AtomicU64::new(DEFAULT_HEARTBEAT.as_millis() as u64),
+            clean: AtomicU32::new(0),
+            drops: AtomicU64::new(0),
+            recovery: AtomicU64::new(0),
+        }
+    }
+}
+
+impl Standing {
+    fn now_ms(&self) -> u64 {
+        self.base.elapsed().as_millis() as u64 + 1
+    }
+
+    fn registered(&self, interval: Duration) {
+        self.interval_ms
+            .store(interval.as_millis() as u64, Ordering::Relaxed);
+        self.clean.store(0, Ordering::Relaxed);
+        self.last_ok_ms.store(self.now_ms(), Ordering::Relaxed);
+        self.registered.store(true, Ordering::Relaxed);
+    }
+
+    fn forgotten(&self) {
+        self.registered.store(false, Ordering::Relaxed);
+        self.clean.store(0, Ordering::Relaxed);
+    }
+
+    fn answered(&self, interval: Duration, drops: u64, recovery: u64) {
+        self.interval_ms
+            .store(interval.as_millis() as u64, Ordering::Relaxed);
+        self.drops.store(drops, Ordering::Relaxed);
+        self.recovery.store(recovery, Ordering::Relaxed);
+        if drops == 0 && recovery == 0 {
+            let _ = self
+                .clean
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |c| {
+                    Some(c.saturating_add(1))
+                });
+        } else {
+            self.clean.store(0, Ordering::Relaxed);
+        }
+        self.last_ok_ms.store(self.now_ms(), Ordering::Relaxed);
+    }
+
+    /// Ready, or why not (one line).
+    pub fn ready(&self) -> Result<(), String> {
+        if !self.registered.load(Ordering::Relaxed) {
+            return Err("not registered with the manager yet".into());
+        }
+        let interval = Duration::from_millis(self.interval_ms.load(Ordering::Relaxed));
+        let stale = (interval * STALE_INTERVALS).max(STALE_MIN);
+        let last = self.last_ok_ms.load(Ordering::Relaxed);
+        let ago = Duration::from_millis(self.now_ms().saturating_sub(last));
+        if ago > stale {
+            return Err(format!(
+                "no heartbeat accepted by the manager for {} ms",
+                ago.as_millis()
+            ));
+        }
+        let clean = self.clean.load(Ordering::Relaxed);
+        if clean >= CLEAN_ANSWERS {
+            return Ok(());
+        }
+        let (drops, recovery) = (
+            self.drops.load(Ordering::Relaxed),
+            self.recovery.load(Ordering::Relaxed),
+        );
+        if drops > 0 || recovery > 0 {
+            Err(format!(
+                "catching up: {recovery} recovery copies to receive, {drops} replicas to drop"
+            ))
+        } else {
+            Err(format!(
+                "registered; {clean} of {CLEAN_ANSWERS} heartbeat answers with nothing owed"
+            ))
+        }
+    }
 }
 
 /// Rate-limited warnings about the manager.
@@ -109,6 +225,7 @@ struct Membership {
     client: ManagerClient,
     store: Arc<Store>,
     cfg: MembershipConfig,
+    standing: Arc<Standing>,
     throttle: Throttle,
     interval: Duration,
     state: i32,
@@ -121,17 +238,20 @@ struct Membership {
     dropped: Vec<pb::Chunk>,
 }
 
-/// Registers with the manager and heartbeats until `cancel` fires (see the module docs).
+/// Registers with the manager and heartbeats until `cancel` fires (see the module docs),
+/// keeping `standing` up to date.
 pub async fn run(
     client: ManagerClient,
     store: Arc<Store>,
     cfg: MembershipConfig,
+    standing: Arc<Standing>,
     cancel: CancellationToken,
 ) {
     let mut m = Membership {
         client,
         store,
         cfg,
+        standing,
         throttle: Throttle::new(),
         interval: DEFAULT_HEARTBEAT,
         state: pb::NodeState::Unspecified as i32,
@@ -176,6 +296,7 @@ impl Membership {
                         interval_from(resp.heartbeat_interval_ms).unwrap_or(DEFAULT_HEARTBEAT);
                     let state = resp.node.as_ref().map_or(0, |n| n.state);
                     self.state = state;
+                    self.standing.registered(self.interval);
                     tracing::info!(
                         node = %self.cfg.node_id,
                         addr = %self.cfg.addr,
@@ -236,6 +357,7 @@ impl Membership {
                 }
                 Err(e) if e.code() == Code::NotFound => {
                     metrics::manager_heartbeat("not_found");
+                    self.standing.forgotten();
                     tracing::warn!(node = %self.cfg.node_id, "the manager does not know this node: registering again");
                     return;
                 }
@@ -263,6 +385,11 @@ impl Membership {
             tracing::info!(node = %self.cfg.node_id, state = state_name(resp.state), "node state set by the manager");
             self.state = resp.state;
         }
+        self.standing.answered(
+            self.interval,
+            resp.drop_chunks.len() as u64,
+            resp.recovery_pending,
+        );
         let mut refused = HashSet::new();
         for c in &resp.drop_chunks {
             match self.drop_chunk(c).await {
@@ -374,6 +501,42 @@ mod tests {
         assert_eq!(interval_from(1), Some(MIN_HEARTBEAT));
         assert_eq!(interval_from(250), Some(Duration::from_millis(250)));
         assert_eq!(interval_from(u64::MAX), Some(MAX_HEARTBEAT));
+    }
+
+    #[test]
+    fn standing_waits_for_two_clean_answers() {
+        let s = Standing::default();
+        assert!(s.ready().unwrap_err().contains("not registered"));
+        s.registered(Duration::from_millis(100));
+        assert!(s.ready().unwrap_err().contains("0 of 2"));
+        s.answered(Duration::from_millis(100), 3, 0);
+        assert!(s.ready().unwrap_err().contains("3 replicas to drop"));
+        s.answered(Duration::from_millis(100), 0, 2);
+        assert!(s.ready().unwrap_err().contains("2 recovery copies"));
+        s.answered(Duration::from_millis(100), 0, 0);
+        assert!(s.ready().unwrap_err().contains("1 of 2"));
+        s.answered(Duration::from_millis(100), 0, 0);
+        assert_eq!(s.ready(), Ok(()));
+        // Owed again: not ready until two clean answers in a row.
+        s.answered(Duration::from_millis(100), 0, 1);
+        assert!(s.ready().is_err());
+        s.answered(Duration::from_millis(100), 0, 0);
+        s.answered(Duration::from_millis(100), 0, 0);
+        assert_eq!(s.ready(), Ok(()));
+        // Heartbeats stop being accepted: unready once they are stale (the last one 6 s ago).
+        let now = std::time::Instant::now();
+        let s2 = Standing {
+            base: now.checked_sub(Duration::from_secs(6)).unwrap_or(now),
+            ..Standing::default()
+        };
+        s2.registered(Duration::from_millis(100));
+        s2.answered(Duration::from_millis(100), 0, 0);
+        s2.answered(Duration::from_millis(100), 0, 0);
+        assert_eq!(s2.ready(), Ok(()));
+        s2.last_ok_ms.store(1, Ordering::Relaxed);
+        assert!(s2.ready().unwrap_err().contains("no heartbeat accepted"));
+        s2.forgotten();
+        assert!(s2.ready().unwrap_err().contains("not registered"));
     }
 
     #[test]

@@ -32,6 +32,8 @@ pub struct State {
     /// Sent with every heartbeat answer.
     pub drop_chunks: Vec<pb::Chunk>,
     pub resync_chunks: Vec<pb::Chunk>,
+    /// Sent with every heartbeat answer.
+    pub recovery_pending: u64,
     next_volume_id: u64,
 }
 
@@ -361,6 +363,7 @@ impl Manager for Svc {
                 heartbeat_interval_ms: s.heartbeat_interval_ms,
                 drop_chunks: s.drop_chunks.clone(),
                 resync_chunks: s.resync_chunks.clone(),
+                recovery_pending: s.recovery_pending,
             })
         })
     }

@@ -111,6 +111,39 @@ impl Daemon {
         Daemon::start(&dirs, extra)
     }
 
+    /// `/readyz`: status code and body.
+    pub fn readyz(&self) -> (u16, String) {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(&self.metrics).unwrap();
+        write!(s, "GET /readyz HTTP/1.0\r\nHost: x\r\n\r\n").unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        let code = out
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        let body = out.split_once("\r\n\r\n").map_or("", |b| b.1).to_string();
+        (code, body)
+    }
+
+    /// Polls `/readyz` until `pred` holds for its (code, body); returns them.
+    pub fn wait_readyz(&self, within: Duration, pred: impl Fn(u16, &str) -> bool) -> (u16, String) {
+        let deadline = std::time::Instant::now() + within;
+        loop {
+            let (code, body) = self.readyz();
+            if pred(code, &body) {
+                return (code, body);
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "/readyz still {code} {body:?} after {within:?}; log:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// `/metrics` as text.
     pub fn metrics(&self) -> String {
         use std::io::{Read, Write};
