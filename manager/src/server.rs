@@ -45,17 +45,11 @@ impl Server {
         if cfg.id == 0 {
             return Err(Error::Config("member id must be non-zero".into()));
         }
-        let mut cfg = cfg;
-        // A StatefulSet gives every member the same list, its own entry included: that entry is
-        // dropped when it names this member's advertised address, refused otherwise.
-        if let Some(own) = cfg.peers.remove(&cfg.id) {
-            if own != cfg.advertise {
-                return Err(Error::Config(format!(
-                    "--peer {}={own} names this member's id with an address other than its \
-                     advertised {}",
-                    cfg.id, cfg.advertise
-                )));
-            }
+        if cfg.peers.contains_key(&cfg.id) {
+            return Err(Error::Config(format!(
+                "--peer lists this member's own id {}; list only the others",
+                cfg.id
+            )));
         }
         std::fs::create_dir_all(&cfg.data_dir)
             .map_err(|e| Error::Config(format!("create {}: {e}", cfg.data_dir.display())))?;
