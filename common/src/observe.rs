@@ -117,6 +117,23 @@ fn readyz(ready: &Readiness) -> (&'static str, String) {
     }
 }
 
+/// Reads a request head into `buf` until its blank line (or `buf` is full: only the request
+/// line matters). Closing with a request half read would reset the connection under a
+/// client that wrote it in pieces. None if the client went away first.
+async fn read_head(sock: &mut tokio::net::TcpStream, buf: &mut [u8]) -> Option<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match sock.read(&mut buf[n..]).await {
+            Ok(0) | Err(_) => return (n > 0).then_some(n),
+            Ok(m) => n += m,
+        }
+        if buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
+            break;
+        }
+    }
+    Some(n)
+}
+
 /// Serves `/metrics`, `/healthz` and `/readyz` (answered by `ready`) on `addr` until the
 /// process ends.
 pub async fn serve_metrics(addr: SocketAddr, ready: Readiness) -> std::io::Result<SocketAddr> {
@@ -132,14 +149,12 @@ pub async fn serve_metrics(addr: SocketAddr, ready: Readiness) -> std::io::Resul
             let ready = ready.clone();
             tokio::spawn(async move {
                 let mut buf = [0u8; 1024];
-                let n = match tokio::time::timeout(
-                    std::time::Duration::from_secs(5),
-                    sock.read(&mut buf),
-                )
+                let Ok(Some(n)) = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+                    read_head(&mut sock, &mut buf).await
+                })
                 .await
-                {
-                    Ok(Ok(n)) => n,
-                    _ => return,
+                else {
+                    return;
                 };
                 let req = String::from_utf8_lossy(&buf[..n]);
                 let target = req.split_whitespace().nth(1).unwrap_or("/");
@@ -206,5 +221,14 @@ mod tests {
         assert!(r.starts_with("HTTP/1.1 200 "), "{r}");
         assert!(r.ends_with("\r\n\r\nready\n"), "{r}");
         assert!(get(addr, "/nope").await.starts_with("HTTP/1.1 404 "));
+
+        // A request written in pieces is read to its end, then answered.
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"GET /readyz HTTP/1.1\r\n").await.unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        s.write_all(b"host: x\r\n\r\n").await.unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        assert!(out.starts_with("HTTP/1.1 200 "), "{out}");
     }
 }

@@ -62,6 +62,12 @@ impl Default for ClusterConfig {
                 // Measured (benches/replicated_vs_tgt.sh, 4k randread QD32): 2 connections per
                 // storage node 25k IOPS, 4: 29k, 8: no better.
                 conns_per_addr: 4,
+                // A restarted storage daemon must be reachable again within a second: a write
+                // refused by a slot still backing off fails that replica (and removes it from
+                // the chunk's set), which a rolling restart would pay for after the daemon is
+                // ready again. Retrying a dead address each second costs nothing once the
+                // manager has taken it out of the sets.
+                backoff_max: Duration::from_secs(1),
                 ..ClientConfig::default()
             },
         }

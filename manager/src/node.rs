@@ -231,6 +231,10 @@ impl RaftNode {
             snapshot_now: false,
             was_leader: false,
         };
+        // The configuration restored from the log, published before anyone can ask: a
+        // restarted member is never seen without its members (its readiness would say it waits
+        // to be added).
+        driver.publish();
         let thread = std::thread::Builder::new()
             .name(format!("raft-{}", cfg.id))
             .spawn(move || driver.run())

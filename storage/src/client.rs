@@ -482,6 +482,20 @@ struct Slot {
     retry_at: Option<Instant>,
 }
 
+impl AddrSlots {
+    /// A live connection of another slot than `except`, if one is free to look at now.
+    fn live_sibling(&self, except: usize) -> Option<Client> {
+        self.slots
+            .iter()
+            .enumerate()
+            .filter(|(j, _)| *j != except)
+            .find_map(|(_, s)| {
+                let s = s.try_lock().ok()?;
+                s.client.as_ref().filter(|c| c.is_alive()).cloned()
+            })
+    }
+}
+
 impl Pool {
     pub fn new(cfg: ClientConfig) -> Self {
         Self {
@@ -527,6 +541,11 @@ impl Pool {
         }
         if let Some(at) = slot.retry_at {
             if Instant::now() < at {
+                // The daemon may be back (a restart) while this slot still waits: a sibling
+                // that reconnected since serves instead of failing the request.
+                if let Some(c) = a.live_sibling(i) {
+                    return Ok(c);
+                }
                 return Err(Error::Connect {
                     addr: addr.to_string(),
                     source: std::io::Error::other(format!(

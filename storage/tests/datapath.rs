@@ -315,6 +315,41 @@ async fn pool_reconnects_after_the_server_restarts() {
     d.stop().await;
 }
 
+/// A daemon back from a restart while one slot still backs off: that slot hands out a
+/// sibling's fresh connection instead of failing the request (a gateway would otherwise fail
+/// the replica for nothing).
+#[tokio::test]
+async fn a_slot_backing_off_uses_a_sibling_that_reconnected() {
+    let d = Daemon::start(ServerConfig::default()).await;
+    let addr = d.addr.clone();
+    let pool = Pool::new(ClientConfig {
+        conns_per_addr: 2,
+        backoff_min: Duration::from_secs(30),
+        backoff_max: Duration::from_secs(30),
+        ..cfg()
+    });
+    for _ in 0..2 {
+        assert!(answered(&pool.get(&addr).await.unwrap().info(C).await));
+    }
+    d.stop().await;
+    // Both connections see the server go (their readers end).
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Slot 0 finds its connection dead, fails to reconnect and backs off for 30 s.
+    let first = pool.get(&addr).await;
+    assert!(
+        matches!(first, Err(Error::Connect { .. })),
+        "{:?}",
+        first.err()
+    );
+    let d = Daemon::start_on(&addr, ServerConfig::default()).await;
+    // Slot 1 reconnects; slot 0, still backing off, lends it.
+    for _ in 0..4 {
+        let c = pool.get(&addr).await.expect("a live connection");
+        assert!(answered(&c.info(C).await));
+    }
+    d.stop().await;
+}
+
 /// A scripted daemon for one connection: collects `batch` requests, then hands them to
 /// `answer`, which returns the frames to send (in the order given).
 async fn fake_server<F>(batch: usize, answer: F) -> String

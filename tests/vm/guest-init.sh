@@ -4,6 +4,8 @@
 # and checks that a filesystem survives logout/login (SCENARIO=basic), or
 # writes and fsyncs files for WRITE_SECS seconds while the host kills a storage
 # daemon, then checks the filesystem and every file (SCENARIO=storage-kill),
+# or writes the same way while the host restarts every daemon in turn until the
+# host says stop, timing a small write + fsync meanwhile (SCENARIO=rolling-upgrade),
 # or serves the CSI node plugin and a command channel to the host, which drives
 # them (SCENARIO=csi-node, cli/tests/csi_vm.rs).
 # Parameters come from /etc/ivm.conf, which run.sh adds to the initramfs for
@@ -24,8 +26,8 @@ mount -t tmpfs tmpfs /run
 mkdir -p /run/lock/iscsi /mnt/t /etc/iscsi/nodes /etc/iscsi/send_targets /etc/iscsi/ifaces
 
 # PORT IQN HOST CHAP_USER CHAP_SECRET MUTUAL_USER MUTUAL_SECRET FILEMB SCENARIO WRITE_SECS
-# CSI_PORT SHELL_PORT CSI_SECS
-SCENARIO=basic WRITE_SECS=25 CSI_PORT=10000 SHELL_PORT=10001 CSI_SECS=540
+# CSI_PORT SHELL_PORT CSI_SECS STOP_PORT
+SCENARIO=basic WRITE_SECS=25 CSI_PORT=10000 SHELL_PORT=10001 CSI_SECS=540 STOP_PORT=10002
 . /etc/ivm.conf
 PORTAL=$HOST:$PORT
 
@@ -196,7 +198,7 @@ writer() {
   _w=$1 _i=0 _bytes=0 _max=0 _maxf=-
   mkdir -p "/mnt/t/$_w" || return 1
   : > "/tmp/manifest.$_w"; : > "/mnt/t/MANIFEST.$_w"
-  while awk -v t="$(now)" -v e="$END" 'BEGIN{exit !(t < e)}'; do
+  while [ ! -e /tmp/ivm-stop ] && awk -v t="$(now)" -v e="$END" 'BEGIN{exit !(t < e)}'; do
     # every 8th file 1-2 MiB, the others up to 128 KiB; odd sizes
     if [ $((_i % 8)) -eq 7 ]; then _sz=$((1048576 + (_i * 7919) % 1048576)); else _sz=$(( (_i * 7919) % 131072 + 1 )); fi
     _t0=$(now)
@@ -215,7 +217,7 @@ writer() {
 
 write_phase() {
   END=$(awk -v t="$(now)" -v d="$WRITE_SECS" 'BEGIN{printf "%.2f", t + d}')
-  say "INFO write phase started (${WRITE_SECS}s, 2 writers)"
+  say "INFO write phase started (${WRITE_SECS}s, 2 writers) at uptime $(now)"
   writer w0 > /tmp/writer.w0 2>&1 & _p0=$!
   writer w1 > /tmp/writer.w1 2>&1 & _p1=$!
   wait $_p0; _r0=$?
@@ -245,6 +247,83 @@ verify_manifests() {
     _n=$((_n + _ok))
   done
   say "INFO   $_n files verified"
+}
+
+# ---- rolling-upgrade: write while the host restarts every daemon in turn -------
+# The host ends the write phase by connecting to STOP_PORT (forwarded from the
+# host's 127.0.0.1); WRITE_SECS bounds it in case that never comes.
+start_stop_listener() {
+  printf '#!/bin/sh\ntouch /tmp/ivm-stop\necho IVM-STOP-OK\n' > /etc/ivm-stop-sh || return 1
+  chmod 755 /etc/ivm-stop-sh || return 1
+  nc -ll -p "$STOP_PORT" -e /etc/ivm-stop-sh > /tmp/stop.log 2>&1 &
+  STOP_PID=$!
+  usleep 300000
+  kill -0 $STOP_PID || { cat /tmp/stop.log; return 1; }
+}
+
+# probe: a 4 KiB write + fsync every 0.5 s until the writers are done: the
+# longest one is the longest I/O stall the filesystem saw. Each over 1 s goes
+# to the console as an "IVM-PROBE uptime seconds" line.
+probe() {
+  _n=0 _max=0 _at=-
+  while [ ! -e /tmp/ivm-writers-done ]; do
+    _t0=$(now)
+    dd if=/dev/urandom of=/mnt/t/probe bs=4k count=1 conv=notrunc,fsync 2>/dev/null || { echo "probe: write + fsync failed"; return 1; }
+    _dt=$(awk -v a="$_t0" -v b="$(now)" 'BEGIN{printf "%.2f", b - a}')
+    _n=$((_n + 1))
+    if awk -v a="$_dt" -v b="$_max" 'BEGIN{exit !(a > b)}'; then _max=$_dt _at=$_t0; fi
+    awk -v a="$_dt" 'BEGIN{exit !(a >= 1)}' && echo "IVM-PROBE $_t0 ${_dt}s" >&8
+    usleep 500000
+  done
+  echo "$_n $_max $_at" > /tmp/stats.probe
+}
+
+write_phase_until_stopped() {
+  rm -f /tmp/ivm-stop /tmp/ivm-writers-done
+  probe > /tmp/probe.out 2>&1 & _pp=$!
+  write_phase; _r=$?
+  touch /tmp/ivm-writers-done
+  wait $_pp; _rp=$?
+  cat /tmp/probe.out
+  if [ -e /tmp/ivm-stop ]; then echo "stopped by the host"; else echo "no stop from the host within ${WRITE_SECS}s"; _r=1; fi
+  read -r n m at < /tmp/stats.probe || return 1
+  say "INFO   probe: $n writes of 4 KiB + fsync, the slowest took ${m}s (at uptime $at)"
+  [ $_r -eq 0 ] && [ $_rp -eq 0 ]
+}
+
+# The gateway's restart closes the connection: the kernel logs "detected conn
+# error (1020)" and recovers the session. Those lines are expected here, and
+# counted; every other line klog_clean looks for is not.
+expect_conn_errors() {
+  _c=$(dmesg | grep -cE 'connection[0-9]+:[0-9]+: detected conn error \(10(11|20)\)')
+  dmesg | grep -E 'connection[0-9]+:[0-9]+: detected conn error \(10(11|20)\)' >> /tmp/klog.expected
+  say "INFO   kernel: $_c connection errors (the gateway's restart); iscsid: $(grep -c 'operational after recovery' /tmp/iscsid.log) session recoveries"
+  grep -E 'operational after recovery|conn error' /tmp/iscsid.log | sed 's/^/  iscsid| /' 
+  true
+}
+
+main_rolling_upgrade() {
+  say "INFO guest: kernel $(uname -r); target $IQN at $PORTAL; scenario rolling-upgrade, writing until the host says stop (at most ${WRITE_SECS}s)"
+  step "guest boot (modules, network)" boot || return
+  step "iscsid started" start_iscsid || return
+  step "discovery lists $IQN" discover || return
+  step "node record" node_setup || return
+  step "login" login || return
+  step "disk appears after login" wait_disk || return
+  step "mkfs.ext4" mkfs.ext4 -F -q "/dev/$DISK" || return
+  step "mount #1" mount -t ext4 "/dev/$DISK" /mnt/t || return
+  step "stop signal listener on :$STOP_PORT" start_stop_listener || return
+  step "write and fsync files until the host's rolling restart is done, sha256 manifest on the fs" write_phase_until_stopped
+  step "sync" sync
+  step "umount #1" umount /mnt/t || return
+  step "e2fsck -fn: filesystem clean after the rolling restart" e2fsck -fn "/dev/$DISK"
+  drop_caches
+  if step "mount #2" mount -t ext4 "/dev/$DISK" /mnt/t; then
+    step "manifests intact, every sha256 verified" verify_manifests
+    step "umount #2" umount /mnt/t
+  fi
+  step "logout, disk gone" logout
+  expect_conn_errors
 }
 
 main_storage_kill() {
@@ -366,6 +445,7 @@ main() {
 
 case "$SCENARIO" in
   storage-kill) main_storage_kill ;;
+  rolling-upgrade) main_rolling_upgrade ;;
   csi-node) main_csi_node ;;
   *) main ;;
 esac

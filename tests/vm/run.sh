@@ -5,6 +5,7 @@
 #
 # usage: tests/vm/run.sh [--chap USER:SECRET] [--mutual-chap USER:SECRET]
 #                        [--scenario basic|storage-kill] PORT IQN
+#        tests/vm/run.sh --scenario rolling-upgrade --stop-port HOSTPORT PORT IQN
 #        tests/vm/run.sh --scenario csi-node --csi-bin IRONSAN --csi-port HOSTPORT
 #                        --shell-port HOSTPORT PORT [IQN]
 #
@@ -13,6 +14,10 @@
 # Scenario storage-kill: files written and fsynced for IRONSAN_VM_WRITE_SECS
 # (the guest prints "IVM INFO write phase started" when it begins, so that the
 # caller can kill a storage daemon meanwhile), then e2fsck and verification.
+# Scenario rolling-upgrade: the same writers (plus a probe timing a 4 KiB write
+# + fsync every 0.5 s) run until the host connects to 127.0.0.1:--stop-port
+# (forwarded to guest port 10002; the guest answers "IVM-STOP-OK") or for at
+# most IRONSAN_VM_WRITE_SECS, while the host restarts every daemon in turn.
 # Scenario csi-node: the guest runs IRONSAN (`ironsan csi --mode node`, node id
 # dev, portal 10.0.2.2:PORT) on guest port 10000, forwarded to the host's
 # 127.0.0.1:--csi-port, and a command channel (busybox nc -e sh: one shell
@@ -45,17 +50,18 @@ MODULES=(virtio_pci virtio_net crc32c_generic iscsi_tcp sd_mod ext4 xfs)
 GUEST_BINS=(/usr/bin/busybox /usr/sbin/iscsid /usr/sbin/iscsiadm /usr/sbin/mke2fs /usr/sbin/e2fsck
             /usr/sbin/resize2fs /usr/sbin/mkfs.xfs /usr/sbin/xfs_growfs
             /usr/sbin/blkid /usr/bin/mount /usr/bin/umount)
-CSI_GUEST_PORT=10000 SHELL_GUEST_PORT=10001
+CSI_GUEST_PORT=10000 SHELL_GUEST_PORT=10001 STOP_GUEST_PORT=10002
 
 usage() {
   echo "usage: $0 [--chap USER:SECRET] [--mutual-chap USER:SECRET] [--scenario basic|storage-kill] PORT IQN" >&2
+  echo "       $0 --scenario rolling-upgrade --stop-port HOSTPORT PORT IQN" >&2
   echo "       $0 --scenario csi-node --csi-bin IRONSAN --csi-port HOSTPORT --shell-port HOSTPORT PORT [IQN]" >&2
 }
 # every exit path ends with the summary line, so callers can always parse it
 die() { echo "FAIL setup: $*"; echo "0 passed, 1 failed"; exit 1; }
 log() { echo "run.sh: $*" >&2; }
 
-CHAP= MUTUAL= SCENARIO=basic CSI_BIN= CSI_PORT= SHELL_PORT=
+CHAP= MUTUAL= SCENARIO=basic CSI_BIN= CSI_PORT= SHELL_PORT= STOP_PORT=
 while [ $# -gt 0 ]; do
   case "$1" in
     --chap) [ $# -ge 2 ] || { usage; die "--chap needs USER:SECRET"; }; CHAP=$2; shift 2 ;;
@@ -64,9 +70,9 @@ while [ $# -gt 0 ]; do
     --mutual-chap=*) MUTUAL=${1#*=}; shift ;;
     --scenario) [ $# -ge 2 ] || { usage; die "--scenario needs a name"; }; SCENARIO=$2; shift 2 ;;
     --scenario=*) SCENARIO=${1#*=}; shift ;;
-    --csi-bin|--csi-port|--shell-port)
+    --csi-bin|--csi-port|--shell-port|--stop-port)
       [ $# -ge 2 ] || { usage; die "$1 needs a value"; }
-      case "$1" in --csi-bin) CSI_BIN=$2 ;; --csi-port) CSI_PORT=$2 ;; --shell-port) SHELL_PORT=$2 ;; esac
+      case "$1" in --csi-bin) CSI_BIN=$2 ;; --csi-port) CSI_PORT=$2 ;; --shell-port) SHELL_PORT=$2 ;; --stop-port) STOP_PORT=$2 ;; esac
       shift 2 ;;
     -h|--help) usage; exit 0 ;;
     --) shift; break ;;
@@ -81,7 +87,10 @@ PORT=$1 IQN=$2
 port_ok() { [[ "$1" =~ ^[0-9]+$ ]] && [ "$1" -ge 1 ] && [ "$1" -le 65535 ]; }
 port_ok "$PORT" || die "bad PORT '$PORT'"
 [[ "$IQN" =~ ^[a-z0-9][a-z0-9.:-]*$ ]] || die "bad IQN '$IQN'"
-case "$SCENARIO" in basic|storage-kill|csi-node) ;; *) usage; die "unknown scenario '$SCENARIO'" ;; esac
+case "$SCENARIO" in basic|storage-kill|rolling-upgrade|csi-node) ;; *) usage; die "unknown scenario '$SCENARIO'" ;; esac
+if [ "$SCENARIO" = rolling-upgrade ]; then
+  port_ok "$STOP_PORT" || die "rolling-upgrade needs --stop-port HOSTPORT, got '$STOP_PORT'"
+fi
 if [ "$SCENARIO" = csi-node ]; then
   [ -n "$CSI_BIN" ] && [ -x "$CSI_BIN" ] || die "csi-node needs --csi-bin (an ironsan binary), got '$CSI_BIN'"
   port_ok "$CSI_PORT" || die "csi-node needs --csi-port HOSTPORT, got '$CSI_PORT'"
@@ -242,7 +251,7 @@ rm -rf "$OV"; mkdir -p "$OV/etc" || die "cannot create $OV"
 install -m 755 "$HERE/guest-init.sh" "$OV/init" || die "cannot copy guest-init.sh"
 {
   echo "PORT=$PORT IQN=$IQN HOST=10.0.2.2 FILEMB=$FILEMB SCENARIO=$SCENARIO WRITE_SECS=$WRITE_SECS"
-  echo "CSI_PORT=$CSI_GUEST_PORT SHELL_PORT=$SHELL_GUEST_PORT CSI_SECS=$CSI_SECS"
+  echo "CSI_PORT=$CSI_GUEST_PORT SHELL_PORT=$SHELL_GUEST_PORT CSI_SECS=$CSI_SECS STOP_PORT=$STOP_GUEST_PORT"
   echo "CHAP_USER=$(sq "${CHAP%%:*}") CHAP_SECRET=$(sq "${CHAP#*:}")"
   echo "MUTUAL_USER=$(sq "${MUTUAL%%:*}") MUTUAL_SECRET=$(sq "${MUTUAL#*:}")"
 } > "$OV/etc/ivm.conf"
@@ -272,6 +281,10 @@ if [ "$SCENARIO" = csi-node ]; then
   # host side bound to 127.0.0.1 only: the command channel is a root shell in the guest
   NET="$NET,hostfwd=tcp:127.0.0.1:$CSI_PORT-:$CSI_GUEST_PORT,hostfwd=tcp:127.0.0.1:$SHELL_PORT-:$SHELL_GUEST_PORT"
   echo "INFO vm: scenario csi-node, gateway 127.0.0.1:$PORT, CSI on 127.0.0.1:$CSI_PORT, shell on 127.0.0.1:$SHELL_PORT; $(cat "$IMG/info"); limit ${TIMEOUT}s; logs $LOG_DIR"
+elif [ "$SCENARIO" = rolling-upgrade ]; then
+  # the stop signal only: the guest answers it and ends its write phase
+  NET="$NET,hostfwd=tcp:127.0.0.1:$STOP_PORT-:$STOP_GUEST_PORT"
+  echo "INFO vm: scenario $SCENARIO, $IQN at 127.0.0.1:$PORT, stop signal on 127.0.0.1:$STOP_PORT; $(cat "$IMG/info"); limit ${TIMEOUT}s; logs $LOG_DIR"
 else
   echo "INFO vm: scenario $SCENARIO, $IQN at 127.0.0.1:$PORT, auth: $AUTH; $(cat "$IMG/info"); limit ${TIMEOUT}s; logs $LOG_DIR"
 fi

@@ -9,12 +9,17 @@
 # files while one storage daemon holding replicas is killed with SIGKILL; the
 # filesystem must stay clean and every file intact, and the manager must
 # report every chunk rebuilt (degraded_chunks 0, recovery_tasks 0).
+# Then rolling-upgrade: 3 managers, 3 storage daemons and a gateway, each
+# restarted in turn as Kubernetes rolls them (SIGTERM, start, /readyz 200)
+# while the guest writes and fsyncs files; no I/O error, e2fsck clean, every
+# checksum matching and no chunk degraded at the end (rolling-upgrade.sh).
 #
 # usage: tests/vm/test.sh          (non-interactive; needs root + apt + cargo)
 # Output: the run.sh lines prefixed with their phase, a summary, and as the
 # last line "N passed, N failed". Exit status 0 only if everything passed.
 # env: IRONSAN_VM_KEEP=1 keeps the temp dir (logs, data) even on success;
-#      IRONSAN_VM_PHASES (default "dev storage-kill") runs only those;
+#      IRONSAN_VM_PHASES (default "dev storage-kill rolling-upgrade") runs
+#      only those;
 #      IRONSAN_VM_KILL_AFTER (default 5): seconds into the write phase the
 #      storage daemon is killed; IRONSAN_VM_RECOVERY_TIMEOUT (default 180);
 #      the IRONSAN_VM_* knobs of run.sh pass through (IRONSAN_VM_WRITE_SECS:
@@ -28,7 +33,7 @@ CHAP=ironsan-test:vm-test-secret-1
 MUTUAL=ironsan-target:vm-target-secret-2
 T0=$SECONDS
 
-PHASES=${IRONSAN_VM_PHASES:-dev storage-kill}
+PHASES=${IRONSAN_VM_PHASES:-dev storage-kill rolling-upgrade}
 KILL_AFTER=${IRONSAN_VM_KILL_AFTER:-5}
 RECOVERY_TIMEOUT=${IRONSAN_VM_RECOVERY_TIMEOUT:-180}
 PASSED=0 FAILED=0 SUMMARY=() TPID= PORT=0 RPID= DAEMONS=()
@@ -58,7 +63,7 @@ cleanup() {
   for p in "$TPID" "${DAEMONS[@]}"; do
     [ -n "$p" ] && kill -KILL "$p" 2>/dev/null
   done
-  rm -rf "$WORK/data" "$WORK/cluster/data"
+  rm -rf "$WORK/data" "$WORK/cluster/data" "$WORK/rolling/data"
   if [ "$FAILED" -eq 0 ] && [ "${IRONSAN_VM_KEEP:-0}" != 1 ]; then rm -rf "$WORK"; fi
 }
 trap cleanup EXIT
@@ -162,5 +167,8 @@ else
 fi
 fi
 
-has_phase storage-kill && { . "$HERE/storage-kill.sh"; storage_kill; }
+# rolling-upgrade.sh uses storage-kill.sh's helpers
+. "$HERE/storage-kill.sh"
+has_phase storage-kill && storage_kill
+has_phase rolling-upgrade && { . "$HERE/rolling-upgrade.sh"; rolling_upgrade; }
 finish
