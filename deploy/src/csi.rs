@@ -12,7 +12,6 @@ use k8s_openapi::api::core::v1::{
     PodSecurityContext, PodSpec, PodTemplateSpec, SecurityContext, Volume, VolumeMount,
     WeightedPodAffinityTerm,
 };
-use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::api::rbac::v1::{
     ClusterRole, ClusterRoleBinding, PolicyRule, Role, RoleBinding, RoleRef, Subject,
 };
@@ -20,7 +19,7 @@ use k8s_openapi::api::storage::v1::{CSIDriver, CSIDriverSpec, StorageClass};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
-use crate::daemons::{everywhere, headless};
+use crate::daemons::{everywhere, headless, pdb, quiet_account, rolling_daemonset, Budget};
 use crate::pod::{
     self, cluster_meta, env_field, ironsan_container, meta, mount, port, selector, selector_labels,
 };
@@ -246,15 +245,7 @@ pub fn controller(opts: &Options) -> Vec<Object> {
         &[("metrics", ports::CSI_METRICS)],
     ));
     out.push(Object::Deployment(deployment));
-    out.push(Object::PodDisruptionBudget(PodDisruptionBudget {
-        metadata: meta(CONTROLLER, opts, component),
-        spec: Some(PodDisruptionBudgetSpec {
-            max_unavailable: Some(IntOrString::Int(1)),
-            selector: Some(selector(selector_labels(component))),
-            ..Default::default()
-        }),
-        ..Default::default()
-    }));
+    out.push(pdb(CONTROLLER, opts, component, Budget::MaxUnavailable(1)));
     out
 }
 
@@ -468,13 +459,7 @@ pub fn node(opts: &Options) -> Vec<Object> {
         metadata: meta(NODE, opts, component),
         spec: Some(DaemonSetSpec {
             selector: selector(selector_labels(component)),
-            update_strategy: Some(k8s_openapi::api::apps::v1::DaemonSetUpdateStrategy {
-                type_: Some("RollingUpdate".into()),
-                rolling_update: Some(k8s_openapi::api::apps::v1::RollingUpdateDaemonSet {
-                    max_unavailable: Some(IntOrString::Int(1)),
-                    max_surge: Some(IntOrString::Int(0)),
-                }),
-            }),
+            update_strategy: Some(rolling_daemonset()),
             template: PodTemplateSpec {
                 metadata: Some(ObjectMeta {
                     labels: Some(pod::labels(component)),
@@ -506,11 +491,7 @@ pub fn node(opts: &Options) -> Vec<Object> {
         ..Default::default()
     };
     vec![
-        Object::ServiceAccount(k8s_openapi::api::core::v1::ServiceAccount {
-            metadata: meta(NODE, opts, component),
-            automount_service_account_token: Some(false),
-            ..Default::default()
-        }),
+        quiet_account(NODE, opts, component),
         headless(NODE, opts, component, &[("metrics", ports::CSI_METRICS)]),
         Object::DaemonSet(set),
     ]

@@ -51,7 +51,7 @@ pub fn namespace(opts: &Options) -> Object {
 }
 
 /// A service account for a component that never calls the API server.
-fn quiet_account(name: &str, opts: &Options, component: &str) -> Object {
+pub fn quiet_account(name: &str, opts: &Options, component: &str) -> Object {
     Object::ServiceAccount(ServiceAccount {
         metadata: meta(name, opts, component),
         automount_service_account_token: Some(false),
@@ -86,7 +86,7 @@ pub fn headless(name: &str, opts: &Options, component: &str, ports: &[(&str, u16
     })
 }
 
-fn pdb(name: &str, opts: &Options, component: &str, budget: Budget) -> Object {
+pub fn pdb(name: &str, opts: &Options, component: &str, budget: Budget) -> Object {
     let (min, max) = match budget {
         Budget::MinAvailable(n) => (Some(IntOrString::Int(n)), None),
         Budget::MaxUnavailable(n) => (None, Some(IntOrString::Int(n))),
@@ -103,7 +103,7 @@ fn pdb(name: &str, opts: &Options, component: &str, budget: Budget) -> Object {
     })
 }
 
-enum Budget {
+pub enum Budget {
     MinAvailable(i32),
     MaxUnavailable(i32),
 }
@@ -150,7 +150,7 @@ fn rolling_statefulset() -> StatefulSetUpdateStrategy {
 }
 
 /// One pod at a time, never two on a node at once (host ports).
-fn rolling_daemonset() -> DaemonSetUpdateStrategy {
+pub fn rolling_daemonset() -> DaemonSetUpdateStrategy {
     DaemonSetUpdateStrategy {
         type_: Some("RollingUpdate".into()),
         rolling_update: Some(RollingUpdateDaemonSet {
