@@ -506,6 +506,7 @@ fn volume_json(v: &pb::Volume) -> Value {
         "id": v.id,
         "name": v.name,
         "size": v.size,
+        "used_bytes": v.used_bytes,
         "replicas": v.replicas,
         "chunk_size": v.chunk_size,
         "state": volume_state(v.state),
@@ -532,6 +533,7 @@ fn volumes_table(vols: &[pb::Volume]) -> String {
                 v.name.clone(),
                 v.id.to_string(),
                 human(v.size),
+                human(v.used_bytes),
                 v.replicas.to_string(),
                 human(v.chunk_size),
                 volume_state(v.state),
@@ -553,6 +555,7 @@ fn volumes_table(vols: &[pb::Volume]) -> String {
             "NAME",
             "ID",
             "SIZE",
+            "USED",
             "REPLICAS",
             "CHUNK",
             "STATE",
@@ -579,6 +582,10 @@ fn volume_text(v: &pb::Volume) -> String {
         ("Name", v.name.clone()),
         ("Id", v.id.to_string()),
         ("Size", format!("{} ({} bytes)", human(v.size), v.size)),
+        (
+            "Used",
+            format!("{} on disk, all replicas together", human(v.used_bytes)),
+        ),
         ("Replicas", v.replicas.to_string()),
         ("Chunk size", human(v.chunk_size)),
         ("State", volume_state(v.state)),
@@ -711,6 +718,8 @@ fn status_json(s: &pb::ClusterStatus) -> Value {
         "recovery_tasks": s.recovery_tasks,
         "recovery_bytes_copied": s.recovery_bytes_copied,
         "recovery_bytes_total": s.recovery_bytes_total,
+        "provisioned_bytes": s.provisioned_bytes,
+        "capacity_bytes": s.capacity_bytes,
     })
 }
 
@@ -724,6 +733,19 @@ fn recovery_text(s: &pb::ClusterStatus) -> String {
         s.recovery_tasks,
         human(s.recovery_bytes_copied),
         human(s.recovery_bytes_total)
+    )
+}
+
+/// Thin provisioning: size x replicas of every volume against the Up nodes' raw capacity.
+fn provisioned_text(s: &pb::ClusterStatus) -> String {
+    if s.capacity_bytes == 0 {
+        return format!("{} (no capacity up)", human(s.provisioned_bytes));
+    }
+    format!(
+        "{} of {} raw ({:.2}x)",
+        human(s.provisioned_bytes),
+        human(s.capacity_bytes),
+        s.provisioned_bytes as f64 / s.capacity_bytes as f64
     )
 }
 
@@ -756,6 +778,7 @@ fn status_text(s: &pb::ClusterStatus) -> String {
             format!("{} ({} degraded)", s.chunks, s.degraded_chunks),
         ),
         ("Recovery tasks", recovery_text(s)),
+        ("Provisioned", provisioned_text(s)),
     ]);
     out.push('\n');
     out.push_str(&members_table(&s.members));

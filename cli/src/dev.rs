@@ -59,6 +59,10 @@ pub struct DevArgs {
     /// A Down node's chunks are re-replicated after this long.
     #[arg(long, value_parser = crate::manager::parse_duration, default_value = "10s")]
     pub(crate) recovery_grace: std::time::Duration,
+    /// Refuse volumes past this many times the storage daemons' raw capacity (size x
+    /// replicas; 0: only warn past 1x).
+    #[arg(long, value_parser = crate::manager::parse_overcommit, default_value = "0")]
+    pub(crate) max_overcommit: f64,
     /// Serve sparse files from this process only: no manager, storage or replication.
     #[arg(long)]
     pub(crate) local: bool,

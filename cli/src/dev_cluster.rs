@@ -129,6 +129,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
             metrics: None,
             node_timeout: args.node_timeout,
             recovery_grace: args.recovery_grace,
+            max_overcommit: args.max_overcommit,
             heartbeat_interval: Duration::from_secs(1),
             raft_tick: Duration::from_millis(100),
             snapshot_every: 5000,

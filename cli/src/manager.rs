@@ -66,6 +66,10 @@ pub struct DaemonArgs {
     /// Heartbeat interval asked of storage daemons.
     #[arg(long, value_parser = parse_duration, default_value = "1s")]
     pub(crate) heartbeat_interval: Duration,
+    /// Refuse creating or growing volumes past this many times the raw capacity of the Up
+    /// storage nodes (size x replicas, all volumes; 0: never refuse, only warn past 1x).
+    #[arg(long, value_parser = parse_overcommit, default_value = "0")]
+    pub(crate) max_overcommit: f64,
     /// Raft tick: elections time out after 10 to 20 ticks.
     #[arg(long, value_parser = parse_duration, default_value = "100ms")]
     pub(crate) raft_tick: Duration,
@@ -85,6 +89,20 @@ pub struct DaemonArgs {
     /// Print JSON instead of a table (with a subcommand).
     #[arg(long, global = true)]
     pub json: bool,
+}
+
+/// An over-commit ratio: 0 (off) or from 0.1 to 1000.
+pub(crate) fn parse_overcommit(s: &str) -> Result<f64, String> {
+    let r: f64 = s
+        .parse()
+        .map_err(|_| format!("{s:?} is not a ratio such as 1.5"))?;
+    if r == 0.0 || (0.1..=1000.0).contains(&r) {
+        Ok(r)
+    } else {
+        Err(format!(
+            "{s}: the ratio must be 0 (off) or from 0.1 to 1000"
+        ))
+    }
 }
 
 fn parse_peer(s: &str) -> Result<(u64, String), String> {
@@ -223,6 +241,7 @@ pub async fn serve(
             node_timeout: a.node_timeout,
             recovery_grace: a.recovery_grace,
             heartbeat_interval: a.heartbeat_interval,
+            max_overcommit: a.max_overcommit,
             ..Default::default()
         },
     };

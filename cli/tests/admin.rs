@@ -109,6 +109,7 @@ fn volume_commands() {
         let mut s = fake.state();
         let v = s.volumes.iter_mut().find(|v| v.name == "vol2").unwrap();
         v.degraded_chunks = 4;
+        v.used_bytes = 3 * GIB;
         v.attachment = Some(pb::Attachment {
             volume_id: v.id,
             gateway: "gw-a".into(),
@@ -128,6 +129,7 @@ fn volume_commands() {
                 "NAME",
                 "ID",
                 "SIZE",
+                "USED",
                 "REPLICAS",
                 "CHUNK",
                 "STATE",
@@ -140,6 +142,7 @@ fn volume_commands() {
                 "vol1",
                 "1",
                 "10GiB",
+                "0B",
                 "2",
                 "32MiB",
                 "available",
@@ -152,6 +155,7 @@ fn volume_commands() {
                 "vol2",
                 "2",
                 "1.5GiB",
+                "3GiB",
                 "3",
                 "64MiB",
                 "available",
@@ -363,6 +367,8 @@ fn node_and_status_commands() {
             nodes_up: 1,
             nodes_down: 1,
             nodes_draining: 0,
+            provisioned_bytes: 30 * GIB,
+            capacity_bytes: 200 * GIB,
             volumes: 3,
             chunks: 480,
             degraded_chunks: 160,
@@ -449,6 +455,7 @@ fn node_and_status_commands() {
     assert_eq!(line("Nodes"), "1 up, 1 down, 0 draining");
     assert_eq!(line("Chunks"), "480 (160 degraded)");
     assert_eq!(line("Recovery tasks"), "12 (192MiB of 768MiB copied, 25%)");
+    assert_eq!(line("Provisioned"), "30GiB of 200GiB raw (0.15x)");
     let members: Vec<Vec<String>> = rows(&text)
         .into_iter()
         .skip_while(|r| r.first().map(String::as_str) != Some("MEMBER"))

@@ -67,6 +67,7 @@ async fn heartbeat(
         id: id.into(),
         disks: vec![disk(100 * GIB)],
         dropped: Vec::new(),
+        ..Default::default()
     })
     .await
     .expect("heartbeat")
@@ -477,6 +478,7 @@ async fn health_down_recovery_and_return() {
             id: victim.into(),
             disks: vec![disk(100 * GIB)],
             dropped: hb.drop_chunks.clone(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -494,6 +496,7 @@ async fn health_down_recovery_and_return() {
             id: "ghost".into(),
             disks: vec![],
             dropped: vec![],
+            ..Default::default()
         })
         .await
         .unwrap_err();

@@ -36,6 +36,9 @@ pub struct HealthConfig {
     /// Recovery tasks planned per round, so one failure does not flood the log.
     pub max_tasks_per_round: usize,
     pub scatter_width: usize,
+    /// Creates and grows that would provision (size x replicas) more than this many times the
+    /// Up nodes' raw capacity are refused; 0 = never refused (past 1x only warned about).
+    pub max_overcommit: f64,
 }
 
 impl Default for HealthConfig {
@@ -46,6 +49,7 @@ impl Default for HealthConfig {
             heartbeat_interval: Duration::from_secs(1),
             max_tasks_per_round: 256,
             scatter_width: 4,
+            max_overcommit: 0.0,
         }
     }
 }
@@ -65,6 +69,8 @@ pub struct Health {
     leader_since: Mutex<Option<Instant>>,
     /// Bytes copied per recovery task, as the gateways report them.
     progress: Mutex<HashMap<u64, u64>>,
+    /// Space per volume on each node, as last reported: node -> volume -> bytes.
+    usage: Mutex<HashMap<String, HashMap<u64, u64>>>,
 }
 
 impl Health {
@@ -83,6 +89,7 @@ impl Health {
                 *since = Some(Instant::now());
                 Self::lock(&self.seen).clear();
                 Self::lock(&self.down_since).clear();
+                Self::lock(&self.usage).clear();
             }
             (false, true) => *since = None,
             _ => {}
@@ -121,6 +128,15 @@ impl Health {
                 disks: req.disks.clone(),
             },
         );
+        if req.usage_reported {
+            Self::lock(&self.usage).insert(
+                req.id.clone(),
+                req.volume_usage
+                    .iter()
+                    .map(|u| (u.volume, u.bytes))
+                    .collect(),
+            );
+        }
         let mut follow_up = Vec::new();
         if node.state == NodeState::NodeDown as i32 {
             Self::lock(&self.down_since).remove(&req.id);
@@ -156,6 +172,14 @@ impl Health {
                 s.at.elapsed(),
             )
         })
+    }
+
+    /// Bytes volume `id` takes on all nodes together, as they last reported.
+    pub fn used_bytes(&self, id: u64) -> u64 {
+        Self::lock(&self.usage)
+            .values()
+            .filter_map(|m| m.get(&id))
+            .sum()
     }
 
     /// The placement view of every node: committed identity, soft free space and disk health.
@@ -422,6 +446,7 @@ mod tests {
                 id: n.into(),
                 disks: vec![disk()],
                 dropped: Vec::new(),
+                ..Default::default()
             };
             health.heartbeat(&state, &hb, &cfg).expect("heartbeat");
         }

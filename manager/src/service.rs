@@ -194,6 +194,7 @@ impl Service {
                         .map_err(Error::from)?;
                 c.replicas = replicas;
                 c.chunk_size = chunk_size;
+                self.check_overcommit(&st, c.size.saturating_mul(u64::from(replicas)))?;
                 let sets = placer(replicas)?.place(chunks, chunk_size).map_err(|e| {
                     Status::resource_exhausted(format!("cannot place volume {:?}: {e}", c.name))
                 })?;
@@ -214,6 +215,10 @@ impl Service {
                         "size must be a non-zero multiple of 512",
                     ));
                 }
+                self.check_overcommit(
+                    &st,
+                    (c.size - v.size).saturating_mul(u64::from(v.replicas)),
+                )?;
                 let have = v.size.div_ceil(v.chunk_size);
                 let want = c.size.div_ceil(v.chunk_size);
                 if want > state::MAX_CHUNKS_PER_VOLUME {
@@ -252,6 +257,39 @@ impl Service {
         n
     }
 
+    fn volume_view(&self, mut v: pb::Volume) -> pb::Volume {
+        v.used_bytes = self.inner.health.used_bytes(v.id);
+        v
+    }
+
+    /// Refuses a create or grow that would take the provisioned bytes (size times replicas,
+    /// every volume) past `max_overcommit` times the Up nodes' raw capacity; past 1x it warns.
+    fn check_overcommit(&self, st: &state::State, more: u64) -> Result<(), Status> {
+        let (provisioned, capacity) = provisioned_and_capacity(st);
+        let after = provisioned.saturating_add(more);
+        if capacity == 0 || more == 0 {
+            return Ok(());
+        }
+        let ratio = after as f64 / capacity as f64;
+        let max = self.inner.cfg.max_overcommit;
+        if max > 0.0 && ratio > max {
+            return Err(Status::resource_exhausted(format!(
+                "over-commit: {after} bytes provisioned (size x replicas, all volumes) would be \
+                 {ratio:.2}x the {capacity} bytes of raw capacity; the limit is {max}x \
+                 (--max-overcommit)"
+            )));
+        }
+        if ratio > 1.0 {
+            tracing::warn!(
+                provisioned = after,
+                capacity,
+                ratio = format!("{ratio:.2}"),
+                "volumes are over-committed: more provisioned than raw capacity"
+            );
+        }
+        Ok(())
+    }
+
     fn cluster_status(&self) -> pb::ClusterStatus {
         let s = self.node().status();
         let st = self.node().state();
@@ -264,6 +302,7 @@ impl Service {
                     .is_some_and(|(r, _)| st.chunk_degraded(c, r))
             })
             .count() as u64;
+        let (provisioned_bytes, capacity_bytes) = provisioned_and_capacity(&st);
         pb::ClusterStatus {
             answered_by: s.id,
             leader: s.leader,
@@ -285,6 +324,8 @@ impl Service {
                 .sum(),
             snapshot_index: s.snapshot_index,
             members_seen: st.members_seen().iter().copied().collect(),
+            provisioned_bytes,
+            capacity_bytes,
         }
     }
 
@@ -295,6 +336,21 @@ impl Service {
             members: self.node().status().members,
         }
     }
+}
+
+/// Every volume's size times its replicas, and the raw capacity of the Up nodes.
+fn provisioned_and_capacity(st: &state::State) -> (u64, u64) {
+    let provisioned = st
+        .volumes()
+        .iter()
+        .map(|v| v.size.saturating_mul(u64::from(v.replicas)))
+        .fold(0u64, u64::saturating_add);
+    let capacity = st
+        .nodes()
+        .filter(|n| n.state == NodeState::NodeUp as i32)
+        .map(|n| n.capacity)
+        .fold(0u64, u64::saturating_add);
+    (provisioned, capacity)
 }
 
 macro_rules! expect {
@@ -332,21 +388,37 @@ impl manager_server::Manager for Service {
         &self,
         req: Request<pb::VolumeRef>,
     ) -> Result<Response<pb::Volume>, Status> {
+        if !self.is_leader() {
+            // The leader holds the soft state (space used).
+            if let Ok(mut leader) = self.leader() {
+                if let Ok(resp) = leader.get_volume(req.get_ref().clone()).await {
+                    return Ok(resp);
+                }
+            }
+        }
         self.read().await?;
         let v = self
             .node()
             .state()
             .volume(&req.into_inner())
             .map_err(Error::from)?;
-        Ok(Response::new(v))
+        Ok(Response::new(self.volume_view(v)))
     }
 
     async fn list_volumes(
         &self,
         _: Request<pb::ListVolumesRequest>,
     ) -> Result<Response<pb::ListVolumesResponse>, Status> {
+        if !self.is_leader() {
+            if let Ok(mut leader) = self.leader() {
+                if let Ok(resp) = leader.list_volumes(pb::ListVolumesRequest {}).await {
+                    return Ok(resp);
+                }
+            }
+        }
         self.read().await?;
         let volumes = self.node().state().volumes();
+        let volumes = volumes.into_iter().map(|v| self.volume_view(v)).collect();
         Ok(Response::new(pb::ListVolumesResponse { volumes }))
     }
 

@@ -429,6 +429,7 @@ impl State {
             created_ms: now,
             degraded_chunks: 0,
             attachment: None,
+            used_bytes: 0,
         };
         self.names.insert(c.name.clone(), id);
         self.volumes.insert(id, v);

@@ -52,6 +52,8 @@ const REGISTER_BACKOFF_MIN: Duration = Duration::from_millis(100);
 const REGISTER_BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// At most one warning per this period; the others are counted and summarised.
 pub const WARN_EVERY: Duration = Duration::from_secs(10);
+/// How often heartbeats carry the space each volume takes here.
+const USAGE_EVERY: Duration = Duration::from_secs(5);
 
 /// Who this daemon is, as it registers with the manager.
 #[derive(Clone, Debug)]
@@ -236,6 +238,8 @@ struct Membership {
     /// Drop orders carried out (or obsolete) since the last heartbeat: acknowledged in the
     /// next one, so the manager stops sending them.
     dropped: Vec<pb::Chunk>,
+    /// When space per volume was last sent (a `stat` per chunk: not every heartbeat).
+    usage_sent: Option<Instant>,
 }
 
 /// Registers with the manager and heartbeats until `cancel` fires (see the module docs),
@@ -258,6 +262,7 @@ pub async fn run(
         refused: HashSet::new(),
         resync: Vec::new(),
         dropped: Vec::new(),
+        usage_sent: None,
     };
     tokio::select! {
         _ = cancel.cancelled() => {}
@@ -338,10 +343,13 @@ impl Membership {
                 .with_deadline(
                     (self.interval * 2).clamp(Duration::from_secs(2), Duration::from_secs(10)),
                 );
+            let usage = self.usage_if_due().await;
             let req = pb::HeartbeatRequest {
                 id: self.cfg.node_id.clone(),
                 disks: self.disks().await,
                 dropped: std::mem::take(&mut self.dropped),
+                usage_reported: usage.is_some(),
+                volume_usage: usage.unwrap_or_default(),
             };
             let acks = req.dropped.clone();
             let sent = client.heartbeat(req).await;
@@ -448,6 +456,24 @@ impl Membership {
                 Dropped::Retry
             }
         }
+    }
+
+    /// Space per volume, every [`USAGE_EVERY`]: read off the runtime's workers.
+    async fn usage_if_due(&mut self) -> Option<Vec<pb::VolumeUsage>> {
+        if self.usage_sent.is_some_and(|t| t.elapsed() < USAGE_EVERY) {
+            return None;
+        }
+        let store = self.store.clone();
+        let usage = tokio::task::spawn_blocking(move || store.usage())
+            .await
+            .ok()?;
+        self.usage_sent = Some(Instant::now());
+        Some(
+            usage
+                .into_iter()
+                .map(|(volume, bytes)| pb::VolumeUsage { volume, bytes })
+                .collect(),
+        )
     }
 
     /// Every data directory's health and space, read off the runtime's workers (statvfs).

@@ -98,9 +98,15 @@ pub struct ServerConfig {
     pub volumes: Vec<(String, String)>,
     pub chap: Option<(String, String)>,
     pub mutual_chap: Option<(String, String)>,
+    /// More `ironsan dev` flags.
+    pub extra: Vec<String>,
 }
 
 impl ServerConfig {
+    pub fn arg(mut self, a: &str) -> Self {
+        self.extra.push(a.to_string());
+        self
+    }
     pub fn volume(mut self, name: &str, size: &str) -> Self {
         self.volumes.push((name.to_string(), size.to_string()));
         self
@@ -203,6 +209,7 @@ impl Server {
         if let Some((u, s)) = &config.mutual_chap {
             cmd.arg("--mutual-chap").arg(format!("{u}:{s}"));
         }
+        cmd.args(&config.extra);
         cmd.env("NO_COLOR", "1")
             .env(
                 "RUST_LOG",
