@@ -16,6 +16,7 @@ use crate::iscsi::chap::Credentials;
 use crate::iscsi::params::Limits;
 use crate::iscsi::session::Registry;
 use crate::metrics::TargetMetrics;
+use crate::qos::Qos;
 use crate::scsi::{Lun, LunIdentity};
 
 /// Prefix of every IronSAN target name; the volume name follows.
@@ -96,6 +97,8 @@ pub struct Target {
     /// Initiator names allowed to log in; empty allows all.
     pub acl: Vec<String>,
     pub metrics: TargetMetrics,
+    /// The volume's I/O limits, changed live by the cluster follower.
+    pub qos: Qos,
 }
 
 /// How a volume is exported.
@@ -181,6 +184,7 @@ impl Gateway {
             lun: Lun::new(device, identity).with_write_protect(options.write_protected),
             acl: options.acl,
             metrics: TargetMetrics::new(name),
+            qos: Qos::new(name),
         });
         let mut t = self.targets.write().unwrap_or_else(|e| e.into_inner());
         if t.contains_key(&iqn) {
