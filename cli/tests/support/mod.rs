@@ -98,6 +98,8 @@ pub struct ServerConfig {
     pub volumes: Vec<(String, String)>,
     pub chap: Option<(String, String)>,
     pub mutual_chap: Option<(String, String)>,
+    /// Serve `/metrics` on a free port ([`Server::metrics_addr`]).
+    pub metrics: bool,
 }
 
 impl ServerConfig {
@@ -111,6 +113,10 @@ impl ServerConfig {
     }
     pub fn mutual_chap(mut self, user: &str, secret: &str) -> Self {
         self.mutual_chap = Some((user.to_string(), secret.to_string()));
+        self
+    }
+    pub fn metrics(mut self) -> Self {
+        self.metrics = true;
         self
     }
 }
@@ -203,6 +209,9 @@ impl Server {
         if let Some((u, s)) = &config.mutual_chap {
             cmd.arg("--mutual-chap").arg(format!("{u}:{s}"));
         }
+        if config.metrics {
+            cmd.args(["--metrics", "127.0.0.1:0"]);
+        }
         cmd.env("NO_COLOR", "1")
             .env(
                 "RUST_LOG",
@@ -283,6 +292,14 @@ impl Server {
 
     pub fn config(&self) -> &ServerConfig {
         &self.config
+    }
+
+    /// The `/metrics` address, from the `metrics ready` line (logged before `portal ready`).
+    pub fn metrics_addr(&self) -> Option<String> {
+        self.log_text()
+            .lines()
+            .find(|l| l.contains("metrics ready"))
+            .and_then(parse_addr)
     }
 
     pub fn log_text(&self) -> String {
