@@ -85,8 +85,8 @@ fn cli_refused(managers: &str, args: &[&str], needle: &str) {
     );
 }
 
-/// Writers on one volume: each worker its own session and its own region, writing `block`
-/// bytes at a time until stopped.
+/// Readers or writers on one volume: each worker its own session and its own region, moving
+/// `block` bytes at a time until stopped.
 struct Load {
     volume: String,
     ops: Arc<AtomicU64>,
@@ -96,6 +96,10 @@ struct Load {
 
 impl Load {
     fn start(portal: &str, volume: &str, block: usize) -> Load {
+        Self::start_io(portal, volume, block, true)
+    }
+
+    fn start_io(portal: &str, volume: &str, block: usize, write: bool) -> Load {
         let ops = Arc::new(AtomicU64::new(0));
         let stop = Arc::new(AtomicBool::new(false));
         let workers = (0..WORKERS)
@@ -110,13 +114,17 @@ impl Load {
                 thread::spawn(move || {
                     let mut s = Session::connect(&portal, &cfg)
                         .map_err(|e| format!("{volume} worker {i}: login: {e}"))?;
-                    let data = pseudo_random(block, i as u64 + 1);
+                    let mut data = pseudo_random(block, i as u64 + 1);
                     let region = 32 * MIB;
                     let base = i as u64 * region;
                     let mut off = 0;
                     while !stop.load(Ordering::Relaxed) {
-                        s.write(base + off, &data, false)
-                            .map_err(|e| format!("{volume} worker {i}: write: {e}"))?;
+                        let r = if write {
+                            s.write(base + off, &data, false)
+                        } else {
+                            s.read(base + off, &mut data)
+                        };
+                        r.map_err(|e| format!("{volume} worker {i}: write={write}: {e}"))?;
                         ops.fetch_add(1, Ordering::Relaxed);
                         off = (off + block as u64) % region;
                     }
@@ -133,15 +141,9 @@ impl Load {
         }
     }
 
-    /// Writes per second over `window`, after `warm`.
+    /// Operations per second over `WINDOW`, after `warm`.
     fn rate(&self, warm: Duration) -> f64 {
-        thread::sleep(warm);
-        self.check_alive();
-        let (c0, t0) = (self.ops.load(Ordering::Relaxed), Instant::now());
-        thread::sleep(WINDOW);
-        let (c1, t1) = (self.ops.load(Ordering::Relaxed), Instant::now());
-        self.check_alive();
-        (c1 - c0) as f64 / (t1 - t0).as_secs_f64()
+        rates(&[self], warm)[0]
     }
 
     /// A worker that stopped early failed (its session broke or a write failed).
@@ -161,6 +163,27 @@ impl Load {
             }
         }
     }
+}
+
+/// Operations per second of each load over the same `WINDOW`, after `warm`.
+fn rates(loads: &[&Load], warm: Duration) -> Vec<f64> {
+    thread::sleep(warm);
+    let count = || -> Vec<u64> {
+        loads
+            .iter()
+            .map(|l| l.ops.load(Ordering::Relaxed))
+            .collect()
+    };
+    let (c0, t0) = (count(), Instant::now());
+    thread::sleep(WINDOW);
+    let (c1, secs) = (count(), t0.elapsed().as_secs_f64());
+    for l in loads {
+        l.check_alive();
+    }
+    c0.iter()
+        .zip(c1)
+        .map(|(a, b)| (b - a) as f64 / secs)
+        .collect()
 }
 
 fn within(rate: f64, limit: f64, what: &str) {
@@ -238,24 +261,12 @@ fn limits_hold_per_volume_change_live_and_spare_the_neighbour() {
     // All three at once: the limits hold, the neighbour runs on.
     let lim = Load::start(&server.addr, "lim", 4096);
     let bw = Load::start(&server.addr, "bw", 64 * 1024);
-    thread::sleep(WARM);
-    let (c0, b0, f0, t0) = (
-        lim.ops.load(Ordering::Relaxed),
-        bw.ops.load(Ordering::Relaxed),
-        free.ops.load(Ordering::Relaxed),
-        Instant::now(),
-    );
-    thread::sleep(WINDOW);
-    let secs = t0.elapsed().as_secs_f64();
-    let lim_rate = (lim.ops.load(Ordering::Relaxed) - c0) as f64 / secs;
-    let bw_rate = (bw.ops.load(Ordering::Relaxed) - b0) as f64 * 64.0 * 1024.0 / secs;
-    let beside = (free.ops.load(Ordering::Relaxed) - f0) as f64 / secs;
+    let r = rates(&[&lim, &bw, &free], WARM);
+    let (lim_rate, bw_rate, beside) = (r[0], r[1] * 64.0 * 1024.0, r[2]);
     eprintln!(
         "together: lim {lim_rate:.1} writes/s (limit 200), bw {:.3} MiB/s (limit 2), neighbour {beside:.0} writes/s",
         bw_rate / MIB as f64
     );
-    lim.check_alive();
-    bw.check_alive();
     within(lim_rate, 200.0, "write IOPS of lim");
     within(bw_rate, 2.0 * MIB as f64, "write bytes of bw");
     // Generous for a loaded 2-core machine, but far above anything a shared limit would give.
@@ -273,11 +284,17 @@ fn limits_hold_per_volume_change_live_and_spare_the_neighbour() {
     free.finish();
     bw.finish();
 
-    // Lowered, then raised, live: the same sessions go on.
+    // Lowered, then raised, live: the same sessions go on. Meanwhile bw's reads get a limit
+    // of their own, which its write limit does not touch.
     cli_ok(&mgr, &["volume", "qos", "lim", "--write-iops", "100"]);
-    let lowered = lim.rate(SETTLE);
-    eprintln!("lim lowered to 100: {lowered:.1} writes/s");
+    cli_ok(&mgr, &["volume", "qos", "bw", "--read-iops", "150"]);
+    let reads = Load::start_io(&server.addr, "bw", 4096, false);
+    let r = rates(&[&lim, &reads], SETTLE);
+    let (lowered, read_rate) = (r[0], r[1]);
+    eprintln!("lim lowered to 100: {lowered:.1} writes/s; bw reads {read_rate:.1}/s (limit 150)");
     within(lowered, 100.0, "write IOPS of lim lowered to 100");
+    within(read_rate, 150.0, "read IOPS of bw");
+    reads.finish();
     cli_ok(&mgr, &["volume", "qos", "lim", "--write-iops", "300"]);
     let raised = lim.rate(SETTLE);
     eprintln!("lim raised to 300: {raised:.1} writes/s");

@@ -17,6 +17,7 @@
 //! One [`Qos`] per target; its lock is held only to do the arithmetic, never across an await,
 //! and one volume's waiters never touch another volume's state.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -184,6 +185,8 @@ impl QosMetrics {
 
 /// A volume's limits and buckets.
 pub struct Qos {
+    /// Any limit set: unlimited volumes (the common case) skip the lock entirely.
+    limited: AtomicBool,
     buckets: Mutex<Buckets>,
     changed: Notify,
     metrics: QosMetrics,
@@ -195,6 +198,7 @@ impl Qos {
         let now = now();
         let l = Limits::default();
         let q = Qos {
+            limited: AtomicBool::new(false),
             buckets: Mutex::new(Buckets {
                 limits: l,
                 read_iops: Bucket::new(0, l.burst, now),
@@ -244,6 +248,7 @@ impl Qos {
             b.read_bps.set(l.read_bps, l.burst, now);
             b.write_bps.set(l.write_bps, l.burst, now);
             b.limits = l;
+            self.limited.store(!l.unlimited(), Ordering::Relaxed);
         }
         self.publish(&l);
         self.changed.notify_waiters();
@@ -252,6 +257,9 @@ impl Qos {
 
     /// Waits until a command of `bytes` in direction `dir` may run.
     pub async fn admit(&self, dir: Dir, bytes: u64) {
+        if !self.limited.load(Ordering::Relaxed) {
+            return;
+        }
         let start = now();
         let (ops_pos, bytes_pos) = {
             let mut b = self.lock();
