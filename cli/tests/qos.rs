@@ -195,17 +195,27 @@ fn within(rate: f64, limit: f64, what: &str) {
     );
 }
 
-/// `ironsan_gateway_qos_throttled_total` of a volume's writes (0 when never throttled).
-fn throttled(metrics: &str, volume: &str) -> u64 {
+/// The value of metric `name` for `volume` with `label` (e.g. `dir="write"`); 0 when absent.
+fn metric(metrics: &str, name: &str, volume: &str, label: &str) -> f64 {
     let text = http_get(metrics, "/metrics");
     text.lines()
         .filter(|l| {
-            l.starts_with("ironsan_gateway_qos_throttled_total{")
+            l.starts_with(&format!("{name}{{"))
                 && l.contains(&format!("volume=\"{volume}\""))
-                && l.contains("dir=\"write\"")
+                && l.contains(label)
         })
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum::<f64>() as u64
+        .sum()
+}
+
+/// `ironsan_gateway_qos_throttled_total` of a volume's writes (0 when never throttled).
+fn throttled(metrics: &str, volume: &str) -> u64 {
+    metric(
+        metrics,
+        "ironsan_gateway_qos_throttled_total",
+        volume,
+        "dir=\"write\"",
+    ) as u64
 }
 
 fn http_get(addr: &str, path: &str) -> String {
@@ -248,6 +258,18 @@ fn limits_hold_per_volume_change_live_and_spare_the_neighbour() {
     let out = cli_ok(&mgr, &["volume", "list"]);
     assert!(out.contains("write:200iops,burst:1s"), "{out}");
     thread::sleep(SETTLE);
+    // The gateway publishes the limits it applies.
+    let gauge = |volume: &str, limit: &str| {
+        metric(
+            &metrics,
+            "ironsan_gateway_qos_limit",
+            volume,
+            &format!("limit=\"{limit}\""),
+        )
+    };
+    assert_eq!(gauge("lim", "write_iops"), 200.0);
+    assert_eq!(gauge("bw", "write_bps"), (2 * MIB) as f64);
+    assert_eq!(gauge("free", "write_iops"), 0.0);
 
     // The neighbour alone.
     let free = Load::start(&server.addr, "free", 4096);
