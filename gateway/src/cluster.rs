@@ -204,14 +204,12 @@ pub async fn serve_attached(
                     }
                     let options = TargetOptions {
                         write_protected: readonly,
+                        qos,
                         ..TargetOptions::default()
                     };
                     match Volume::open(mgr.clone(), pool.clone(), cfg.replica.clone(), name).await {
                         Ok(vol) => match gw.add_target(name, vol.clone(), options) {
                             Ok(t) => {
-                                // Before the first login can reach it: the portal finds the
-                                // target only now, and QoS is checked per command.
-                                t.qos.set(qos);
                                 tracing::info!(volume = %name, iqn = %t.iqn, readonly, "target ready");
                                 served.insert(name.to_string(), vol);
                             }
