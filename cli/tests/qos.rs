@@ -4,7 +4,8 @@
 //!   their limits over 5 s, while an unlimited neighbour on the same gateway keeps most of the
 //!   rate it has alone and is never throttled (`ironsan_gateway_qos_throttled_total`);
 //! - `ironsan volume qos` lowers and raises the limit live, the same sessions running on;
-//!   `--clear` gives the volume its full speed back;
+//!   read IOPS and read bandwidth limits hold too; `--clear` gives the volume its full speed
+//!   back;
 //! - bad limits are refused by the CLI (exit 1, one `error:` line) and over gRPC
 //!   (INVALID_ARGUMENT / NOT_FOUND), changing nothing.
 //!
@@ -115,7 +116,9 @@ impl Load {
                     let mut s = Session::connect(&portal, &cfg)
                         .map_err(|e| format!("{volume} worker {i}: login: {e}"))?;
                     let mut data = pseudo_random(block, i as u64 + 1);
-                    let region = 32 * MIB;
+                    // Small, so that the warm-up has written it once: every measured write
+                    // is an overwrite, whichever phase (first writes allocate and are slower).
+                    let region = MIB;
                     let base = i as u64 * region;
                     let mut off = 0;
                     while !stop.load(Ordering::Relaxed) {
@@ -306,17 +309,24 @@ fn limits_hold_per_volume_change_live_and_spare_the_neighbour() {
     free.finish();
     bw.finish();
 
-    // Lowered, then raised, live: the same sessions go on. Meanwhile bw's reads get a limit
-    // of their own, which its write limit does not touch.
+    // Lowered, then raised, live: the same sessions go on. Meanwhile reads get limits of
+    // their own: bw's IOPS (its write limit does not touch them), free's bandwidth.
     cli_ok(&mgr, &["volume", "qos", "lim", "--write-iops", "100"]);
     cli_ok(&mgr, &["volume", "qos", "bw", "--read-iops", "150"]);
+    cli_ok(&mgr, &["volume", "qos", "free", "--read-bps", "1MiB"]);
     let reads = Load::start_io(&server.addr, "bw", 4096, false);
-    let r = rates(&[&lim, &reads], SETTLE);
-    let (lowered, read_rate) = (r[0], r[1]);
-    eprintln!("lim lowered to 100: {lowered:.1} writes/s; bw reads {read_rate:.1}/s (limit 150)");
+    let big_reads = Load::start_io(&server.addr, "free", 64 * 1024, false);
+    let r = rates(&[&lim, &reads, &big_reads], SETTLE);
+    let (lowered, read_rate, read_bw) = (r[0], r[1], r[2] * 64.0 * 1024.0);
+    eprintln!(
+        "lim lowered to 100: {lowered:.1} writes/s; bw reads {read_rate:.1}/s (limit 150); free reads {:.3} MiB/s (limit 1)",
+        read_bw / MIB as f64
+    );
     within(lowered, 100.0, "write IOPS of lim lowered to 100");
     within(read_rate, 150.0, "read IOPS of bw");
+    within(read_bw, MIB as f64, "read bytes of free");
     reads.finish();
+    big_reads.finish();
     cli_ok(&mgr, &["volume", "qos", "lim", "--write-iops", "300"]);
     let raised = lim.rate(SETTLE);
     eprintln!("lim raised to 300: {raised:.1} writes/s");
