@@ -3,6 +3,7 @@
 //! - a volume limited to 200 write IOPS and one limited to 2 MiB/s of writes run within 5 % of
 //!   their limits over 5 s, while an unlimited neighbour on the same gateway keeps most of the
 //!   rate it has alone and is never throttled (`ironsan_gateway_qos_throttled_total`);
+//! - a command larger than the bucket runs, after the time its debt takes;
 //! - `ironsan volume qos` lowers and raises the limit live, the same sessions running on;
 //!   read IOPS and read bandwidth limits hold too; `--clear` gives the volume its full speed
 //!   back;
@@ -308,6 +309,26 @@ fn limits_hold_per_volume_change_live_and_spare_the_neighbour() {
     assert!(throttled(&metrics, "bw") > 0);
     free.finish();
     bw.finish();
+
+    // Commands larger than bw's bucket (2 MiB at 2 MiB/s for 1 s) still run, on debt: once
+    // the bucket is full again, two 4 MiB writes owe 6 MiB, 3 s at the limit.
+    thread::sleep(Duration::from_millis(1500));
+    let mut cfg = SessionConfig::new("iqn.2026-11.io.ironsan.test:qos-big", &iqn("bw"));
+    cfg.lun = lun();
+    let mut s = Session::connect(&server.addr, &cfg).expect("login to bw");
+    let big = pseudo_random(4 * MIB as usize, 9);
+    let t = Instant::now();
+    for i in 0..2 {
+        s.write(i * 4 * MIB, &big, false)
+            .expect("a write beyond the burst");
+    }
+    let took = t.elapsed();
+    eprintln!("two 4 MiB writes at 2 MiB/s, 2 MiB burst: {took:?}");
+    assert!(
+        took >= Duration::from_millis(2900) && took < Duration::from_secs(8),
+        "{took:?}"
+    );
+    s.logout();
 
     // Lowered, then raised, live: the same sessions go on. Meanwhile reads get limits of
     // their own: bw's IOPS (its write limit does not touch them), free's bandwidth.
