@@ -1,4 +1,4 @@
-//! Operator commands that talk to the manager: `ironsan volume create|list|get|resize|delete`,
+//! Operator commands that talk to the manager: `ironsan volume create|list|get|resize|delete|qos`,
 //! `ironsan node list|drain`, `ironsan status`, and the member administration
 //! ([`MemberCmd`]: add-member, remove-member, transfer-leader) that `ironsan manager` hooks in.
 //!
@@ -53,6 +53,18 @@ enum VolumeCmd {
         /// Chunk size, e.g. 64MiB (default: the cluster's).
         #[arg(long, value_parser = parse_size)]
         chunk_size: Option<u64>,
+        #[command(flatten)]
+        qos: QosArgs,
+    },
+    /// Change a volume's I/O limits live (the limits not named are kept), or clear them all.
+    /// The serving gateway applies the change within a second; sessions stay logged in.
+    Qos {
+        name: String,
+        #[command(flatten)]
+        qos: QosArgs,
+        /// Remove every limit (unlimited).
+        #[arg(long, conflicts_with_all = ["read_iops", "write_iops", "read_bps", "write_bps", "burst"])]
+        clear: bool,
     },
     /// List every volume.
     List,
@@ -84,6 +96,69 @@ enum VolumeCmd {
         #[arg(long = "node")]
         node: Option<String>,
     },
+}
+
+/// Per-volume I/O limits, enforced by the gateway serving the volume; 0 = unlimited.
+#[derive(Args, Debug, Clone, Default)]
+struct QosArgs {
+    /// Read commands per second.
+    #[arg(long)]
+    read_iops: Option<u64>,
+    /// Write commands per second.
+    #[arg(long)]
+    write_iops: Option<u64>,
+    /// Read bandwidth per second, e.g. 100MiB.
+    #[arg(long, value_parser = parse_size)]
+    read_bps: Option<u64>,
+    /// Write bandwidth per second, e.g. 50MiB.
+    #[arg(long, value_parser = parse_size)]
+    write_bps: Option<u64>,
+    /// How much an idle volume may run ahead of its rates, as time at the rate, e.g. 2s or
+    /// 500ms (default 1s).
+    #[arg(long, value_parser = parse_burst)]
+    burst: Option<u64>,
+}
+
+impl QosArgs {
+    fn given(&self) -> bool {
+        self.read_iops.is_some()
+            || self.write_iops.is_some()
+            || self.read_bps.is_some()
+            || self.write_bps.is_some()
+            || self.burst.is_some()
+    }
+
+    /// These limits over `base` (the ones not given are kept).
+    fn over(&self, base: Option<pb::VolumeQos>) -> pb::VolumeQos {
+        let b = base.unwrap_or_default();
+        pb::VolumeQos {
+            read_iops: self.read_iops.unwrap_or(b.read_iops),
+            write_iops: self.write_iops.unwrap_or(b.write_iops),
+            read_bps: self.read_bps.unwrap_or(b.read_bps),
+            write_bps: self.write_bps.unwrap_or(b.write_bps),
+            burst_ms: self.burst.or(b.burst_ms),
+        }
+    }
+}
+
+/// A burst in milliseconds (`2s`, `500ms`, `1m`). Zero parses: the manager judges it, so that
+/// every bad limit is refused the same way.
+fn parse_burst(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let (num, unit) = t
+        .find(|c: char| !c.is_ascii_digit())
+        .map_or((t, "s"), |i| t.split_at(i));
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("burst {s:?} is not a number with ms, s or m"))?;
+    let per = match unit {
+        "ms" => 1,
+        "s" => 1000,
+        "m" => 60_000,
+        _ => return Err(format!("burst {s:?}: unit must be ms, s or m")),
+    };
+    n.checked_mul(per)
+        .ok_or_else(|| format!("burst {s:?} is too long"))
 }
 
 #[derive(Args, Debug)]
@@ -171,12 +246,14 @@ pub async fn run_volume(args: VolumeArgs) -> anyhow::Result<()> {
             size,
             replicas,
             chunk_size,
+            qos,
         } => {
             let req = pb::CreateVolumeRequest {
                 name: name.clone(),
                 size,
                 replicas: replicas.unwrap_or(0),
                 chunk_size: chunk_size.unwrap_or(0),
+                qos: qos.given().then(|| qos.over(None)),
             };
             let v = c
                 .create_volume(req)
@@ -203,6 +280,34 @@ pub async fn run_volume(args: VolumeArgs) -> anyhow::Result<()> {
                 .get_volume(volume_ref(&name))
                 .await
                 .map_err(|e| explain(e, &format!("volume {name:?}")))?;
+            print_volume(&v, json);
+        }
+        VolumeCmd::Qos { name, qos, clear } => {
+            if !clear && !qos.given() {
+                return Err(anyhow!(
+                    "nothing to change: name a limit (--read-iops, --write-iops, --read-bps, --write-bps, --burst) or --clear"
+                ));
+            }
+            let subject = format!("volume {name:?}");
+            let qos = if clear {
+                None
+            } else {
+                // Read-modify-write: limits not named keep their values. Two operators
+                // changing different limits of one volume at once may lose one change.
+                let v = c
+                    .get_volume(volume_ref(&name))
+                    .await
+                    .map_err(|e| explain(e, &subject))?;
+                Some(qos.over(v.qos))
+            };
+            let req = pb::SetVolumeQosRequest {
+                volume: Some(volume_ref(&name)),
+                qos,
+            };
+            let v = c
+                .set_volume_qos(req)
+                .await
+                .map_err(|e| explain(e, &subject))?;
             print_volume(&v, json);
         }
         VolumeCmd::Resize { name, size } => {
@@ -522,6 +627,13 @@ fn volume_json(v: &pb::Volume) -> Value {
             "readonly": a.readonly,
             "published": a.published,
         })),
+        "qos": v.qos.as_ref().map(|q| json!({
+            "read_iops": q.read_iops,
+            "write_iops": q.write_iops,
+            "read_bps": q.read_bps,
+            "write_bps": q.write_bps,
+            "burst_ms": q.burst_ms,
+        })),
     })
 }
 
@@ -547,6 +659,7 @@ fn volumes_table(vols: &[pb::Volume]) -> String {
                 v.attachment
                     .as_ref()
                     .map_or_else(|| "-".into(), published_cell),
+                qos_column(v.qos.as_ref()),
             ]
         })
         .collect();
@@ -563,9 +676,51 @@ fn volumes_table(vols: &[pb::Volume]) -> String {
             "ATTACHED",
             "PORTAL",
             "PUBLISHED",
+            "QOS",
         ],
         &rows,
     )
+}
+
+/// Limits in one cell: `write 200 IOPS, read 100MiB/s, burst 2s`, or `unlimited`.
+fn qos_cell(q: Option<&pb::VolumeQos>) -> String {
+    let Some(q) = q else {
+        return "unlimited".into();
+    };
+    let mut parts = Vec::new();
+    for (dir, iops, bps) in [
+        ("read", q.read_iops, q.read_bps),
+        ("write", q.write_iops, q.write_bps),
+    ] {
+        if iops != 0 {
+            parts.push(format!("{dir} {iops} IOPS"));
+        }
+        if bps != 0 {
+            parts.push(format!("{dir} {}/s", human(bps)));
+        }
+    }
+    if parts.is_empty() {
+        return "unlimited".into();
+    }
+    if let Some(ms) = q.burst_ms {
+        parts.push(if ms % 1000 == 0 {
+            format!("burst {}s", ms / 1000)
+        } else {
+            format!("burst {ms}ms")
+        });
+    }
+    parts.join(", ")
+}
+
+/// Limits in one word for the table: `read:100iops,write:50MiB/s,burst:2s`, or `-`.
+fn qos_column(q: Option<&pb::VolumeQos>) -> String {
+    let cell = qos_cell(q);
+    if cell == "unlimited" {
+        return "-".into();
+    }
+    cell.replace(" IOPS", "iops")
+        .replace(", ", ",")
+        .replace(' ', ":")
 }
 
 /// CSI publications in one word: `ro:n1,n2`, `rw:n1`, or `-`.
@@ -590,6 +745,7 @@ fn volume_text(v: &pb::Volume) -> String {
         ("Chunk size", human(v.chunk_size)),
         ("State", volume_state(v.state)),
         ("Degraded chunks", v.degraded_chunks.to_string()),
+        ("QoS", qos_cell(v.qos.as_ref())),
     ];
     match &v.attachment {
         Some(a) if !a.gateway.is_empty() => {

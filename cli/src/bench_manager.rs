@@ -162,6 +162,7 @@ pub async fn manager(a: ManagerBench) -> anyhow::Result<()> {
                         size: 1 << 30,
                         replicas: 3,
                         chunk_size: 0,
+                        qos: None,
                     })
                     .await
                     .context("create volume")?;
@@ -182,6 +183,7 @@ pub async fn manager(a: ManagerBench) -> anyhow::Result<()> {
                 size: a.count * chunk_size,
                 replicas: 3,
                 chunk_size,
+                qos: None,
             })
             .await
             .context("create the replica-change volume")?;

@@ -290,6 +290,7 @@ async fn ensure_volume(mgr: &ManagerClient, v: &VolumeSpec, storage: u64) -> any
                 size: v.size,
                 replicas,
                 chunk_size: 0,
+                qos: None,
             })
             .await
             .with_context(|| format!("create volume {}", v.name))?;

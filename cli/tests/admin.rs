@@ -94,12 +94,14 @@ fn volume_commands() {
                 size: 10 * GIB,
                 replicas: 2,
                 chunk_size: 32 * MIB,
+                qos: None,
             },
             pb::CreateVolumeRequest {
                 name: "vol2".into(),
                 size: 1536 * MIB,
                 replicas: 0,
                 chunk_size: 0,
+                qos: None,
             },
         ]
     );
@@ -136,7 +138,8 @@ fn volume_commands() {
                 "DEGRADED",
                 "ATTACHED",
                 "PORTAL",
-                "PUBLISHED"
+                "PUBLISHED",
+                "QOS"
             ],
             vec![
                 "vol1",
@@ -147,6 +150,7 @@ fn volume_commands() {
                 "32MiB",
                 "available",
                 "0",
+                "-",
                 "-",
                 "-",
                 "-"
@@ -162,7 +166,8 @@ fn volume_commands() {
                 "4",
                 "gw-a",
                 "10.0.0.1:3260",
-                "ro:gw-a,node-b"
+                "ro:gw-a,node-b",
+                "-"
             ],
         ],
         "{table}"
@@ -482,4 +487,84 @@ fn node_and_status_commands() {
     assert_eq!(st["recovery_bytes_total"], 768u64 << 20);
     assert_eq!(st["members"][0]["leader"], true);
     assert_eq!(st["members"][1]["matched"], 1199);
+}
+
+#[test]
+fn volume_qos_commands() {
+    let fake = FakeManager::start();
+    let out = ok(
+        &fake,
+        &[
+            "volume",
+            "create",
+            "lim",
+            "--size",
+            "1GiB",
+            "--write-iops",
+            "200",
+            "--read-bps",
+            "100MiB",
+            "--burst",
+            "2s",
+        ],
+    );
+    assert!(
+        out.contains("QoS:") && out.contains("read 100MiB/s, write 200 IOPS, burst 2s"),
+        "{out}"
+    );
+    let want = pb::VolumeQos {
+        read_iops: 0,
+        write_iops: 200,
+        read_bps: 100 * MIB,
+        write_bps: 0,
+        burst_ms: Some(2000),
+    };
+    let creates = fake
+        .state()
+        .requests::<pb::CreateVolumeRequest>("create_volume");
+    assert_eq!(creates[0].qos, Some(want));
+    let table = ok(&fake, &["volume", "list"]);
+    assert_eq!(
+        rows(&table)[1].last().map(String::as_str),
+        Some("read:100MiB/s,write:200iops,burst:2s"),
+        "{table}"
+    );
+
+    // A live change keeps the limits it does not name.
+    let v = json(&ok(
+        &fake,
+        &["volume", "qos", "lim", "--write-iops", "500", "--json"],
+    ));
+    assert_eq!(v["qos"]["write_iops"], 500);
+    assert_eq!(v["qos"]["read_bps"], 100 * MIB);
+    assert_eq!(v["qos"]["burst_ms"], 2000);
+    let sets = fake
+        .state()
+        .requests::<pb::SetVolumeQosRequest>("set_volume_qos");
+    assert_eq!(
+        sets[0].qos,
+        Some(pb::VolumeQos {
+            write_iops: 500,
+            ..want
+        })
+    );
+    // --clear sends no limits at all.
+    let v = json(&ok(&fake, &["volume", "qos", "lim", "--clear", "--json"]));
+    assert_eq!(v["qos"], Value::Null);
+    let sets = fake
+        .state()
+        .requests::<pb::SetVolumeQosRequest>("set_volume_qos");
+    assert_eq!(sets.len(), 2);
+    assert_eq!(sets[1].qos, None);
+    let out = ok(&fake, &["volume", "get", "lim"]);
+    assert!(out.contains("unlimited"), "{out}");
+
+    // Nothing named: refused before any request.
+    let err = fails(&fake, &["volume", "qos", "lim"]);
+    assert!(
+        err.trim().starts_with("error: nothing to change") && err.trim().lines().count() == 1,
+        "{err}"
+    );
+    let err = fails(&fake, &["volume", "qos", "missing", "--write-iops", "1"]);
+    assert_eq!(err.trim(), r#"error: volume "missing" not found"#);
 }

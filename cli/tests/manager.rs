@@ -32,6 +32,7 @@ fn create(name: &str, size: u64, replicas: u32) -> CreateVolumeRequest {
         size,
         replicas,
         chunk_size: 0,
+        qos: None,
     }
 }
 

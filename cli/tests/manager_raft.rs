@@ -102,6 +102,7 @@ fn create_req(name: &str) -> CreateVolumeRequest {
         size: 64 * MIB,
         replicas: 3,
         chunk_size: 0,
+        qos: None,
     }
 }
 

@@ -329,6 +329,8 @@ rpcs! {
     /// Grows a volume (`FAILED_PRECONDITION` for a shrink).
     resize_volume(pb::ResizeVolumeRequest) -> pb::Volume;
     delete_volume(pb::DeleteVolumeRequest) -> pb::DeleteVolumeResponse;
+    /// Replaces a volume's QoS limits (unset or all zero: unlimited).
+    set_volume_qos(pb::SetVolumeQosRequest) -> pb::Volume;
     /// Takes the volume's lease for a gateway, with a new writer epoch.
     attach(pb::AttachRequest) -> pb::Attachment;
     renew(pb::RenewRequest) -> pb::Attachment;
@@ -449,6 +451,7 @@ mod tests {
             list_volumes(pb::ListVolumesRequest) -> pb::ListVolumesResponse;
             resize_volume(pb::ResizeVolumeRequest) -> pb::Volume;
             delete_volume(pb::DeleteVolumeRequest) -> pb::DeleteVolumeResponse;
+            set_volume_qos(pb::SetVolumeQosRequest) -> pb::Volume;
             attach(pb::AttachRequest) -> pb::Attachment;
             renew(pb::RenewRequest) -> pb::Attachment;
             detach(pb::DetachRequest) -> pb::DetachResponse;

@@ -222,6 +222,8 @@ impl Controller for ControllerService {
                         size,
                         replicas: params.replicas,
                         chunk_size: params.chunk_size,
+                        // StorageClass QoS parameters are not mapped yet: unlimited.
+                        qos: None,
                     })
                     .await;
                 match created {

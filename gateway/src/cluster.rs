@@ -28,6 +28,9 @@
 //! Every session gets MODE PARAMETERS CHANGED (2A/01) on its next command. Linux reads WP only
 //! when it scans the disk (login, or a rescan), so a node that logged in before the switch
 //! keeps its old view until it rescans.
+//!
+//! QoS limits (`Volume.qos`) are followed too: set on a target before it is exported, and
+//! changed live on the poll that brings new values (so within `poll`), sessions untouched.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -35,10 +38,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ironsan_common::manager_client::ManagerClient;
-use ironsan_common::proto::manager::{ListVolumesRequest, RegisterGatewayRequest};
+use ironsan_common::proto::manager::{ListVolumesRequest, RegisterGatewayRequest, VolumeQos};
 use ironsan_storage::client::{ClientConfig, Pool};
 use tokio_util::sync::CancellationToken;
 
+use crate::qos::Limits;
 use crate::replica::{ReplicaConfig, Volume};
 use crate::target::{Gateway, TargetOptions};
 
@@ -165,13 +169,16 @@ pub async fn serve_attached(
         match mgr.list_volumes(ListVolumesRequest {}).await {
             Ok(list) => {
                 standing.contact();
-                // Name -> (size, read-only).
-                let mine: HashMap<&str, (u64, bool)> = list
+                // Name -> (size, read-only, QoS limits).
+                let mine: HashMap<&str, (u64, bool, Limits)> = list
                     .volumes
                     .iter()
                     .filter_map(|v| {
                         let a = v.attachment.as_ref().filter(|a| a.gateway == me)?;
-                        Some((v.name.as_str(), (v.size, a.readonly)))
+                        Some((
+                            v.name.as_str(),
+                            (v.size, a.readonly, limits(v.qos.as_ref())),
+                        ))
                     })
                     .collect();
                 served.retain(|name, vol| {
@@ -188,14 +195,16 @@ pub async fn serve_attached(
                     gw.remove_target(name);
                     false
                 });
-                for (name, (size, readonly)) in mine {
+                for (name, (size, readonly, qos)) in mine {
                     if let Some(vol) = served.get(name) {
                         grow(&gw, vol, size).await;
                         protect(&gw, name, readonly).await;
+                        limit(&gw, name, qos);
                         continue;
                     }
                     let options = TargetOptions {
                         write_protected: readonly,
+                        qos,
                         ..TargetOptions::default()
                     };
                     match Volume::open(mgr.clone(), pool.clone(), cfg.replica.clone(), name).await {
@@ -232,6 +241,34 @@ pub async fn serve_attached(
     // the keepers stop renewing and the leases run out.
     for vol in served.values() {
         vol.stop_keeper();
+    }
+}
+
+/// The manager's limits as the gateway's buckets take them (absent: unlimited).
+fn limits(q: Option<&VolumeQos>) -> Limits {
+    let Some(q) = q else {
+        return Limits::default();
+    };
+    Limits {
+        read_iops: q.read_iops,
+        write_iops: q.write_iops,
+        read_bps: q.read_bps,
+        write_bps: q.write_bps,
+        burst: q
+            .burst_ms
+            .filter(|&ms| ms > 0)
+            .map_or(Limits::default().burst, Duration::from_millis),
+    }
+}
+
+/// Follows the volume's QoS limits on the live target: sessions stay, commands already
+/// waiting are repriced at the new rates.
+fn limit(gw: &Gateway, name: &str, qos: Limits) {
+    let Some(t) = gw.target_by_name(name) else {
+        return;
+    };
+    if t.qos.set(qos) {
+        tracing::info!(volume = %name, ?qos, "QoS limits changed on the live target");
     }
 }
 

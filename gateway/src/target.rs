@@ -1,6 +1,7 @@
 //! The gateway: its targets (one per volume, LUN 0) and the portal that accepts iSCSI
 //! connections for them. A target may be exported write-protected ([`TargetOptions`]); the
-//! flag lives on its LUN and can be switched while sessions are logged in.
+//! flag lives on its LUN and can be switched while sessions are logged in; so do its QoS
+//! limits ([`crate::qos`]), applied on the command path before the LUN.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -16,6 +17,7 @@ use crate::iscsi::chap::Credentials;
 use crate::iscsi::params::Limits;
 use crate::iscsi::session::Registry;
 use crate::metrics::TargetMetrics;
+use crate::qos::{self, Qos};
 use crate::scsi::{Lun, LunIdentity};
 
 /// Prefix of every IronSAN target name; the volume name follows.
@@ -96,6 +98,8 @@ pub struct Target {
     /// Initiator names allowed to log in; empty allows all.
     pub acl: Vec<String>,
     pub metrics: TargetMetrics,
+    /// The volume's I/O limits, changed live by the cluster follower.
+    pub qos: Qos,
 }
 
 /// How a volume is exported.
@@ -105,6 +109,8 @@ pub struct TargetOptions {
     pub acl: Vec<String>,
     /// Export the LUN write-protected (WP in MODE SENSE; writes fail with DATA PROTECT).
     pub write_protected: bool,
+    /// I/O limits from the first command on (changed later through [`Target::qos`]).
+    pub qos: qos::Limits,
 }
 
 impl TargetOptions {
@@ -181,7 +187,10 @@ impl Gateway {
             lun: Lun::new(device, identity).with_write_protect(options.write_protected),
             acl: options.acl,
             metrics: TargetMetrics::new(name),
+            qos: Qos::new(name),
         });
+        // Before the target is findable, so no command ever runs unlimited by mistake.
+        target.qos.set(options.qos);
         let mut t = self.targets.write().unwrap_or_else(|e| e.into_inner());
         if t.contains_key(&iqn) {
             return Err(ConfigError::DuplicateVolume(name.to_string()));

@@ -375,6 +375,7 @@ mod tests {
                 size: 64 << 20,
                 replicas: 3,
                 chunk_size: 64 << 20,
+                qos: None,
                 placement: vec![ReplicaSet {
                     nodes: nodes[..3].iter().map(|n| n.to_string()).collect(),
                 }],

@@ -374,12 +374,14 @@ impl manager_server::Manager for Service {
         // Checked here too so a bad request is refused without touching the leader.
         state::validate_name(&r.name).map_err(Error::from)?;
         state::validate_geometry(r.size, r.replicas, r.chunk_size).map_err(Error::from)?;
+        let qos = state::validate_qos(r.qos.as_ref()).map_err(Error::from)?;
         let op = Op::CreateVolume(pb::CreateVolumeCmd {
             name: r.name,
             size: r.size,
             replicas: r.replicas,
             chunk_size: r.chunk_size,
             placement: Vec::new(),
+            qos,
         });
         expect!(self.submit(op).await?, Volume)
     }
@@ -431,6 +433,20 @@ impl manager_server::Manager for Service {
             volume: r.volume,
             size: r.size,
             placement: Vec::new(),
+        });
+        expect!(self.submit(op).await?, Volume)
+    }
+
+    async fn set_volume_qos(
+        &self,
+        req: Request<pb::SetVolumeQosRequest>,
+    ) -> Result<Response<pb::Volume>, Status> {
+        let r = req.into_inner();
+        // Checked here too so a bad request is refused without touching the leader.
+        state::validate_qos(r.qos.as_ref()).map_err(Error::from)?;
+        let op = Op::SetVolumeQos(pb::SetVolumeQosCmd {
+            volume: r.volume,
+            qos: r.qos,
         });
         expect!(self.submit(op).await?, Volume)
     }

@@ -45,6 +45,11 @@ pub const LOGICAL_BLOCK: u64 = 512;
 pub const DEFAULT_LEASE_MS: u64 = 10_000;
 pub const MAX_LEASE_MS: u64 = 300_000;
 pub const MAX_NAME: usize = 128;
+/// QoS bounds: anything beyond is a typo, not a limit (no gateway reaches it).
+pub const MAX_QOS_IOPS: u64 = 10_000_000;
+pub const MAX_QOS_BPS: u64 = 100 << 30;
+pub const DEFAULT_QOS_BURST_MS: u64 = 1000;
+pub const MAX_QOS_BURST_MS: u64 = 60_000;
 
 /// An apply-time rejection: a gRPC code and a message for the caller.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -87,6 +92,50 @@ pub fn validate_name(name: &str) -> Result<(), Reject> {
         )));
     }
     Ok(())
+}
+
+/// Checks a volume's QoS limits and normalises them: `None` when no rate is set (unlimited,
+/// whatever the burst), else the limits with the burst defaulted.
+pub fn validate_qos(q: Option<&pb::VolumeQos>) -> Result<Option<pb::VolumeQos>, Reject> {
+    let Some(q) = q else {
+        return Ok(None);
+    };
+    for (what, v) in [("read IOPS", q.read_iops), ("write IOPS", q.write_iops)] {
+        if v > MAX_QOS_IOPS {
+            return Err(Reject::invalid(format!(
+                "{what} limit {v} is beyond the maximum of {MAX_QOS_IOPS}"
+            )));
+        }
+    }
+    for (what, v) in [
+        ("read bandwidth", q.read_bps),
+        ("write bandwidth", q.write_bps),
+    ] {
+        if v > MAX_QOS_BPS {
+            return Err(Reject::invalid(format!(
+                "{what} limit {v} bytes/s is beyond the maximum of {MAX_QOS_BPS} (100 GiB/s)"
+            )));
+        }
+    }
+    let rated = q.read_iops | q.write_iops | q.read_bps | q.write_bps != 0;
+    let burst = q.burst_ms.unwrap_or(DEFAULT_QOS_BURST_MS);
+    if burst > MAX_QOS_BURST_MS {
+        return Err(Reject::invalid(format!(
+            "burst {burst} ms is beyond the maximum of {MAX_QOS_BURST_MS} ms"
+        )));
+    }
+    if !rated {
+        return Ok(None);
+    }
+    if burst == 0 {
+        return Err(Reject::invalid(
+            "burst must be at least 1 ms when a limit is set",
+        ));
+    }
+    Ok(Some(pb::VolumeQos {
+        burst_ms: Some(burst),
+        ..*q
+    }))
 }
 
 /// Checks size, replica count and chunk size of a create; returns (replicas, chunk_size, chunks)
@@ -176,6 +225,7 @@ impl State {
             Some(Op::CreateVolume(c)) => self.create_volume(c, now),
             Some(Op::ResizeVolume(c)) => self.resize_volume(c),
             Some(Op::DeleteVolume(c)) => self.delete_volume(c, now),
+            Some(Op::SetVolumeQos(c)) => self.set_volume_qos(c),
             Some(Op::Attach(c)) => self.attach(c, now),
             Some(Op::Renew(c)) => self.renew(c, now),
             Some(Op::Detach(c)) => self.detach(c),
@@ -401,6 +451,7 @@ impl State {
             ));
         }
         let (replicas, chunk_size, chunks) = validate_geometry(c.size, c.replicas, c.chunk_size)?;
+        let qos = validate_qos(c.qos.as_ref())?;
         if c.placement.len() as u64 != chunks {
             return Err(Reject::new(
                 Code::Internal,
@@ -430,6 +481,7 @@ impl State {
             degraded_chunks: 0,
             attachment: None,
             used_bytes: 0,
+            qos,
         };
         self.names.insert(c.name.clone(), id);
         self.volumes.insert(id, v);
@@ -525,6 +577,22 @@ impl State {
         if let Some(v) = self.volumes.get_mut(&id) {
             v.size = c.size;
         }
+        Ok(apply_result::Result::Volume(self.volume_view(id)))
+    }
+
+    fn set_volume_qos(&mut self, c: &pb::SetVolumeQosCmd) -> ApplyOutcome {
+        let id = self.volume_id(c.volume.as_ref().unwrap_or(&VolumeRef::default()))?;
+        let qos = validate_qos(c.qos.as_ref())?;
+        let Some(v) = self.volumes.get_mut(&id) else {
+            return Err(Reject::not_found(format!("volume {id} not found")));
+        };
+        if v.state == VolumeState::VolumeDeleting as i32 {
+            return Err(Reject::precondition(format!(
+                "volume {:?} is being deleted",
+                v.name
+            )));
+        }
+        v.qos = qos;
         Ok(apply_result::Result::Volume(self.volume_view(id)))
     }
 
@@ -1207,6 +1275,12 @@ pub fn fuzz_apply(mut data: &[u8]) {
             size: 4 * DEFAULT_CHUNK,
             replicas: 3,
             chunk_size: 0,
+            // Limited, so that fuzzed QoS commands start from a set value too.
+            qos: Some(pb::VolumeQos {
+                write_iops: 100,
+                burst_ms: Some(DEFAULT_QOS_BURST_MS),
+                ..Default::default()
+            }),
             placement: vec![
                 pb::ReplicaSet {
                     nodes: nodes.clone()

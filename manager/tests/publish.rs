@@ -51,6 +51,7 @@ fn cluster() -> State {
             size: 64 << 20,
             replicas: 3,
             chunk_size: 64 << 20,
+            qos: None,
             placement: vec![pb::ReplicaSet {
                 nodes: vec!["s1".into(), "s2".into(), "s3".into()],
             }],

@@ -206,6 +206,7 @@ impl Manager for Svc {
                 },
                 state: pb::VolumeState::VolumeAvailable as i32,
                 created_ms: 1_700_000_000_000,
+                qos: r.qos,
                 ..Default::default()
             };
             s.next_volume_id += 1;
@@ -242,6 +243,17 @@ impl Manager for Svc {
                 return Err(Status::failed_precondition("volumes cannot shrink"));
             }
             s.volumes[i].size = r.size;
+            Ok(s.volumes[i].clone())
+        })
+    }
+
+    async fn set_volume_qos(&self, req: Request<pb::SetVolumeQosRequest>) -> Answer<pb::Volume> {
+        self.handle("set_volume_qos", req, |s, r| {
+            let vref = r.volume.unwrap_or_default();
+            let i = s
+                .find_volume(&vref)
+                .ok_or_else(|| volume_not_found(&vref))?;
+            s.volumes[i].qos = r.qos;
             Ok(s.volumes[i].clone())
         })
     }

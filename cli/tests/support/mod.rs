@@ -100,6 +100,8 @@ pub struct ServerConfig {
     pub mutual_chap: Option<(String, String)>,
     /// More `ironsan dev` flags.
     pub extra: Vec<String>,
+    /// Serve `/metrics` on a free port ([`Server::metrics_addr`]).
+    pub metrics: bool,
 }
 
 impl ServerConfig {
@@ -117,6 +119,10 @@ impl ServerConfig {
     }
     pub fn mutual_chap(mut self, user: &str, secret: &str) -> Self {
         self.mutual_chap = Some((user.to_string(), secret.to_string()));
+        self
+    }
+    pub fn metrics(mut self) -> Self {
+        self.metrics = true;
         self
     }
 }
@@ -210,6 +216,9 @@ impl Server {
             cmd.arg("--mutual-chap").arg(format!("{u}:{s}"));
         }
         cmd.args(&config.extra);
+        if config.metrics {
+            cmd.args(["--metrics", "127.0.0.1:0"]);
+        }
         cmd.env("NO_COLOR", "1")
             .env(
                 "RUST_LOG",
@@ -290,6 +299,14 @@ impl Server {
 
     pub fn config(&self) -> &ServerConfig {
         &self.config
+    }
+
+    /// The `/metrics` address, from the `metrics ready` line (logged before `portal ready`).
+    pub fn metrics_addr(&self) -> Option<String> {
+        self.log_text()
+            .lines()
+            .find(|l| l.contains("metrics ready"))
+            .and_then(parse_addr)
     }
 
     pub fn log_text(&self) -> String {

@@ -1013,6 +1013,11 @@ async fn execute(
     let to_lun0 = lun_index(lun_field) == Some(0) || cdb.first() == Some(&0xa0);
     let resp = match cdb.first() {
         _ if to_lun0 => {
+            // QoS before the LUN: a throttled command waits here, in its own task, holding
+            // nothing (not even the LUN's write-ordering lock).
+            if let Some((dir, bytes)) = crate::qos::classify(cdb, data_out.len(), edtl) {
+                target.qos.admit(dir, bytes).await;
+            }
             let nexus = &session.nexus;
             target
                 .lun
