@@ -358,6 +358,24 @@ async fn create_list_validate_delete() {
         .unwrap_or_else(|| panic!("{name} not in {listed}"));
     assert_eq!(made["replicas"], 2, "{made}");
 
+    // QoS parameters become the volume's limits, as `ironsan volume get` shows them.
+    let limited_name = "pvc-qos";
+    cl.create(
+        limited_name,
+        16 * MIB,
+        &[
+            ("writeIOPS", "250"),
+            ("readBandwidth", "64MiB"),
+            ("qosBurst", "2s"),
+        ],
+    )
+    .await;
+    let got = admin(&cl.managers, &["volume", "get", limited_name, "--json"]);
+    let got: serde_json::Value = serde_json::from_str(&got).expect("volume get --json");
+    assert_eq!(got["qos"]["write_iops"], 250, "{got}");
+    assert_eq!(got["qos"]["read_bps"], 64 * MIB, "{got}");
+    assert_eq!(got["qos"]["burst_ms"], 2000, "{got}");
+
     // Same name, incompatible: ALREADY_EXISTS.
     expect_code(
         "CreateVolume with a bigger size",
@@ -430,6 +448,10 @@ async fn create_list_validate_delete() {
         &[("replicas", "0")],
         &[("chunkSize", "big")],
         &[("fsType", "ntfs")],
+        &[("writeIOPS", "fast")],
+        // Parsed here, refused by the manager's limits: nothing is created either way.
+        &[("writeIOPS", "99999999999")],
+        &[("writeIOPS", "10"), ("qosBurst", "0s")],
     ] {
         expect_code(
             &format!("parameters {params:?}"),
@@ -489,13 +511,19 @@ async fn create_list_validate_delete() {
     sorted.sort();
     sorted.dedup();
     assert_eq!(ids, sorted, "pages overlap or are out of order");
-    for want in [name, odd_v.volume_id.as_str(), long.as_str(), "defaulted"] {
+    for want in [
+        name,
+        limited_name,
+        odd_v.volume_id.as_str(),
+        long.as_str(),
+        "defaulted",
+    ] {
         assert!(
             ids.iter().any(|i| i == want),
             "{want} not listed in {ids:?}"
         );
     }
-    assert_eq!(ids.len(), before.len() + 4);
+    assert_eq!(ids.len(), before.len() + 5);
     expect_code(
         "invalid token",
         cl.c.controller

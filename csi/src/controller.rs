@@ -222,8 +222,7 @@ impl Controller for ControllerService {
                         size,
                         replicas: params.replicas,
                         chunk_size: params.chunk_size,
-                        // StorageClass QoS parameters are not mapped yet: unlimited.
-                        qos: None,
+                        qos: params.qos.clone(),
                     })
                     .await;
                 match created {

@@ -8,7 +8,10 @@
 //! - **Capacity.** The requested `required_bytes` is rounded up to a whole MiB (1 GiB when no
 //!   range is given); the result must not exceed `limit_bytes` or [`MAX_VOLUME_SIZE`].
 //! - **Parameters.** `replicas` (1-5), `chunkSize` (a size such as `64MiB`) and `fsType`
-//!   (`ext4`/`xfs`, used when the capability names none). Keys under `csi.storage.k8s.io/`
+//!   (`ext4`/`xfs`, used when the capability names none); QoS limits `readIOPS`, `writeIOPS`,
+//!   `readBandwidth`, `writeBandwidth` (sizes per second, e.g. `100MiB`) and `qosBurst` (whole
+//!   milliseconds or seconds: `500ms`, `2s`), checked by the manager like
+//!   `ironsan volume create`'s. Keys under `csi.storage.k8s.io/`
 //!   are Kubernetes' own and ignored; any other key is an error, so a misspelled parameter in
 //!   a StorageClass is reported instead of silently doing nothing.
 
@@ -119,6 +122,8 @@ pub struct Params {
     pub chunk_size: u64,
     /// Empty: the capability's, else ext4.
     pub fs_type: String,
+    /// Per-volume I/O limits; None: unlimited.
+    pub qos: Option<ironsan_common::proto::manager::VolumeQos>,
 }
 
 impl Params {
@@ -150,10 +155,48 @@ impl Params {
                     }
                     p.fs_type = fs;
                 }
+                "readIOPS" | "writeIOPS" => {
+                    let n: u64 = value.trim().parse().map_err(|_| {
+                        format!("parameter {key}={value:?} is not a whole number of operations per second")
+                    })?;
+                    let q = p.qos.get_or_insert_with(Default::default);
+                    if key == "readIOPS" {
+                        q.read_iops = n;
+                    } else {
+                        q.write_iops = n;
+                    }
+                }
+                "readBandwidth" | "writeBandwidth" => {
+                    let n = ironsan_common::size::parse_size(value.trim())
+                        .map_err(|e| format!("parameter {key}={value:?}: {e}"))?;
+                    let q = p.qos.get_or_insert_with(Default::default);
+                    if key == "readBandwidth" {
+                        q.read_bps = n;
+                    } else {
+                        q.write_bps = n;
+                    }
+                }
+                "qosBurst" => {
+                    let v = value.trim();
+                    let ms = match v.strip_suffix("ms") {
+                        Some(n) => n.parse::<u64>().ok(),
+                        None => v
+                            .strip_suffix('s')
+                            .and_then(|n| n.parse::<u64>().ok())
+                            .and_then(|n| n.checked_mul(1000)),
+                    }
+                    .ok_or_else(|| {
+                        format!(
+                            "parameter qosBurst={value:?} is not a duration such as 500ms or 2s"
+                        )
+                    })?;
+                    p.qos.get_or_insert_with(Default::default).burst_ms = Some(ms);
+                }
                 k if k.starts_with("csi.storage.k8s.io/") => {}
                 k => {
                     return Err(format!(
-                        "unknown parameter {k:?} (known: replicas, chunkSize, fsType)"
+                        "unknown parameter {k:?} (known: replicas, chunkSize, fsType, readIOPS, \
+                         writeIOPS, readBandwidth, writeBandwidth, qosBurst)"
                     ))
                 }
             }
@@ -244,10 +287,33 @@ mod tests {
             Params {
                 replicas: 2,
                 chunk_size: 16 << 20,
-                fs_type: "xfs".to_string()
+                fs_type: "xfs".to_string(),
+                qos: None,
             }
         );
+        let p = Params::parse(&map(&[
+            ("writeIOPS", "200"),
+            ("readBandwidth", "100MiB"),
+            ("qosBurst", "1500ms"),
+        ]))
+        .unwrap();
+        assert_eq!(
+            p.qos,
+            Some(ironsan_common::proto::manager::VolumeQos {
+                write_iops: 200,
+                read_bps: 100 << 20,
+                burst_ms: Some(1500),
+                ..Default::default()
+            })
+        );
+        let p = Params::parse(&map(&[("qosBurst", "2s")])).unwrap();
+        assert_eq!(p.qos.and_then(|q| q.burst_ms), Some(2000));
         for bad in [
+            ("readIOPS", "fast"),
+            ("writeIOPS", "-1"),
+            ("writeBandwidth", "lots"),
+            ("qosBurst", "2"),
+            ("qosBurst", "soon"),
             ("replicas", "0"),
             ("replicas", "6"),
             ("replicas", "three"),
