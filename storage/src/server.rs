@@ -304,6 +304,20 @@ async fn execute(
             resp.ranges = wire::ranges_to_wire(&coalesce(ranges, MAX_RANGES));
             resp.version = version;
         }
+        Op::Snapshot => store.snapshot(id, req.snapshot, req.epoch).await?,
+        Op::SnapshotDelete => store.snapshot_delete(id, req.snapshot, req.epoch).await?,
+        Op::SnapshotRead => {
+            check_extent(req, req.length, MAX_IO)?;
+            let out = store
+                .snapshot_read(id, req.snapshot, req.offset, req.length)
+                .await?;
+            resp.version = out.version;
+            data = out.data;
+        }
+        Op::SnapshotList => {
+            let list = store.snapshots(id).await?;
+            resp.snapshots = wire::snapshots_to_wire(&list);
+        }
         Op::Copy | Op::Unspecified => return Err(invalid("not a single-answer op")),
     }
     Ok((resp, data))

@@ -37,10 +37,13 @@ use tokio::sync::oneshot;
 
 use super::io::{Bell, Io, IoReq};
 use super::layout::{self, stored_crc, CRCS_PER_PAGE};
-use super::meta::{ChunkRecord, LogKind, LogRecord, Meta};
+use super::meta::{ChunkRecord, LogKind, LogRecord, Meta, SnapRecord};
+use super::snap::{self, Snap, MAX_SNAPSHOTS};
 use super::{DiskState, ReadOut, WriteOpts};
 use crate::buf::{self, AlignedBuf};
-use crate::chunk::{ChunkId, ChunkInfo, WrittenRange, BLOCK, MAX_CHUNK, MAX_IO, SECTOR};
+use crate::chunk::{
+    ChunkId, ChunkInfo, SnapshotInfo, WrittenRange, BLOCK, MAX_CHUNK, MAX_IO, SECTOR,
+};
 use crate::error::{Error, Result};
 
 type Reply<T> = oneshot::Sender<Result<T>>;
@@ -101,6 +104,29 @@ pub(super) enum Req {
     },
     Shutdown {
         reply: Reply<()>,
+    },
+    Snapshot {
+        id: ChunkId,
+        snap: u64,
+        epoch: u64,
+        reply: Reply<()>,
+    },
+    SnapshotDelete {
+        id: ChunkId,
+        snap: u64,
+        epoch: u64,
+        reply: Reply<()>,
+    },
+    SnapshotRead {
+        id: ChunkId,
+        snap: u64,
+        offset: u64,
+        len: u64,
+        reply: Reply<ReadOut>,
+    },
+    SnapshotList {
+        id: ChunkId,
+        reply: Reply<Vec<SnapshotInfo>>,
     },
 }
 
@@ -304,6 +330,8 @@ struct Chunk {
     /// Log positions of writes admitted but not finished: a checkpoint stops below them.
     inflight_lsns: BTreeSet<u64>,
     bad: BTreeSet<u64>,
+    /// Snapshots, oldest first (see `snap.rs`).
+    snaps: Vec<Snap>,
 }
 
 impl Chunk {
@@ -363,6 +391,11 @@ enum Kind {
         version: u64,
     },
     Delete,
+    /// Snapshot creation: holds the whole chunk, so it is ordered after the writes before it
+    /// and before the writes after it.
+    Snapshot {
+        snap: u64,
+    },
     /// Checkpoint: table pages, then fdatasync, then the records (one chunk, or all if None).
     Flush {
         stage: u8,
@@ -409,6 +442,9 @@ struct Engine {
     batch_waiters: Vec<usize>,
     closing: Option<Reply<()>>,
     space: Space,
+    /// Files of deleted snapshots, kept open until no I/O is in flight (a queued fdatasync may
+    /// still name their descriptor).
+    retired: Vec<File>,
     _lock: File,
 }
 
@@ -469,6 +505,7 @@ impl Engine {
             batch_chunks: HashSet::new(),
             batch_waiters: Vec::new(),
             closing: None,
+            retired: Vec::new(),
             space: Space {
                 reserve: space_reserve(dir),
                 free: u64::MAX,
@@ -519,8 +556,9 @@ impl Engine {
                 }
             }
         }
+        let snaps = self.load_snaps(&mut batch)?;
         self.meta.write(batch, true)?;
-        self.remove_orphans(&known);
+        self.remove_orphans(&known, &snaps);
         let ids: Vec<ChunkId> = self.chunks.keys().copied().collect();
         for id in ids {
             self.replay(id)?;
@@ -550,7 +588,7 @@ impl Engine {
     }
 
     /// Chunk files without a record are leftovers of an interrupted create or delete.
-    fn remove_orphans(&self, known: &HashSet<ChunkId>) {
+    fn remove_orphans(&self, known: &HashSet<ChunkId>, snaps: &HashSet<(ChunkId, u64)>) {
         let Ok(vols) = std::fs::read_dir(self.dir.join("chunks")) else {
             return;
         };
@@ -567,6 +605,14 @@ impl Engine {
             };
             for f in files.flatten() {
                 let name = f.file_name();
+                // Snapshot files without a record: an interrupted snapshot create or delete.
+                if let Some((index, snap)) = name.to_str().and_then(snap::parse_snap_name) {
+                    if !snaps.contains(&(ChunkId::new(volume, index), snap)) {
+                        tracing::warn!(dir = %self.name, file = %f.path().display(), "removing orphan snapshot file");
+                        let _ = std::fs::remove_file(f.path());
+                    }
+                    continue;
+                }
                 let Some(index) = name
                     .to_str()
                     .and_then(|s| s.strip_suffix(".chunk"))
@@ -656,6 +702,12 @@ impl Engine {
                     .map_err(|e| format!("writing checksums: {e}"))?;
             }
             c.file.sync_data().map_err(|e| format!("fdatasync: {e}"))?;
+            for s in c.snaps.iter_mut().filter(|s| s.unsynced) {
+                s.file
+                    .sync_data()
+                    .map_err(|e| format!("fdatasync of snapshot {}: {e}", s.id))?;
+                s.unsynced = false;
+            }
             c.unsynced = false;
             c.rec.checkpoint_lsn = c.rec.lsn;
             Meta::put_chunk(&mut batch, *id, &c.rec);
@@ -685,6 +737,9 @@ impl Engine {
                 self.complete(token as usize, res);
             }
             self.commit_batch();
+            if self.ios.live == 0 && !self.retired.is_empty() {
+                self.retired.clear();
+            }
             if self.ops.live == 0 && self.ios.live == 0 {
                 if let Some(reply) = self.closing.take() {
                     let r = self
@@ -969,6 +1024,52 @@ impl Engine {
             } => {
                 self.admit_read(id, offset, len, WriteOpts::default(), Answer::Scrub(reply));
             }
+            Req::Snapshot {
+                id,
+                snap,
+                epoch,
+                reply,
+            } => {
+                let answer = Answer::Unit(Some(reply));
+                if let Err(e) = self.fence(id, epoch) {
+                    return finish_answer(answer, Err(e));
+                }
+                let size = self.chunks.get(&id).map_or(0, |c| c.rec.size);
+                let op = Op {
+                    id,
+                    kind: Kind::Snapshot { snap },
+                    answer,
+                    span: Some(Span {
+                        b0: 0,
+                        b1: layout::blocks(size).max(1),
+                        write: true,
+                        op: 0,
+                    }),
+                    ios: 0,
+                    err: None,
+                };
+                self.enqueue(op);
+            }
+            Req::SnapshotDelete {
+                id,
+                snap,
+                epoch,
+                reply,
+            } => {
+                let _ = reply.send(self.snapshot_delete(id, snap, epoch));
+            }
+            Req::SnapshotRead {
+                id,
+                snap,
+                offset,
+                len,
+                reply,
+            } => {
+                let _ = reply.send(self.snapshot_read(id, snap, offset, len));
+            }
+            Req::SnapshotList { id, reply } => {
+                let _ = reply.send(self.snapshot_list(id));
+            }
             Req::Delete { id, epoch, reply } => {
                 let r = self.fence(id, epoch);
                 let size = match r {
@@ -1195,13 +1296,28 @@ impl Engine {
                 };
                 self.submit_io(i, req, Some(b), None);
             }
+            Kind::Snapshot { snap } => {
+                let snap = *snap;
+                match self.snapshot_create(id, snap) {
+                    Ok(()) => {
+                        self.batch_sync = true;
+                        self.batch_waiters.push(i);
+                    }
+                    Err(e) => self.finish(i, Err(e)),
+                }
+            }
             Kind::Write { offset, len, .. } => {
                 let (offset, len) = (*offset, *len);
+                let (b0, b1) = block_span(offset, len);
+                // Before anything of the write reaches the chunk, the newest snapshot gets the
+                // old contents of the blocks it does not hold yet.
+                if let Err(e) = self.cow(id, b0, b1) {
+                    return self.finish(i, Err(e));
+                }
                 let Some(c) = self.chunks.get(&id) else {
                     return self.finish(i, Err(Error::NotFound(id)));
                 };
                 let (fd, start) = (c.fd(), c.data_start());
-                let (b0, b1) = block_span(offset, len);
                 let end = offset + len;
                 let mut edges = Vec::new();
                 if offset % BLOCK != 0 {
@@ -1401,6 +1517,13 @@ impl Engine {
                     if let Err(e) = std::fs::remove_file(&path) {
                         tracing::warn!(file = %path.display(), "cannot remove deleted chunk file: {e}");
                     }
+                    for s in &c.snaps {
+                        let path = snap::snap_path(&self.dir, id, s.id);
+                        if let Err(e) = std::fs::remove_file(&path) {
+                            tracing::warn!(file = %path.display(), "cannot remove a deleted chunk's snapshot file: {e}");
+                        }
+                    }
+                    self.retired.extend(c.snaps.into_iter().map(|s| s.file));
                     let waiting: Vec<usize> = c.waiting.into_iter().collect();
                     self.shared.chunks.fetch_sub(1, Ordering::Relaxed);
                     // Space was freed: look at the filesystem again on the next write.
@@ -1462,6 +1585,7 @@ impl Engine {
                 }
             }
             Kind::Flush { stage, .. } if *stage == 2 => self.finish(i, Ok(Done::Unit)),
+            Kind::Snapshot { .. } => self.finish(i, Ok(Done::Unit)),
             _ => {}
         }
     }
@@ -1543,7 +1667,7 @@ impl Engine {
                 }
             }
             Kind::Flush { .. } => self.flush_advance(i),
-            Kind::Delete => {}
+            Kind::Delete | Kind::Snapshot { .. } => {}
         }
     }
 
@@ -1795,6 +1919,12 @@ impl Engine {
                     if let Some(c) = self.chunks.get_mut(id) {
                         c.unsynced = false;
                         reqs.push(IoReq::Fdatasync { fd: c.fd() });
+                        for s in c.snaps.iter_mut().filter(|s| s.unsynced) {
+                            s.unsynced = false;
+                            reqs.push(IoReq::Fdatasync {
+                                fd: s.file.as_raw_fd(),
+                            });
+                        }
                     }
                 }
                 if reqs.is_empty() {
@@ -1954,6 +2084,355 @@ impl Engine {
     }
 }
 
+// ---- snapshots (see `snap.rs`) -----------------------------------------------------------
+
+/// Longest run copied or read in one system call by the snapshot paths.
+const SNAP_RUN: u64 = 256;
+
+impl Engine {
+    /// Copies the blocks of `[b0, b1)` that the newest snapshot does not hold yet into its
+    /// file, and queues their old checksums for the next batch, which commits before the
+    /// write's data is issued. The calling op holds these blocks, so nothing changes them
+    /// meanwhile. Zero blocks are recorded without data (a hole in the snapshot file).
+    fn cow(&mut self, id: ChunkId, b0: u64, b1: u64) -> Result<()> {
+        let Some(c) = self.chunks.get_mut(&id) else {
+            return Err(Error::NotFound(id));
+        };
+        let start = layout::data_start(c.rec.size);
+        let Some(newest) = c.snaps.last_mut() else {
+            return Ok(());
+        };
+        let mut copied: Vec<(u64, u32)> = Vec::new();
+        let mut run: Option<(u64, u64)> = None;
+        let copy_run = |r0: u64, r1: u64, newest: &Snap| -> io::Result<()> {
+            let mut buf = AlignedBuf::zeroed(((r1 - r0) * BLOCK) as usize);
+            c.file
+                .read_exact_at(buf.as_mut_slice(), start + r0 * BLOCK)?;
+            newest
+                .file
+                .write_all_at(buf.as_slice(), snap::offset_of(r0))
+        };
+        let mut result = Ok(());
+        for b in b0..b1 {
+            if newest.held.contains_key(&b) {
+                continue;
+            }
+            let crc = c.crcs.get(b as usize).copied().unwrap_or(0);
+            copied.push((b, crc));
+            if crc == 0 && !c.bad.contains(&b) {
+                continue;
+            }
+            run = match run {
+                Some((r0, r1)) if r1 == b && r1 - r0 < SNAP_RUN => Some((r0, b + 1)),
+                Some((r0, r1)) => {
+                    result = copy_run(r0, r1, newest);
+                    if result.is_err() {
+                        break;
+                    }
+                    Some((b, b + 1))
+                }
+                None => Some((b, b + 1)),
+            };
+        }
+        if let (Ok(()), Some((r0, r1))) = (&result, run) {
+            result = copy_run(r0, r1, newest);
+        }
+        if let Err(e) = result {
+            let errno = errno_of(&e);
+            return Err(self.io_error(errno));
+        }
+        if copied.is_empty() {
+            return Ok(());
+        }
+        for &(b, crc) in &copied {
+            newest.held.insert(b, crc);
+            Meta::put_snap_block(&mut self.batch, id, newest.id, b, crc);
+        }
+        newest.unsynced = true;
+        c.unsynced = true;
+        Ok(())
+    }
+
+    /// Makes snapshot `snap` of `id`: its (empty, sparse) file and its record. Runs when the
+    /// snapshot op holds the whole chunk; the record commits (synced) before it is answered.
+    fn snapshot_create(&mut self, id: ChunkId, snap: u64) -> Result<()> {
+        if !self.has_room() {
+            return Err(Error::NoSpace {
+                dir: self.name.clone(),
+            });
+        }
+        let c = self.chunks.get(&id).ok_or(Error::NotFound(id))?;
+        if c.snaps.iter().any(|s| s.id == snap) {
+            return Err(Error::SnapshotExists {
+                chunk: id,
+                snapshot: snap,
+            });
+        }
+        if c.snaps.len() >= MAX_SNAPSHOTS {
+            return Err(Error::Invalid(format!(
+                "chunk {id} already holds {MAX_SNAPSHOTS} snapshots"
+            )));
+        }
+        let size = c.rec.size;
+        let rec = SnapRecord {
+            gen: c.snaps.last().map_or(1, |s| s.rec.gen + 1),
+            version: c.rec.version,
+        };
+        let path = snap::snap_path(&self.dir, id, snap);
+        // A leftover of a delete whose unlink failed has no record: it may go.
+        let _ = std::fs::remove_file(&path);
+        let made = (|| -> io::Result<File> {
+            let f = self.open_file(&path, true)?;
+            f.set_len(size)?;
+            f.sync_all()?;
+            if let Some(parent) = path.parent() {
+                File::open(parent)?.sync_all()?;
+            }
+            Ok(f)
+        })();
+        let file = match made {
+            Ok(f) => f,
+            Err(e) => {
+                let _ = std::fs::remove_file(&path);
+                return Err(self.io_error(errno_of(&e)));
+            }
+        };
+        Meta::put_snap(&mut self.batch, id, snap, &rec);
+        if let Some(c) = self.chunks.get_mut(&id) {
+            c.snaps.push(Snap {
+                id: snap,
+                rec,
+                file,
+                held: HashMap::new(),
+                unsynced: false,
+            });
+        }
+        tracing::info!(dir = %self.name, chunk = %id, snapshot = snap, version = rec.version, "snapshot taken");
+        Ok(())
+    }
+
+    /// Deletes snapshot `snap` of `id`. The blocks it holds that its predecessor lacks are the
+    /// predecessor's content too: they are copied down (synced) and recorded in the same
+    /// synced batch that drops the snapshot; the rest is freed with its file.
+    fn snapshot_delete(&mut self, id: ChunkId, snap: u64, epoch: u64) -> Result<()> {
+        self.fence(id, epoch)?;
+        // Pending records (a new epoch, copies into this snapshot) go first.
+        self.commit_batch();
+        let c = self.chunks.get_mut(&id).ok_or(Error::NotFound(id))?;
+        let pos = c
+            .snaps
+            .iter()
+            .position(|s| s.id == snap)
+            .ok_or(Error::SnapshotNotFound {
+                chunk: id,
+                snapshot: snap,
+            })?;
+        let mut batch = WriteBatch::default();
+        let mut moved: Vec<(u64, u32)> = Vec::new();
+        if pos > 0 {
+            let (older, rest) = c.snaps.split_at_mut(pos);
+            let (prev, gone) = (&older[pos - 1], &rest[0]);
+            moved = gone
+                .held
+                .iter()
+                .filter(|(b, _)| !prev.held.contains_key(b))
+                .map(|(&b, &crc)| (b, crc))
+                .collect();
+            moved.sort_unstable();
+            let copy = || -> io::Result<()> {
+                let mut buf = AlignedBuf::zeroed(BLOCK as usize);
+                let mut any = false;
+                for &(b, crc) in &moved {
+                    if crc == 0 {
+                        continue;
+                    }
+                    gone.file
+                        .read_exact_at(buf.as_mut_slice(), snap::offset_of(b))?;
+                    prev.file.write_all_at(buf.as_slice(), snap::offset_of(b))?;
+                    any = true;
+                }
+                if any {
+                    prev.file.sync_data()?;
+                }
+                Ok(())
+            };
+            if let Err(e) = copy() {
+                let errno = errno_of(&e);
+                return Err(self.io_error(errno));
+            }
+            for &(b, crc) in &moved {
+                Meta::put_snap_block(&mut batch, id, prev.id, b, crc);
+            }
+        }
+        Meta::delete_snap(&mut batch, id, snap);
+        self.meta
+            .write(batch, true)
+            .map_err(|e| self.meta_error(e))?;
+        let c = self.chunks.get_mut(&id).ok_or(Error::NotFound(id))?;
+        if pos > 0 {
+            if let Some(prev) = c.snaps.get_mut(pos - 1) {
+                prev.held.extend(moved.iter().copied());
+            }
+        }
+        let gone = c.snaps.remove(pos);
+        let path = snap::snap_path(&self.dir, id, snap);
+        if let Err(e) = std::fs::remove_file(&path) {
+            tracing::warn!(file = %path.display(), "cannot remove deleted snapshot file: {e}");
+        }
+        self.retired.push(gone.file);
+        // Space was freed: look at the filesystem again on the next write.
+        self.space.checked = Instant::now() - Duration::from_secs(1);
+        tracing::info!(dir = %self.name, chunk = %id, snapshot = snap, handed_down = moved.len(), "snapshot deleted");
+        Ok(())
+    }
+
+    /// Reads `len` bytes at `offset` of snapshot `snap`, each block from where the chain puts
+    /// it, verifying every block against the checksum recorded with it. A started write has
+    /// already copied its blocks into the newest snapshot, so blocks read from the live chunk
+    /// here are never being written.
+    fn snapshot_read(&mut self, id: ChunkId, snap: u64, offset: u64, len: u64) -> Result<ReadOut> {
+        self.check_range(id, offset, len, MAX_IO)?;
+        let c = self.chunks.get(&id).ok_or(Error::NotFound(id))?;
+        let pos = c
+            .snaps
+            .iter()
+            .position(|s| s.id == snap)
+            .ok_or(Error::SnapshotNotFound {
+                chunk: id,
+                snapshot: snap,
+            })?;
+        let version = c.snaps[pos].rec.version;
+        let start = c.data_start();
+        let (b0, b1) = block_span(offset, len);
+        // Per block: the chain position it comes from (None: the live chunk) and its checksum.
+        let plan: Vec<(Option<usize>, u32)> = (b0..b1)
+            .map(|b| match snap::source(&c.snaps, pos, b) {
+                Some((j, crc)) => (Some(j), crc),
+                None => (None, c.crcs.get(b as usize).copied().unwrap_or(0)),
+            })
+            .collect();
+        let mut buf = AlignedBuf::zeroed(((b1 - b0) * BLOCK) as usize);
+        let mut k = 0usize;
+        let mut io_err = None;
+        while k < plan.len() {
+            let src = plan[k].0;
+            let mut e = k + 1;
+            while e < plan.len() && plan[e].0 == src && ((e - k) as u64) < SNAP_RUN {
+                e += 1;
+            }
+            let (file, at) = match src {
+                Some(j) => (&c.snaps[j].file, snap::offset_of(b0 + k as u64)),
+                None => (&c.file, start + (b0 + k as u64) * BLOCK),
+            };
+            let piece = &mut buf.as_mut_slice()[k * BLOCK as usize..e * BLOCK as usize];
+            if let Err(err) = file.read_exact_at(piece, at) {
+                io_err = Some(err);
+                break;
+            }
+            k = e;
+        }
+        if let Some(err) = io_err {
+            return Err(self.io_error(errno_of(&err)));
+        }
+        let bad = buf
+            .as_slice()
+            .chunks(BLOCK as usize)
+            .zip(&plan)
+            .enumerate()
+            .find(|(k, (blk, (src, crc)))| {
+                stored_crc(blk) != *crc || (src.is_none() && c.bad.contains(&(b0 + *k as u64)))
+            })
+            .map(|(k, (_, (src, _)))| (b0 + k as u64, src.is_none()));
+        if let Some((b, live)) = bad {
+            if live {
+                self.mark_bad(id, b);
+            } else {
+                metrics::counter!("ironsan_storage_checksum_errors_total", "dir" => self.name.clone())
+                    .increment(1);
+                tracing::warn!(dir = %self.name, chunk = %id, snapshot = snap, block = b, "checksum mismatch in a snapshot");
+            }
+            return Err(Error::Checksum {
+                chunk: id,
+                block: b,
+            });
+        }
+        let head = (offset - b0 * BLOCK) as usize;
+        let data = buf.freeze().slice(head..head + len as usize);
+        Ok(ReadOut { data, version })
+    }
+
+    fn snapshot_list(&self, id: ChunkId) -> Result<Vec<SnapshotInfo>> {
+        let c = self.chunks.get(&id).ok_or(Error::NotFound(id))?;
+        Ok(c.snaps
+            .iter()
+            .map(|s| SnapshotInfo {
+                id: s.id,
+                version: s.rec.version,
+                used: allocated(&s.file, 0, c.rec.size),
+                blocks: s.held.len() as u64,
+            })
+            .collect())
+    }
+
+    /// Loads the snapshots of the loaded chunks at open. A snapshot whose file is gone takes the
+    /// older ones with it (their blocks may live in it); each loss is logged.
+    fn load_snaps(&mut self, batch: &mut WriteBatch) -> Result<HashSet<(ChunkId, u64)>, String> {
+        let mut broken: HashMap<ChunkId, u64> = HashMap::new();
+        for (id, sid, rec) in self.meta.snaps()? {
+            let path = snap::snap_path(&self.dir, id, sid);
+            let file = match (rec, self.chunks.contains_key(&id)) {
+                (Some(rec), true) => match self.open_file(&path, false) {
+                    Ok(f) => Some((rec, f)),
+                    Err(e) => {
+                        tracing::error!(dir = %self.name, chunk = %id, snapshot = sid, "snapshot lost: {}: {e}", path.display());
+                        let g = broken.entry(id).or_default();
+                        *g = (*g).max(rec.gen);
+                        None
+                    }
+                },
+                (None, true) => {
+                    tracing::error!(dir = %self.name, chunk = %id, snapshot = sid, "undecodable snapshot record; snapshot dropped");
+                    broken.insert(id, u64::MAX);
+                    None
+                }
+                (_, false) => None,
+            };
+            match (file, self.chunks.get_mut(&id)) {
+                (Some((rec, file)), Some(c)) => c.snaps.push(Snap {
+                    id: sid,
+                    rec,
+                    file,
+                    held: HashMap::new(),
+                    unsynced: false,
+                }),
+                _ => Meta::delete_snap(batch, id, sid),
+            }
+        }
+        for (id, sid, b, crc) in self.meta.snap_blocks()? {
+            if let Some(s) = self
+                .chunks
+                .get_mut(&id)
+                .and_then(|c| c.snaps.iter_mut().find(|s| s.id == sid))
+            {
+                s.held.insert(b, crc);
+            }
+        }
+        let mut known = HashSet::new();
+        for (id, c) in self.chunks.iter_mut() {
+            c.snaps.sort_unstable_by_key(|s| s.rec.gen);
+            if let Some(&upto) = broken.get(id) {
+                for s in c.snaps.iter().filter(|s| s.rec.gen <= upto) {
+                    tracing::error!(dir = %self.name, chunk = %id, snapshot = s.id, "snapshot dropped: a newer one it depends on is lost");
+                    Meta::delete_snap(batch, *id, s.id);
+                }
+                c.snaps.retain(|s| s.rec.gen > upto);
+            }
+            known.extend(c.snaps.iter().map(|s| (*id, s.id)));
+        }
+        Ok(known)
+    }
+}
+
 /// What a finished op hands back.
 enum Done {
     Seq(u64),
@@ -2028,6 +2507,15 @@ fn refuse(req: Req, err: Error) {
         Req::Since { reply, .. } => {
             let _ = reply.send(Err(err));
         }
+        Req::Snapshot { reply, .. } | Req::SnapshotDelete { reply, .. } => {
+            let _ = reply.send(Err(err));
+        }
+        Req::SnapshotRead { reply, .. } => {
+            let _ = reply.send(Err(err));
+        }
+        Req::SnapshotList { reply, .. } => {
+            let _ = reply.send(Err(err));
+        }
     }
 }
 
@@ -2058,6 +2546,7 @@ fn new_chunk(file: File, rec: ChunkRecord, crcs: Vec<u32>) -> Chunk {
         waiting: VecDeque::new(),
         inflight_lsns: BTreeSet::new(),
         bad: BTreeSet::new(),
+        snaps: Vec::new(),
     }
 }
 
