@@ -383,6 +383,8 @@ enum Kind {
         /// A FUA zeroing still owes its fdatasync (issued once its writes and fallocate are
         /// done: io_uring does not order an fsync after operations submitted with it).
         sync_due: bool,
+        /// Copy-on-write into the newest snapshot, done before anything else of the write.
+        cow: Cow,
     },
     Read {
         offset: u64,
@@ -396,12 +398,32 @@ enum Kind {
     Snapshot {
         snap: u64,
     },
+    /// Snapshot deletion, holding the whole chunk like creation (no copy-on-write into the
+    /// snapshot is under way when it runs). `file` is the deleted snapshot's, unlinked once
+    /// the records are gone.
+    SnapshotDelete {
+        snap: u64,
+        file: Option<File>,
+    },
     /// Checkpoint: table pages, then fdatasync, then the records (one chunk, or all if None).
     Flush {
         stage: u8,
         targets: Vec<(ChunkId, u64)>,
         pages: Vec<AlignedBuf>,
     },
+}
+
+/// A write's copy of old blocks into the newest snapshot (see `snap.rs`).
+#[derive(Default)]
+struct Cow {
+    /// 0: nothing (left) to copy; 1: old blocks being read; 2: being written to the snapshot.
+    stage: u8,
+    /// The snapshot receiving the copies.
+    snap: u64,
+    /// Every block to record as held, with its old stored checksum (zero blocks need no data).
+    recs: Vec<(u64, u32)>,
+    /// Runs read from the chunk, (first block, data); kept alive until their writes complete.
+    bufs: Vec<(u64, AlignedBuf)>,
 }
 
 struct Op {
@@ -421,6 +443,8 @@ struct IoSlot {
     read_buf: Option<AlignedBuf>,
     /// Which block a read-modify-write edge read is for.
     edge: Option<u64>,
+    /// First block of a copy-on-write run being read.
+    cow: Option<u64>,
 }
 
 struct Engine {
@@ -1056,7 +1080,25 @@ impl Engine {
                 epoch,
                 reply,
             } => {
-                let _ = reply.send(self.snapshot_delete(id, snap, epoch));
+                let answer = Answer::Unit(Some(reply));
+                if let Err(e) = self.fence(id, epoch) {
+                    return finish_answer(answer, Err(e));
+                }
+                let size = self.chunks.get(&id).map_or(0, |c| c.rec.size);
+                let op = Op {
+                    id,
+                    kind: Kind::SnapshotDelete { snap, file: None },
+                    answer,
+                    span: Some(Span {
+                        b0: 0,
+                        b1: layout::blocks(size).max(1),
+                        write: true,
+                        op: 0,
+                    }),
+                    ios: 0,
+                    err: None,
+                };
+                self.enqueue(op);
             }
             Req::SnapshotRead {
                 id,
@@ -1171,6 +1213,7 @@ impl Engine {
                 out: Vec::new(),
                 crcs: Vec::new(),
                 sync_due: false,
+                cow: Cow::default(),
             },
             answer,
             span: Some(Span {
@@ -1296,6 +1339,23 @@ impl Engine {
                 };
                 self.submit_io(i, req, Some(b), None);
             }
+            Kind::SnapshotDelete { snap, .. } => {
+                let snap = *snap;
+                match self.snapshot_delete(id, snap) {
+                    Ok(file) => {
+                        if let Some(Op {
+                            kind: Kind::SnapshotDelete { file: f, .. },
+                            ..
+                        }) = self.ops.get_mut(i)
+                        {
+                            *f = Some(file);
+                        }
+                        self.batch_sync = true;
+                        self.batch_waiters.push(i);
+                    }
+                    Err(e) => self.finish(i, Err(e)),
+                }
+            }
             Kind::Snapshot { snap } => {
                 let snap = *snap;
                 match self.snapshot_create(id, snap) {
@@ -1307,41 +1367,56 @@ impl Engine {
                 }
             }
             Kind::Write { offset, len, .. } => {
-                let (offset, len) = (*offset, *len);
-                let (b0, b1) = block_span(offset, len);
+                let (b0, b1) = block_span(*offset, *len);
                 // Before anything of the write reaches the chunk, the newest snapshot gets the
                 // old contents of the blocks it does not hold yet.
-                if let Err(e) = self.cow(id, b0, b1) {
-                    return self.finish(i, Err(e));
-                }
-                let Some(c) = self.chunks.get(&id) else {
-                    return self.finish(i, Err(Error::NotFound(id)));
-                };
-                let (fd, start) = (c.fd(), c.data_start());
-                let end = offset + len;
-                let mut edges = Vec::new();
-                if offset % BLOCK != 0 {
-                    edges.push(b0);
-                }
-                if end % BLOCK != 0 && (b1 - 1 != b0 || edges.is_empty()) {
-                    edges.push(b1 - 1);
-                }
-                // Only partly covered blocks need their old contents (for data and zeroes alike).
-                if edges.is_empty() {
-                    return self.prepare_write(i);
-                }
-                for b in edges {
-                    let mut buf = AlignedBuf::zeroed(BLOCK as usize);
-                    let req = IoReq::Read {
-                        fd,
-                        ptr: buf.as_mut_ptr(),
-                        len: BLOCK as u32,
-                        offset: start + b * BLOCK,
-                    };
-                    self.submit_io(i, req, Some(buf), Some(b));
+                match self.cow_start(i, id, b0, b1) {
+                    Ok(true) => {}
+                    Ok(false) => self.start_edges(i),
+                    Err(e) => self.finish(i, Err(e)),
                 }
             }
             Kind::Flush { .. } => {}
+        }
+    }
+
+    /// Reads the partly covered blocks at the ends of write `i` (read-modify-write), or goes
+    /// straight to [`Self::prepare_write`] when there are none.
+    fn start_edges(&mut self, i: usize) {
+        let Some(op) = self.ops.get_mut(i) else {
+            return;
+        };
+        let id = op.id;
+        let Kind::Write { offset, len, .. } = &op.kind else {
+            return;
+        };
+        let (offset, len) = (*offset, *len);
+        let (b0, b1) = block_span(offset, len);
+        let Some(c) = self.chunks.get(&id) else {
+            return self.finish(i, Err(Error::NotFound(id)));
+        };
+        let (fd, start) = (c.fd(), c.data_start());
+        let end = offset + len;
+        let mut edges = Vec::new();
+        if offset % BLOCK != 0 {
+            edges.push(b0);
+        }
+        if end % BLOCK != 0 && (b1 - 1 != b0 || edges.is_empty()) {
+            edges.push(b1 - 1);
+        }
+        // Only partly covered blocks need their old contents (for data and zeroes alike).
+        if edges.is_empty() {
+            return self.prepare_write(i);
+        }
+        for b in edges {
+            let mut buf = AlignedBuf::zeroed(BLOCK as usize);
+            let req = IoReq::Read {
+                fd,
+                ptr: buf.as_mut_ptr(),
+                len: BLOCK as u32,
+                offset: start + b * BLOCK,
+            };
+            self.submit_io(i, req, Some(buf), Some(b));
         }
     }
 
@@ -1361,7 +1436,28 @@ impl Engine {
             want,
             read_buf,
             edge,
+            cow: None,
         });
+        self.push_io(op, slot, req);
+    }
+
+    /// Queues the read of a copy-on-write run starting at block `r0` into `buf`.
+    fn submit_cow_read(&mut self, op: usize, req: IoReq, buf: AlignedBuf, r0: u64) {
+        let want = match req {
+            IoReq::Read { len, .. } => len,
+            _ => 0,
+        };
+        let slot = self.ios.insert(IoSlot {
+            op,
+            want,
+            read_buf: Some(buf),
+            edge: None,
+            cow: Some(r0),
+        });
+        self.push_io(op, slot, req);
+    }
+
+    fn push_io(&mut self, op: usize, slot: usize, req: IoReq) {
         if let Some(o) = self.ops.get_mut(op) {
             o.ios += 1;
         }
@@ -1586,6 +1682,17 @@ impl Engine {
             }
             Kind::Flush { stage, .. } if *stage == 2 => self.finish(i, Ok(Done::Unit)),
             Kind::Snapshot { .. } => self.finish(i, Ok(Done::Unit)),
+            Kind::SnapshotDelete { snap, file } => {
+                let (snap, file) = (*snap, file.take());
+                let path = snap::snap_path(&self.dir, id, snap);
+                if let Err(e) = std::fs::remove_file(&path) {
+                    tracing::warn!(file = %path.display(), "cannot remove deleted snapshot file: {e}");
+                }
+                self.retired.extend(file);
+                // Space was freed: look at the filesystem again on the next write.
+                self.space.checked = Instant::now() - Duration::from_secs(1);
+                self.finish(i, Ok(Done::Unit));
+            }
             _ => {}
         }
     }
@@ -1622,11 +1729,11 @@ impl Engine {
         };
         match &mut op.kind {
             Kind::Read { buf, .. } => *buf = slot.read_buf,
-            Kind::Write { edges, .. } => {
-                if let (Some(b), Some(data)) = (slot.edge, slot.read_buf) {
-                    edges.push((b, data));
-                }
-            }
+            Kind::Write { edges, cow, .. } => match (slot.edge, slot.cow, slot.read_buf) {
+                (Some(b), _, Some(data)) => edges.push((b, data)),
+                (None, Some(r0), Some(data)) => cow.bufs.push((r0, data)),
+                _ => {}
+            },
             _ => {}
         }
         if op.ios > 0 {
@@ -1637,6 +1744,11 @@ impl Engine {
         }
         match &op.kind {
             Kind::Read { .. } => self.read_done(i),
+            Kind::Write { cow, .. } if cow.stage == 1 => self.cow_write(i),
+            Kind::Write { cow, .. } if cow.stage == 2 => {
+                self.cow_commit(i);
+                self.start_edges(i)
+            }
             Kind::Write { lsn, edges, .. } => {
                 if *lsn == 0 {
                     // Edge reads are in: verify them before building on them.
@@ -1667,7 +1779,7 @@ impl Engine {
                 }
             }
             Kind::Flush { .. } => self.flush_advance(i),
-            Kind::Delete | Kind::Snapshot { .. } => {}
+            Kind::Delete | Kind::Snapshot { .. } | Kind::SnapshotDelete { .. } => {}
         }
     }
 
@@ -2090,67 +2202,134 @@ impl Engine {
 const SNAP_RUN: u64 = 256;
 
 impl Engine {
-    /// Copies the blocks of `[b0, b1)` that the newest snapshot does not hold yet into its
-    /// file, and queues their old checksums for the next batch, which commits before the
-    /// write's data is issued. The calling op holds these blocks, so nothing changes them
-    /// meanwhile. Zero blocks are recorded without data (a hole in the snapshot file).
-    fn cow(&mut self, id: ChunkId, b0: u64, b1: u64) -> Result<()> {
-        let Some(c) = self.chunks.get_mut(&id) else {
-            return Err(Error::NotFound(id));
+    /// Starts write `i`'s copy of the blocks of `[b0, b1)` that the newest snapshot does not
+    /// hold yet: their old data is read from the chunk (in runs), written to the snapshot's
+    /// file, and only then ([`Self::cow_commit`]) recorded, before the write's own log record
+    /// and data. The op holds these blocks, so nothing else changes them meanwhile; zero blocks
+    /// are recorded without data (a hole in the snapshot file). Returns whether I/O is under way.
+    fn cow_start(&mut self, i: usize, id: ChunkId, b0: u64, b1: u64) -> Result<bool> {
+        let c = self.chunks.get(&id).ok_or(Error::NotFound(id))?;
+        let Some(newest) = c.snaps.last() else {
+            return Ok(false);
         };
-        let start = layout::data_start(c.rec.size);
-        let Some(newest) = c.snaps.last_mut() else {
-            return Ok(());
-        };
-        let mut copied: Vec<(u64, u32)> = Vec::new();
-        let mut run: Option<(u64, u64)> = None;
-        let copy_run = |r0: u64, r1: u64, newest: &Snap| -> io::Result<()> {
-            let mut buf = AlignedBuf::zeroed(((r1 - r0) * BLOCK) as usize);
-            c.file
-                .read_exact_at(buf.as_mut_slice(), start + r0 * BLOCK)?;
-            newest
-                .file
-                .write_all_at(buf.as_slice(), snap::offset_of(r0))
-        };
-        let mut result = Ok(());
+        let mut recs: Vec<(u64, u32)> = Vec::new();
+        let mut runs: Vec<(u64, u64)> = Vec::new();
         for b in b0..b1 {
             if newest.held.contains_key(&b) {
                 continue;
             }
             let crc = c.crcs.get(b as usize).copied().unwrap_or(0);
-            copied.push((b, crc));
+            recs.push((b, crc));
             if crc == 0 && !c.bad.contains(&b) {
                 continue;
             }
-            run = match run {
-                Some((r0, r1)) if r1 == b && r1 - r0 < SNAP_RUN => Some((r0, b + 1)),
-                Some((r0, r1)) => {
-                    result = copy_run(r0, r1, newest);
-                    if result.is_err() {
-                        break;
-                    }
-                    Some((b, b + 1))
-                }
-                None => Some((b, b + 1)),
+            match runs.last_mut() {
+                Some((r0, r1)) if *r1 == b && *r1 - *r0 < SNAP_RUN => *r1 = b + 1,
+                _ => runs.push((b, b + 1)),
+            }
+        }
+        if recs.is_empty() {
+            return Ok(false);
+        }
+        let (fd, start, snap) = (c.fd(), c.data_start(), newest.id);
+        if let Some(Op {
+            kind: Kind::Write { cow, .. },
+            ..
+        }) = self.ops.get_mut(i)
+        {
+            *cow = Cow {
+                stage: 1,
+                snap,
+                recs,
+                bufs: Vec::new(),
             };
         }
-        if let (Ok(()), Some((r0, r1))) = (&result, run) {
-            result = copy_run(r0, r1, newest);
+        if runs.is_empty() {
+            self.cow_commit(i);
+            return Ok(false);
         }
-        if let Err(e) = result {
-            let errno = errno_of(&e);
-            return Err(self.io_error(errno));
+        for (r0, r1) in runs {
+            let mut buf = AlignedBuf::zeroed(((r1 - r0) * BLOCK) as usize);
+            let req = IoReq::Read {
+                fd,
+                ptr: buf.as_mut_ptr(),
+                len: buf.len() as u32,
+                offset: start + r0 * BLOCK,
+            };
+            self.submit_cow_read(i, req, buf, r0);
         }
-        if copied.is_empty() {
-            return Ok(());
+        Ok(true)
+    }
+
+    /// The old blocks of write `i` are in: write them to the snapshot's file.
+    fn cow_write(&mut self, i: usize) {
+        let Some(op) = self.ops.get_mut(i) else {
+            return;
+        };
+        let id = op.id;
+        let Kind::Write { cow, .. } = &mut op.kind else {
+            return;
+        };
+        cow.stage = 2;
+        let fd = self
+            .chunks
+            .get(&id)
+            .and_then(|c| c.snaps.iter().find(|s| s.id == cow.snap))
+            .map(|s| s.file.as_raw_fd());
+        let Some(fd) = fd else {
+            // Snapshot creates and deletes hold the whole chunk: they cannot run meanwhile.
+            return self.finish(
+                i,
+                Err(Error::Invalid(
+                    "internal: copy-on-write target vanished".into(),
+                )),
+            );
+        };
+        let reqs: Vec<IoReq> = cow
+            .bufs
+            .iter()
+            .map(|(r0, buf)| IoReq::Write {
+                fd,
+                ptr: buf.as_slice().as_ptr(),
+                len: buf.len() as u32,
+                offset: snap::offset_of(*r0),
+                dsync: false,
+            })
+            .collect();
+        if reqs.is_empty() {
+            self.cow_commit(i);
+            return self.start_edges(i);
         }
-        for &(b, crc) in &copied {
-            newest.held.insert(b, crc);
-            Meta::put_snap_block(&mut self.batch, id, newest.id, b, crc);
+        for r in reqs {
+            self.submit_io(i, r, None, None);
         }
-        newest.unsynced = true;
-        c.unsynced = true;
-        Ok(())
+    }
+
+    /// The copies of write `i` are in the snapshot's file: record them (in the batch that
+    /// precedes the write's data) and mark the blocks held.
+    fn cow_commit(&mut self, i: usize) {
+        let Some(op) = self.ops.get_mut(i) else {
+            return;
+        };
+        let id = op.id;
+        let Kind::Write { cow, .. } = &mut op.kind else {
+            return;
+        };
+        let cow = std::mem::take(cow);
+        let Some(c) = self.chunks.get_mut(&id) else {
+            return;
+        };
+        let Some(s) = c.snaps.iter_mut().find(|s| s.id == cow.snap) else {
+            return;
+        };
+        for (b, crc) in cow.recs {
+            s.held.insert(b, crc);
+            Meta::put_snap_block(&mut self.batch, id, s.id, b, crc);
+        }
+        if !cow.bufs.is_empty() {
+            s.unsynced = true;
+            c.unsynced = true;
+        }
     }
 
     /// Makes snapshot `snap` of `id`: its (empty, sparse) file and its record. Runs when the
@@ -2211,13 +2390,12 @@ impl Engine {
         Ok(())
     }
 
-    /// Deletes snapshot `snap` of `id`. The blocks it holds that its predecessor lacks are the
-    /// predecessor's content too: they are copied down (synced) and recorded in the same
-    /// synced batch that drops the snapshot; the rest is freed with its file.
-    fn snapshot_delete(&mut self, id: ChunkId, snap: u64, epoch: u64) -> Result<()> {
-        self.fence(id, epoch)?;
-        // Pending records (a new epoch, copies into this snapshot) go first.
-        self.commit_batch();
+    /// Deletes snapshot `snap` of `id` while its op holds the whole chunk. The blocks it holds
+    /// that its predecessor lacks are the predecessor's content too: they are copied down
+    /// (synced) and recorded in the same synced batch that drops the snapshot; the rest is
+    /// freed with its file, which the caller unlinks once that batch is in. A crash before the
+    /// batch leaves the snapshot whole (the predecessor's extra data is unreferenced).
+    fn snapshot_delete(&mut self, id: ChunkId, snap: u64) -> Result<File> {
         let c = self.chunks.get_mut(&id).ok_or(Error::NotFound(id))?;
         let pos = c
             .snaps
@@ -2227,11 +2405,9 @@ impl Engine {
                 chunk: id,
                 snapshot: snap,
             })?;
-        let mut batch = WriteBatch::default();
         let mut moved: Vec<(u64, u32)> = Vec::new();
         if pos > 0 {
-            let (older, rest) = c.snaps.split_at_mut(pos);
-            let (prev, gone) = (&older[pos - 1], &rest[0]);
+            let (prev, gone) = (&c.snaps[pos - 1], &c.snaps[pos]);
             moved = gone
                 .held
                 .iter()
@@ -2239,6 +2415,7 @@ impl Engine {
                 .map(|(&b, &crc)| (b, crc))
                 .collect();
             moved.sort_unstable();
+            // Rare and bounded by the snapshot's size: plain pread/pwrite on this thread.
             let copy = || -> io::Result<()> {
                 let mut buf = AlignedBuf::zeroed(BLOCK as usize);
                 let mut any = false;
@@ -2260,14 +2437,12 @@ impl Engine {
                 let errno = errno_of(&e);
                 return Err(self.io_error(errno));
             }
+            let prev_id = prev.id;
             for &(b, crc) in &moved {
-                Meta::put_snap_block(&mut batch, id, prev.id, b, crc);
+                Meta::put_snap_block(&mut self.batch, id, prev_id, b, crc);
             }
         }
-        Meta::delete_snap(&mut batch, id, snap);
-        self.meta
-            .write(batch, true)
-            .map_err(|e| self.meta_error(e))?;
+        Meta::delete_snap(&mut self.batch, id, snap);
         let c = self.chunks.get_mut(&id).ok_or(Error::NotFound(id))?;
         if pos > 0 {
             if let Some(prev) = c.snaps.get_mut(pos - 1) {
@@ -2275,15 +2450,8 @@ impl Engine {
             }
         }
         let gone = c.snaps.remove(pos);
-        let path = snap::snap_path(&self.dir, id, snap);
-        if let Err(e) = std::fs::remove_file(&path) {
-            tracing::warn!(file = %path.display(), "cannot remove deleted snapshot file: {e}");
-        }
-        self.retired.push(gone.file);
-        // Space was freed: look at the filesystem again on the next write.
-        self.space.checked = Instant::now() - Duration::from_secs(1);
         tracing::info!(dir = %self.name, chunk = %id, snapshot = snap, handed_down = moved.len(), "snapshot deleted");
-        Ok(())
+        Ok(gone.file)
     }
 
     /// Reads `len` bytes at `offset` of snapshot `snap`, each block from where the chain puts
