@@ -9,10 +9,12 @@
 //! A write goes through these steps:
 //! 1. fencing (epoch) and range checks; requests overlapping an in-flight write on the same
 //!    4 KiB blocks wait, so a read never sees a block whose table entry is being changed;
-//! 2. partial 4 KiB blocks at either end are read and verified (read-modify-write);
-//! 3. the log record with the new blocks' checksums is written to RocksDB;
-//! 4. the data is written (O_DIRECT where possible, `RWF_DSYNC` for FUA);
-//! 5. the in-memory table is updated and the writer answered.
+//! 2. if the chunk has snapshots, the blocks the newest one does not hold yet are copied into
+//!    it (read, written to its file, recorded with their old checksums: see `snap.rs`);
+//! 3. partial 4 KiB blocks at either end are read and verified (read-modify-write);
+//! 4. the log record with the new blocks' checksums is written to RocksDB;
+//! 5. the data is written (O_DIRECT where possible, `RWF_DSYNC` for FUA);
+//! 6. the in-memory table is updated and the writer answered.
 //!
 //! The table reaches the file at checkpoints (each flush, and every few seconds). Because the
 //! log record precedes the data, recovery after a crash can settle every block written since
@@ -1054,25 +1056,7 @@ impl Engine {
                 epoch,
                 reply,
             } => {
-                let answer = Answer::Unit(Some(reply));
-                if let Err(e) = self.fence(id, epoch) {
-                    return finish_answer(answer, Err(e));
-                }
-                let size = self.chunks.get(&id).map_or(0, |c| c.rec.size);
-                let op = Op {
-                    id,
-                    kind: Kind::Snapshot { snap },
-                    answer,
-                    span: Some(Span {
-                        b0: 0,
-                        b1: layout::blocks(size).max(1),
-                        write: true,
-                        op: 0,
-                    }),
-                    ios: 0,
-                    err: None,
-                };
-                self.enqueue(op);
+                self.admit_whole_chunk(id, epoch, Kind::Snapshot { snap }, Some(reply));
             }
             Req::SnapshotDelete {
                 id,
@@ -1080,25 +1064,12 @@ impl Engine {
                 epoch,
                 reply,
             } => {
-                let answer = Answer::Unit(Some(reply));
-                if let Err(e) = self.fence(id, epoch) {
-                    return finish_answer(answer, Err(e));
-                }
-                let size = self.chunks.get(&id).map_or(0, |c| c.rec.size);
-                let op = Op {
+                self.admit_whole_chunk(
                     id,
-                    kind: Kind::SnapshotDelete { snap, file: None },
-                    answer,
-                    span: Some(Span {
-                        b0: 0,
-                        b1: layout::blocks(size).max(1),
-                        write: true,
-                        op: 0,
-                    }),
-                    ios: 0,
-                    err: None,
-                };
-                self.enqueue(op);
+                    epoch,
+                    Kind::SnapshotDelete { snap, file: None },
+                    Some(reply),
+                );
             }
             Req::SnapshotRead {
                 id,
@@ -1134,6 +1105,30 @@ impl Engine {
                 self.enqueue(op);
             }
         }
+    }
+
+    /// Fences and queues an op that holds the whole chunk (snapshot create and delete): it
+    /// starts once every op admitted before it on the chunk is done, and ops admitted after it
+    /// wait for it.
+    fn admit_whole_chunk(&mut self, id: ChunkId, epoch: u64, kind: Kind, reply: Option<Reply<()>>) {
+        let answer = Answer::Unit(reply);
+        if let Err(e) = self.fence(id, epoch) {
+            return finish_answer(answer, Err(e));
+        }
+        let size = self.chunks.get(&id).map_or(0, |c| c.rec.size);
+        self.enqueue(Op {
+            id,
+            kind,
+            answer,
+            span: Some(Span {
+                b0: 0,
+                b1: layout::blocks(size).max(1),
+                write: true,
+                op: 0,
+            }),
+            ios: 0,
+            err: None,
+        });
     }
 
     /// Epoch check of a request on `id`; a newer epoch is queued for a synced record, which
