@@ -400,6 +400,18 @@ enum Kind {
     Snapshot {
         snap: u64,
     },
+    /// Read of a snapshot: each run of blocks from the file the chain puts it in (`plan`: per
+    /// block, the chain position or `None` for the chunk, and the checksum to verify), all into
+    /// `buf`. Holds its blocks like a read, so no write changes them and no snapshot create or
+    /// delete reshapes the chain meanwhile.
+    SnapRead {
+        snap: u64,
+        offset: u64,
+        len: u64,
+        buf: AlignedBuf,
+        plan: Vec<(Option<usize>, u32)>,
+        version: u64,
+    },
     /// Snapshot deletion, holding the whole chunk like creation (no copy-on-write into the
     /// snapshot is under way when it runs). `file` is the deleted snapshot's, unlinked once
     /// the records are gone.
@@ -447,6 +459,8 @@ struct IoSlot {
     edge: Option<u64>,
     /// First block of a copy-on-write run being read.
     cow: Option<u64>,
+    /// A read (a short one is an I/O error; a short write means a full disk).
+    read: bool,
 }
 
 struct Engine {
@@ -1078,7 +1092,31 @@ impl Engine {
                 len,
                 reply,
             } => {
-                let _ = reply.send(self.snapshot_read(id, snap, offset, len));
+                let answer = Answer::Read(reply);
+                if let Err(e) = self.check_range(id, offset, len, MAX_IO) {
+                    return finish_answer(answer, Err(e));
+                }
+                let (b0, b1) = block_span(offset, len);
+                self.enqueue(Op {
+                    id,
+                    kind: Kind::SnapRead {
+                        snap,
+                        offset,
+                        len,
+                        buf: AlignedBuf::zeroed(0),
+                        plan: Vec::new(),
+                        version: 0,
+                    },
+                    answer,
+                    span: Some(Span {
+                        b0,
+                        b1,
+                        write: false,
+                        op: 0,
+                    }),
+                    ios: 0,
+                    err: None,
+                });
             }
             Req::SnapshotList { id, reply } => {
                 let _ = reply.send(self.snapshot_list(id));
@@ -1334,6 +1372,7 @@ impl Engine {
                 };
                 self.submit_io(i, req, Some(b), None);
             }
+            Kind::SnapRead { .. } => self.snapshot_read_start(i),
             Kind::SnapshotDelete { snap, .. } => {
                 let snap = *snap;
                 match self.snapshot_delete(id, snap) {
@@ -1429,6 +1468,7 @@ impl Engine {
         let slot = self.ios.insert(IoSlot {
             op,
             want,
+            read: matches!(req, IoReq::Read { .. }),
             read_buf,
             edge,
             cow: None,
@@ -1448,6 +1488,7 @@ impl Engine {
             read_buf: Some(buf),
             edge: None,
             cow: Some(r0),
+            read: true,
         });
         self.push_io(op, slot, req);
     }
@@ -1709,7 +1750,7 @@ impl Engine {
         }
         if slot.want != 0 && res as u32 != slot.want {
             // Inside a file's size a short read means trouble, and a short write a full disk.
-            let err = if slot.read_buf.is_some() {
+            let err = if slot.read {
                 Error::Io {
                     dir: self.name.clone(),
                     source: io::Error::other(format!("short read: {res} of {} bytes", slot.want)),
@@ -1774,6 +1815,7 @@ impl Engine {
                 }
             }
             Kind::Flush { .. } => self.flush_advance(i),
+            Kind::SnapRead { .. } => self.snapshot_read_done(i),
             Kind::Delete | Kind::Snapshot { .. } | Kind::SnapshotDelete { .. } => {}
         }
     }
@@ -2449,63 +2491,100 @@ impl Engine {
         Ok(gone.file)
     }
 
-    /// Reads `len` bytes at `offset` of snapshot `snap`, each block from where the chain puts
-    /// it, verifying every block against the checksum recorded with it. A started write has
-    /// already copied its blocks into the newest snapshot, so blocks read from the live chunk
-    /// here are never being written.
-    fn snapshot_read(&mut self, id: ChunkId, snap: u64, offset: u64, len: u64) -> Result<ReadOut> {
-        self.check_range(id, offset, len, MAX_IO)?;
-        let c = self.chunks.get(&id).ok_or(Error::NotFound(id))?;
-        let pos = c
-            .snaps
-            .iter()
-            .position(|s| s.id == snap)
-            .ok_or(Error::SnapshotNotFound {
+    /// Starts snapshot read `i`: plans where each block comes from (the oldest snapshot at or
+    /// after this one holding it, else the chunk) and reads each run into the op's buffer.
+    fn snapshot_read_start(&mut self, i: usize) {
+        let Some(op) = self.ops.get_mut(i) else {
+            return;
+        };
+        let id = op.id;
+        let Kind::SnapRead {
+            snap,
+            offset,
+            len,
+            buf,
+            plan,
+            version,
+        } = &mut op.kind
+        else {
+            return;
+        };
+        let Some(c) = self.chunks.get(&id) else {
+            return self.finish(i, Err(Error::NotFound(id)));
+        };
+        let Some(pos) = c.snaps.iter().position(|s| s.id == *snap) else {
+            let err = Error::SnapshotNotFound {
                 chunk: id,
-                snapshot: snap,
-            })?;
-        let version = c.snaps[pos].rec.version;
-        let start = c.data_start();
-        let (b0, b1) = block_span(offset, len);
-        // Per block: the chain position it comes from (None: the live chunk) and its checksum.
-        let plan: Vec<(Option<usize>, u32)> = (b0..b1)
+                snapshot: *snap,
+            };
+            return self.finish(i, Err(err));
+        };
+        *version = c.snaps[pos].rec.version;
+        let (b0, b1) = block_span(*offset, *len);
+        *plan = (b0..b1)
             .map(|b| match snap::source(&c.snaps, pos, b) {
                 Some((j, crc)) => (Some(j), crc),
                 None => (None, c.crcs.get(b as usize).copied().unwrap_or(0)),
             })
             .collect();
-        let mut buf = AlignedBuf::zeroed(((b1 - b0) * BLOCK) as usize);
+        *buf = AlignedBuf::zeroed(((b1 - b0) * BLOCK) as usize);
+        let mut reqs = Vec::new();
         let mut k = 0usize;
-        let mut io_err = None;
         while k < plan.len() {
             let src = plan[k].0;
             let mut e = k + 1;
             while e < plan.len() && plan[e].0 == src && ((e - k) as u64) < SNAP_RUN {
                 e += 1;
             }
-            let (file, at) = match src {
-                Some(j) => (&c.snaps[j].file, snap::offset_of(b0 + k as u64)),
-                None => (&c.file, start + (b0 + k as u64) * BLOCK),
+            let (fd, at) = match src.and_then(|j| c.snaps.get(j)) {
+                Some(s) => (s.file.as_raw_fd(), snap::offset_of(b0 + k as u64)),
+                None => (c.fd(), c.data_start() + (b0 + k as u64) * BLOCK),
             };
             let piece = &mut buf.as_mut_slice()[k * BLOCK as usize..e * BLOCK as usize];
-            if let Err(err) = file.read_exact_at(piece, at) {
-                io_err = Some(err);
-                break;
-            }
+            reqs.push(IoReq::Read {
+                fd,
+                ptr: piece.as_mut_ptr(),
+                len: piece.len() as u32,
+                offset: at,
+            });
             k = e;
         }
-        if let Some(err) = io_err {
-            return Err(self.io_error(errno_of(&err)));
+        for r in reqs {
+            self.submit_io(i, r, None, None);
         }
+    }
+
+    /// Snapshot read `i` is in: verify every block against the checksum recorded with it. A
+    /// mismatch is an error, never data; in a snapshot's own block it does not mark the chunk.
+    fn snapshot_read_done(&mut self, i: usize) {
+        let Some(op) = self.ops.get_mut(i) else {
+            return;
+        };
+        let id = op.id;
+        let Kind::SnapRead {
+            snap,
+            offset,
+            len,
+            buf,
+            plan,
+            version,
+        } = &mut op.kind
+        else {
+            return;
+        };
+        let (snap, offset, len, version) = (*snap, *offset, *len, *version);
+        let (b0, _) = block_span(offset, len);
+        let bad_live = |b: u64| self.chunks.get(&id).is_some_and(|c| c.bad.contains(&b));
         let bad = buf
             .as_slice()
             .chunks(BLOCK as usize)
-            .zip(&plan)
+            .zip(plan.iter())
             .enumerate()
             .find(|(k, (blk, (src, crc)))| {
-                stored_crc(blk) != *crc || (src.is_none() && c.bad.contains(&(b0 + *k as u64)))
+                stored_crc(blk) != *crc || (src.is_none() && bad_live(b0 + *k as u64))
             })
             .map(|(k, (_, (src, _)))| (b0 + k as u64, src.is_none()));
+        let buf = std::mem::replace(buf, AlignedBuf::zeroed(0));
         if let Some((b, live)) = bad {
             if live {
                 self.mark_bad(id, b);
@@ -2514,14 +2593,15 @@ impl Engine {
                     .increment(1);
                 tracing::warn!(dir = %self.name, chunk = %id, snapshot = snap, block = b, "checksum mismatch in a snapshot");
             }
-            return Err(Error::Checksum {
+            let err = Error::Checksum {
                 chunk: id,
                 block: b,
-            });
+            };
+            return self.finish(i, Err(err));
         }
         let head = (offset - b0 * BLOCK) as usize;
         let data = buf.freeze().slice(head..head + len as usize);
-        Ok(ReadOut { data, version })
+        self.finish(i, Ok(Done::Read(ReadOut { data, version })))
     }
 
     fn snapshot_list(&self, id: ChunkId) -> Result<Vec<SnapshotInfo>> {
