@@ -2330,7 +2330,7 @@ impl Engine {
                 ptr: buf.as_slice().as_ptr(),
                 len: buf.len() as u32,
                 offset: snap::offset_of(*r0),
-                dsync: false,
+                dsync: true,
             })
             .collect();
         if reqs.is_empty() {
@@ -2363,6 +2363,10 @@ impl Engine {
             s.held.insert(b, crc);
             Meta::put_snap_block(&mut self.batch, id, s.id, b, crc);
         }
+        // The old data may have been flushed long ago: the copy (written with RWF_DSYNC) and its
+        // records must be durable before the block is overwritten, or a power loss could leave
+        // the snapshot without it.
+        self.batch_sync = true;
         if !cow.bufs.is_empty() {
             s.unsynced = true;
             c.unsynced = true;
