@@ -606,3 +606,38 @@ async fn two_hundred_snapshots_each_keep_their_block() {
     assert!(list.iter().all(|x| x.blocks <= 2), "{:?}", &list[..3]);
     s.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unmapping_more_than_the_copy_window_copies_all_of_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open_store(dir.path());
+    let id = ChunkId::new(9, 0);
+    s.create(id, 32 * MIB, 1).await.unwrap();
+    // 24 MiB of data around an 8 MiB hole: copied in windows of at most 8 MiB.
+    for k in [0u64, 1, 3] {
+        s.write(id, k * 8 * MIB, pattern(k, 8 * MIB), w(1))
+            .await
+            .unwrap();
+    }
+    s.snapshot(id, 1, 1).await.unwrap();
+    s.write_zeroes(id, 0, 32 * MIB, true, w(1)).await.unwrap();
+    for k in 0..4u64 {
+        let want = if k == 2 {
+            Bytes::from(vec![0u8; 8 * MIB as usize])
+        } else {
+            pattern(k, 8 * MIB)
+        };
+        let got = s.snapshot_read(id, 1, k * 8 * MIB, 8 * MIB).await.unwrap();
+        assert!(got.data == want, "snapshot range {k}");
+        let live = s.read(id, k * 8 * MIB, 8 * MIB, 0).await.unwrap().data;
+        assert!(live.iter().all(|&b| b == 0), "live range {k} unmapped");
+    }
+    let list = s.snapshots(id).await.unwrap();
+    assert_eq!(list[0].blocks, 32 * MIB / 4096);
+    assert!(
+        (24 * MIB..25 * MIB).contains(&list[0].used),
+        "{}",
+        list[0].used
+    );
+    s.shutdown().await;
+}

@@ -438,6 +438,10 @@ struct Cow {
     recs: Vec<(u64, u32)>,
     /// Runs read from the chunk, (first block, data); kept alive until their writes complete.
     bufs: Vec<(u64, AlignedBuf)>,
+    /// Runs `[r0, r1)` not read yet: a large zeroing copies [`COW_WINDOW`] at a time.
+    todo: VecDeque<(u64, u64)>,
+    /// Some data was written to the snapshot's file.
+    wrote: bool,
 }
 
 struct Op {
@@ -1782,8 +1786,9 @@ impl Engine {
             Kind::Read { .. } => self.read_done(i),
             Kind::Write { cow, .. } if cow.stage == 1 => self.cow_write(i),
             Kind::Write { cow, .. } if cow.stage == 2 => {
-                self.cow_commit(i);
-                self.start_edges(i)
+                if !self.cow_read_next(i) {
+                    self.start_edges(i)
+                }
             }
             Kind::Write { lsn, edges, .. } => {
                 if *lsn == 0 {
@@ -2237,6 +2242,8 @@ impl Engine {
 
 /// Longest run copied or read in one system call by the snapshot paths.
 const SNAP_RUN: u64 = 256;
+/// Most bytes one write's copy-on-write holds in memory at a time.
+const COW_WINDOW: u64 = 8 << 20;
 
 impl Engine {
     /// Starts write `i`'s copy of the blocks of `[b0, b1)` that the newest snapshot does not
@@ -2268,7 +2275,7 @@ impl Engine {
         if recs.is_empty() {
             return Ok(false);
         }
-        let (fd, start, snap) = (c.fd(), c.data_start(), newest.id);
+        let snap = newest.id;
         if let Some(Op {
             kind: Kind::Write { cow, .. },
             ..
@@ -2279,23 +2286,53 @@ impl Engine {
                 snap,
                 recs,
                 bufs: Vec::new(),
+                todo: runs.into(),
+                wrote: false,
             };
         }
-        if runs.is_empty() {
-            self.cow_commit(i);
-            return Ok(false);
-        }
-        for (r0, r1) in runs {
+        Ok(self.cow_read_next(i))
+    }
+
+    /// Reads the next window of write `i`'s copy runs. Returns false (after recording the copy
+    /// with [`Self::cow_commit`]) when none is left.
+    fn cow_read_next(&mut self, i: usize) -> bool {
+        let Some(op) = self.ops.get_mut(i) else {
+            return false;
+        };
+        let id = op.id;
+        let Kind::Write { cow, .. } = &mut op.kind else {
+            return false;
+        };
+        let Some(c) = self.chunks.get(&id) else {
+            return false;
+        };
+        let (fd, start) = (c.fd(), c.data_start());
+        cow.stage = 1;
+        cow.bufs.clear();
+        let mut reqs = Vec::new();
+        let mut bytes = 0;
+        while bytes < COW_WINDOW {
+            let Some((r0, r1)) = cow.todo.pop_front() else {
+                break;
+            };
             let mut buf = AlignedBuf::zeroed(((r1 - r0) * BLOCK) as usize);
+            bytes += buf.len() as u64;
             let req = IoReq::Read {
                 fd,
                 ptr: buf.as_mut_ptr(),
                 len: buf.len() as u32,
                 offset: start + r0 * BLOCK,
             };
+            reqs.push((req, buf, r0));
+        }
+        if reqs.is_empty() {
+            self.cow_commit(i);
+            return false;
+        }
+        for (req, buf, r0) in reqs {
             self.submit_cow_read(i, req, buf, r0);
         }
-        Ok(true)
+        true
     }
 
     /// The old blocks of write `i` are in: write them to the snapshot's file.
@@ -2308,6 +2345,7 @@ impl Engine {
             return;
         };
         cow.stage = 2;
+        cow.wrote |= !cow.bufs.is_empty();
         let fd = self
             .chunks
             .get(&id)
@@ -2334,8 +2372,10 @@ impl Engine {
             })
             .collect();
         if reqs.is_empty() {
-            self.cow_commit(i);
-            return self.start_edges(i);
+            if !self.cow_read_next(i) {
+                self.start_edges(i);
+            }
+            return;
         }
         for r in reqs {
             self.submit_io(i, r, None, None);
@@ -2367,7 +2407,7 @@ impl Engine {
         // records must be durable before the block is overwritten, or a power loss could leave
         // the snapshot without it.
         self.batch_sync = true;
-        if !cow.bufs.is_empty() {
+        if cow.wrote {
             s.unsynced = true;
             c.unsynced = true;
         }
