@@ -372,11 +372,32 @@ impl Client {
     /// pieces share this connection and a slow consumer holds up its other answers: give
     /// rebuilds their own connection ([`Pool::copy`] does).
     pub async fn copy(&self, id: ChunkId, since: u64, epoch: u64) -> Result<CopyStream> {
+        self.copy_stream(id, since, epoch, 0).await
+    }
+
+    /// Streams the whole content of snapshot `snap` (non-zero) of chunk `id`, as [`Self::copy`]
+    /// does a chunk: the rebuild of a snapshot on a new replica. The stream's version is the
+    /// chunk's when the snapshot was taken; it is always `full`.
+    pub async fn copy_snapshot(&self, id: ChunkId, snap: u64) -> Result<CopyStream> {
+        if snap == 0 {
+            return Err(Error::Invalid("snapshot ids are non-zero".into()));
+        }
+        self.copy_stream(id, 0, 0, snap).await
+    }
+
+    async fn copy_stream(
+        &self,
+        id: ChunkId,
+        since: u64,
+        epoch: u64,
+        snapshot: u64,
+    ) -> Result<CopyStream> {
         let conn = &*self.conn;
         let (stx, srx) = mpsc::channel(8);
         let mut req = Self::request(Op::Copy, id);
         req.since = since;
         req.epoch = epoch;
+        req.snapshot = snapshot;
         req.request_id = conn.register(Waiter::Stream(stx))?;
         let mut stream = CopyStream {
             client: self.clone(),

@@ -150,6 +150,23 @@ async fn snapshot_keeps_a_while_the_chunk_reads_b() {
         Bytes::from(vec![0u8; 8192])
     );
 
+    // The rebuild's streaming read of the snapshot: all of it, the version when taken.
+    let mut stream = c.copy_snapshot(C, 100).await.unwrap();
+    assert!(stream.full);
+    assert_eq!(stream.version, 1);
+    let mut streamed = vec![0u8; CHUNK as usize];
+    while let Some(piece) = stream.next().await {
+        let (off, data) = piece.unwrap();
+        streamed[off as usize..off as usize + data.len()].copy_from_slice(&data);
+    }
+    assert_eq!(&streamed[..MIB as usize], &a[..]);
+    assert!(streamed[MIB as usize..].iter().all(|&b| b == 0));
+    assert!(matches!(
+        c.copy_snapshot(C, 5).await.map(|_| ()),
+        Err(Error::SnapshotNotFound { snapshot: 5, .. })
+    ));
+    assert!(matches!(c.snapshot(C, 0, 1).await, Err(Error::Invalid(_))));
+
     let list = c.snapshots(C).await.unwrap();
     assert_eq!(list.len(), 1);
     assert_eq!(list[0].id, 100);

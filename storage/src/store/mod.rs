@@ -356,10 +356,14 @@ impl Store {
             .await
     }
 
-    /// Takes snapshot `snap` of chunk `id`: ordered after every write acknowledged before it
+    /// Takes snapshot `snap` (non-zero) of chunk `id`: ordered after every write acknowledged before it
     /// and before every write admitted after it; durable once answered. A write-class request:
     /// `epoch` is fenced like a write's.
     pub async fn snapshot(&self, id: ChunkId, snap: u64, epoch: u64) -> Result<()> {
+        // 0 stands for "no snapshot" on the wire (a copy of the chunk itself).
+        if snap == 0 {
+            return Err(Error::Invalid("snapshot ids are non-zero".into()));
+        }
         self.disk_of(id)?
             .call(|reply| Req::Snapshot {
                 id,
