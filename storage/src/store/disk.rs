@@ -2496,20 +2496,27 @@ impl Engine {
                 .map(|(&b, &crc)| (b, crc))
                 .collect();
             moved.sort_unstable();
-            // Rare and bounded by the snapshot's size: plain pread/pwrite on this thread.
-            let copy = || -> io::Result<()> {
-                let mut buf = AlignedBuf::zeroed(BLOCK as usize);
-                let mut any = false;
-                for &(b, crc) in &moved {
-                    if crc == 0 {
-                        continue;
-                    }
-                    gone.file
-                        .read_exact_at(buf.as_mut_slice(), snap::offset_of(b))?;
-                    prev.file.write_all_at(buf.as_slice(), snap::offset_of(b))?;
-                    any = true;
+            // Rare and bounded by the snapshot's size: plain pread/pwrite on this thread, in
+            // runs of adjacent blocks with data.
+            let mut runs: Vec<(u64, u64)> = Vec::new();
+            for &(b, crc) in &moved {
+                if crc == 0 {
+                    continue;
                 }
-                if any {
+                match runs.last_mut() {
+                    Some((r0, r1)) if *r1 == b && *r1 - *r0 < SNAP_RUN => *r1 = b + 1,
+                    _ => runs.push((b, b + 1)),
+                }
+            }
+            let copy = || -> io::Result<()> {
+                for &(r0, r1) in &runs {
+                    let mut buf = AlignedBuf::zeroed(((r1 - r0) * BLOCK) as usize);
+                    gone.file
+                        .read_exact_at(buf.as_mut_slice(), snap::offset_of(r0))?;
+                    prev.file
+                        .write_all_at(buf.as_slice(), snap::offset_of(r0))?;
+                }
+                if !runs.is_empty() {
                     prev.file.sync_data()?;
                 }
                 Ok(())
