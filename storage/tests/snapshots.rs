@@ -427,6 +427,9 @@ async fn a_corrupt_snapshot_block_is_a_checksum_error_not_data() {
         "{:?}",
         r.map(|o| o.data.len())
     );
+    // The scrub of the snapshot's own blocks finds it too (and only it).
+    let found = d.store.snapshot_scrub(C, 9, 0, CHUNK).await;
+    assert!(matches!(found.as_deref(), Ok([3])), "{found:?}");
     // Other blocks of the snapshot, and the live chunk, are unaffected.
     assert_eq!(
         read_snap(&c, 9, 4 * 4096, 4096).await,

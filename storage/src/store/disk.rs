@@ -130,6 +130,14 @@ pub(super) enum Req {
         id: ChunkId,
         reply: Reply<Vec<SnapshotInfo>>,
     },
+    /// Verifies the blocks snapshot `snap` holds itself in `[offset, offset+len)`.
+    SnapshotScrub {
+        id: ChunkId,
+        snap: u64,
+        offset: u64,
+        len: u64,
+        reply: Reply<Vec<u64>>,
+    },
 }
 
 /// What the rest of the daemon may read about a directory without asking its thread.
@@ -401,15 +409,16 @@ enum Kind {
         snap: u64,
     },
     /// Read of a snapshot: each run of blocks from the file the chain puts it in (`plan`: per
-    /// block, the chain position or `None` for the chunk, and the checksum to verify), all into
-    /// `buf`. Holds its blocks like a read, so no write changes them and no snapshot create or
-    /// delete reshapes the chain meanwhile.
+    /// block, where it comes from and the checksum to verify), all into `buf`. Holds its blocks
+    /// like a read, so no write changes them and no snapshot create or delete reshapes the
+    /// chain meanwhile. `own` (scrub): only the blocks the snapshot holds itself.
     SnapRead {
         snap: u64,
         offset: u64,
         len: u64,
+        own: bool,
         buf: AlignedBuf,
-        plan: Vec<(Option<usize>, u32)>,
+        plan: Vec<(Src, u32)>,
         version: u64,
     },
     /// Snapshot deletion, holding the whole chunk like creation (no copy-on-write into the
@@ -425,6 +434,17 @@ enum Kind {
         targets: Vec<(ChunkId, u64)>,
         pages: Vec<AlignedBuf>,
     },
+}
+
+/// Where a block of a snapshot read comes from.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Src {
+    /// The live chunk (no snapshot at or after this one holds it).
+    Chunk,
+    /// The snapshot at this chain position.
+    Snap(usize),
+    /// Not read (a scrub of one snapshot's own blocks).
+    Skip,
 }
 
 /// A write's copy of old blocks into the newest snapshot (see `snap.rs`).
@@ -1095,33 +1115,14 @@ impl Engine {
                 offset,
                 len,
                 reply,
-            } => {
-                let answer = Answer::Read(reply);
-                if let Err(e) = self.check_range(id, offset, len, MAX_IO) {
-                    return finish_answer(answer, Err(e));
-                }
-                let (b0, b1) = block_span(offset, len);
-                self.enqueue(Op {
-                    id,
-                    kind: Kind::SnapRead {
-                        snap,
-                        offset,
-                        len,
-                        buf: AlignedBuf::zeroed(0),
-                        plan: Vec::new(),
-                        version: 0,
-                    },
-                    answer,
-                    span: Some(Span {
-                        b0,
-                        b1,
-                        write: false,
-                        op: 0,
-                    }),
-                    ios: 0,
-                    err: None,
-                });
-            }
+            } => self.admit_snap_read(id, snap, offset, len, false, Answer::Read(reply)),
+            Req::SnapshotScrub {
+                id,
+                snap,
+                offset,
+                len,
+                reply,
+            } => self.admit_snap_read(id, snap, offset, len, true, Answer::Scrub(reply)),
             Req::SnapshotList { id, reply } => {
                 let _ = reply.send(self.snapshot_list(id));
             }
@@ -1147,6 +1148,43 @@ impl Engine {
                 self.enqueue(op);
             }
         }
+    }
+
+    /// Queues a snapshot read (or, with `own`, a scrub of the snapshot's own blocks).
+    fn admit_snap_read(
+        &mut self,
+        id: ChunkId,
+        snap: u64,
+        offset: u64,
+        len: u64,
+        own: bool,
+        answer: Answer,
+    ) {
+        if let Err(e) = self.check_range(id, offset, len, MAX_IO) {
+            return finish_answer(answer, Err(e));
+        }
+        let (b0, b1) = block_span(offset, len);
+        self.enqueue(Op {
+            id,
+            kind: Kind::SnapRead {
+                snap,
+                offset,
+                len,
+                own,
+                buf: AlignedBuf::zeroed(0),
+                plan: Vec::new(),
+                version: 0,
+            },
+            answer,
+            span: Some(Span {
+                b0,
+                b1,
+                write: false,
+                op: 0,
+            }),
+            ios: 0,
+            err: None,
+        });
     }
 
     /// Fences and queues an op that holds the whole chunk (snapshot create and delete): it
@@ -2553,6 +2591,7 @@ impl Engine {
             snap,
             offset,
             len,
+            own,
             buf,
             plan,
             version,
@@ -2573,9 +2612,17 @@ impl Engine {
         *version = c.snaps[pos].rec.version;
         let (b0, b1) = block_span(*offset, *len);
         *plan = (b0..b1)
-            .map(|b| match snap::source(&c.snaps, pos, b) {
-                Some((j, crc)) => (Some(j), crc),
-                None => (None, c.crcs.get(b as usize).copied().unwrap_or(0)),
+            .map(|b| {
+                if *own {
+                    return match c.snaps[pos].held.get(&b) {
+                        Some(&crc) => (Src::Snap(pos), crc),
+                        None => (Src::Skip, 0),
+                    };
+                }
+                match snap::source(&c.snaps, pos, b) {
+                    Some((j, crc)) => (Src::Snap(j), crc),
+                    None => (Src::Chunk, c.crcs.get(b as usize).copied().unwrap_or(0)),
+                }
             })
             .collect();
         *buf = AlignedBuf::zeroed(((b1 - b0) * BLOCK) as usize);
@@ -2587,9 +2634,19 @@ impl Engine {
             while e < plan.len() && plan[e].0 == src && ((e - k) as u64) < SNAP_RUN {
                 e += 1;
             }
-            let (fd, at) = match src.and_then(|j| c.snaps.get(j)) {
-                Some(s) => (s.file.as_raw_fd(), snap::offset_of(b0 + k as u64)),
-                None => (c.fd(), c.data_start() + (b0 + k as u64) * BLOCK),
+            let (fd, at) = match src {
+                Src::Snap(j) => match c.snaps.get(j) {
+                    Some(s) => (s.file.as_raw_fd(), snap::offset_of(b0 + k as u64)),
+                    None => {
+                        k = e;
+                        continue;
+                    }
+                },
+                Src::Chunk => (c.fd(), c.data_start() + (b0 + k as u64) * BLOCK),
+                Src::Skip => {
+                    k = e;
+                    continue;
+                }
             };
             let piece = &mut buf.as_mut_slice()[k * BLOCK as usize..e * BLOCK as usize];
             reqs.push(IoReq::Read {
@@ -2599,6 +2656,9 @@ impl Engine {
                 offset: at,
             });
             k = e;
+        }
+        if reqs.is_empty() {
+            return self.snapshot_read_done(i);
         }
         for r in reqs {
             self.submit_io(i, r, None, None);
@@ -2619,24 +2679,30 @@ impl Engine {
             buf,
             plan,
             version,
+            ..
         } = &mut op.kind
         else {
             return;
         };
         let (snap, offset, len, version) = (*snap, *offset, *len, *version);
+        let scrub = matches!(op.answer, Answer::Scrub(_));
         let (b0, _) = block_span(offset, len);
         let bad_live = |b: u64| self.chunks.get(&id).is_some_and(|c| c.bad.contains(&b));
-        let bad = buf
+        let bad: Vec<(u64, bool)> = buf
             .as_slice()
             .chunks(BLOCK as usize)
             .zip(plan.iter())
             .enumerate()
-            .find(|(k, (blk, (src, crc)))| {
-                stored_crc(blk) != *crc || (src.is_none() && bad_live(b0 + *k as u64))
+            .filter(|(k, (blk, (src, crc)))| match src {
+                Src::Skip => false,
+                Src::Snap(_) => stored_crc(blk) != *crc,
+                Src::Chunk => stored_crc(blk) != *crc || bad_live(b0 + *k as u64),
             })
-            .map(|(k, (_, (src, _)))| (b0 + k as u64, src.is_none()));
+            .map(|(k, (_, (src, _)))| (b0 + k as u64, *src == Src::Chunk))
+            .take(if scrub { usize::MAX } else { 1 })
+            .collect();
         let buf = std::mem::replace(buf, AlignedBuf::zeroed(0));
-        if let Some((b, live)) = bad {
+        for &(b, live) in &bad {
             if live {
                 self.mark_bad(id, b);
             } else {
@@ -2644,6 +2710,12 @@ impl Engine {
                     .increment(1);
                 tracing::warn!(dir = %self.name, chunk = %id, snapshot = snap, block = b, "checksum mismatch in a snapshot");
             }
+        }
+        if scrub {
+            let blocks = bad.into_iter().map(|(b, _)| b).collect();
+            return self.finish(i, Ok(Done::Blocks(blocks)));
+        }
+        if let Some(&(b, _)) = bad.first() {
             let err = Error::Checksum {
                 chunk: id,
                 block: b,
@@ -2808,6 +2880,9 @@ fn refuse(req: Req, err: Error) {
             let _ = reply.send(Err(err));
         }
         Req::SnapshotList { reply, .. } => {
+            let _ = reply.send(Err(err));
+        }
+        Req::SnapshotScrub { reply, .. } => {
             let _ = reply.send(Err(err));
         }
     }

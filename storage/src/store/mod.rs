@@ -406,6 +406,26 @@ impl Store {
             .await
     }
 
+    /// Verifies the blocks snapshot `snap` of chunk `id` holds itself in `[offset, offset+len)`;
+    /// returns the ones that fail (logged and counted; they stay readable as errors only).
+    pub async fn snapshot_scrub(
+        &self,
+        id: ChunkId,
+        snap: u64,
+        offset: u64,
+        len: u64,
+    ) -> Result<Vec<u64>> {
+        self.disk_of(id)?
+            .call(|reply| Req::SnapshotScrub {
+                id,
+                snap,
+                offset,
+                len,
+                reply,
+            })
+            .await
+    }
+
     /// The snapshots of chunk `id`, oldest first, with the space each holds.
     pub async fn snapshots(&self, id: ChunkId) -> Result<Vec<SnapshotInfo>> {
         self.disk_of(id)?
