@@ -5,7 +5,8 @@
 //! writes between two of them (so every snapshot holds blocks). Measured after the last one:
 //! - `first pass`: one write to every block, in a scattered order: each is the first
 //!   overwrite of its block since the last snapshot, which pays the copy-on-write;
-//! - `steady`: random writes for a few seconds (every block already copied: no copy).
+//! - `steady`, `steady 2`: random writes for a few seconds, twice (every block already
+//!   copied: no copy).
 //!
 //! ```text
 //! cargo run --release -p ironsan-storage --example snapshot_bench -- [DIR] [SECONDS]
@@ -150,8 +151,11 @@ async fn main() {
         let case = format!("{snaps} snapshots");
         let first = run(&store, id, BLOCKS, Duration::MAX, 7, true).await;
         line(&case, "first pass", &first);
-        let steady = run(&store, id, u64::MAX, Duration::from_secs(secs), 8, false).await;
-        line(&case, "steady", &steady);
+        // Twice: whether a difference is transient (background compaction) or lasting.
+        for phase in ["steady", "steady 2"] {
+            let steady = run(&store, id, u64::MAX, Duration::from_secs(secs), 8, false).await;
+            line(&case, phase, &steady);
+        }
         let list = store.snapshots(id).await.expect("list");
         let held: u64 = list.iter().map(|s| s.used).sum();
         println!(
