@@ -56,3 +56,17 @@ pub struct WrittenRange {
     pub offset: u64,
     pub len: u64,
 }
+
+/// One snapshot of a chunk replica (see `store/snap.rs`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SnapshotInfo {
+    /// The caller's snapshot id.
+    pub id: u64,
+    /// The chunk's version when the snapshot was taken.
+    pub version: u64,
+    /// Bytes allocated on disk for the blocks this snapshot holds itself.
+    pub used: u64,
+    /// Blocks this snapshot holds itself (copied before an overwrite, or kept when a newer
+    /// snapshot was deleted).
+    pub blocks: u64,
+}

@@ -19,7 +19,7 @@ use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use crate::chunk::{ChunkId, ChunkInfo, WrittenRange};
+use crate::chunk::{ChunkId, ChunkInfo, SnapshotInfo, WrittenRange};
 use crate::error::{Error, Result};
 use crate::frame::{FrameReader, OutFrame};
 use crate::store::{ReadOut, WriteOpts};
@@ -311,6 +311,56 @@ impl Client {
     }
 
     /// Ranges written after `since` (merged) and the chunk's version.
+    /// Takes snapshot `snap` of chunk `id` (fenced by `epoch` like a write).
+    pub async fn snapshot(&self, id: ChunkId, snap: u64, epoch: u64) -> Result<()> {
+        let mut req = Self::request(Op::Snapshot, id);
+        req.snapshot = snap;
+        req.epoch = epoch;
+        self.call(req, Bytes::new()).await.map(|_| ())
+    }
+
+    /// Deletes snapshot `snap` of chunk `id` (fenced by `epoch` like a write).
+    pub async fn snapshot_delete(&self, id: ChunkId, snap: u64, epoch: u64) -> Result<()> {
+        let mut req = Self::request(Op::SnapshotDelete, id);
+        req.snapshot = snap;
+        req.epoch = epoch;
+        self.call(req, Bytes::new()).await.map(|_| ())
+    }
+
+    /// Reads `len` bytes at `offset` of snapshot `snap` of chunk `id` (also the piece reader of
+    /// a snapshot's rebuild); the version is the chunk's when the snapshot was taken.
+    pub async fn snapshot_read(
+        &self,
+        id: ChunkId,
+        snap: u64,
+        offset: u64,
+        len: u64,
+    ) -> Result<ReadOut> {
+        let mut req = Self::request(Op::SnapshotRead, id);
+        req.snapshot = snap;
+        req.offset = offset;
+        req.length = len;
+        let r = self.call(req, Bytes::new()).await?;
+        if r.payload.len() as u64 != len {
+            return Err(Error::Protocol(format!(
+                "asked for {len} bytes, got {}",
+                r.payload.len()
+            )));
+        }
+        Ok(ReadOut {
+            data: r.payload,
+            version: r.header.version,
+        })
+    }
+
+    /// The snapshots of chunk `id`, oldest first, with the space each holds.
+    pub async fn snapshots(&self, id: ChunkId) -> Result<Vec<SnapshotInfo>> {
+        let r = self
+            .call(Self::request(Op::SnapshotList, id), Bytes::new())
+            .await?;
+        Ok(wire::snapshots_from_wire(&r.header.snapshots))
+    }
+
     pub async fn written_since(&self, id: ChunkId, since: u64) -> Result<(Vec<WrittenRange>, u64)> {
         let mut req = Self::request(Op::WrittenSince, id);
         req.since = since;
@@ -322,11 +372,32 @@ impl Client {
     /// pieces share this connection and a slow consumer holds up its other answers: give
     /// rebuilds their own connection ([`Pool::copy`] does).
     pub async fn copy(&self, id: ChunkId, since: u64, epoch: u64) -> Result<CopyStream> {
+        self.copy_stream(id, since, epoch, 0).await
+    }
+
+    /// Streams the whole content of snapshot `snap` (non-zero) of chunk `id`, as [`Self::copy`]
+    /// does a chunk: the rebuild of a snapshot on a new replica. The stream's version is the
+    /// chunk's when the snapshot was taken; it is always `full`.
+    pub async fn copy_snapshot(&self, id: ChunkId, snap: u64) -> Result<CopyStream> {
+        if snap == 0 {
+            return Err(Error::Invalid("snapshot ids are non-zero".into()));
+        }
+        self.copy_stream(id, 0, 0, snap).await
+    }
+
+    async fn copy_stream(
+        &self,
+        id: ChunkId,
+        since: u64,
+        epoch: u64,
+        snapshot: u64,
+    ) -> Result<CopyStream> {
         let conn = &*self.conn;
         let (stx, srx) = mpsc::channel(8);
         let mut req = Self::request(Op::Copy, id);
         req.since = since;
         req.epoch = epoch;
+        req.snapshot = snapshot;
         req.request_id = conn.register(Waiter::Stream(stx))?;
         let mut stream = CopyStream {
             client: self.clone(),

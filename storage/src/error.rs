@@ -13,6 +13,10 @@ pub enum Error {
     NotFound(ChunkId),
     #[error("chunk {0} already exists")]
     Exists(ChunkId),
+    #[error("snapshot {snapshot} of chunk {chunk} not found")]
+    SnapshotNotFound { chunk: ChunkId, snapshot: u64 },
+    #[error("snapshot {snapshot} of chunk {chunk} already exists")]
+    SnapshotExists { chunk: ChunkId, snapshot: u64 },
     #[error("stale epoch {got} for chunk {chunk}: this replica has seen {current}")]
     StaleEpoch {
         chunk: ChunkId,

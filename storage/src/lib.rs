@@ -24,7 +24,7 @@ pub mod store;
 pub mod wire;
 
 pub use buf::AlignedBuf;
-pub use chunk::{ChunkId, ChunkInfo, WrittenRange, BLOCK, MAX_IO, SECTOR};
+pub use chunk::{ChunkId, ChunkInfo, SnapshotInfo, WrittenRange, BLOCK, MAX_IO, SECTOR};
 pub use client::{Client, ClientConfig, CopyStream, Pool};
 pub use error::{Error, Result};
 pub use store::{DiskState, DiskStatus, IoEngine, ReadOut, Store, StoreConfig, WriteOpts};

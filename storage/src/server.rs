@@ -304,6 +304,20 @@ async fn execute(
             resp.ranges = wire::ranges_to_wire(&coalesce(ranges, MAX_RANGES));
             resp.version = version;
         }
+        Op::Snapshot => store.snapshot(id, req.snapshot, req.epoch).await?,
+        Op::SnapshotDelete => store.snapshot_delete(id, req.snapshot, req.epoch).await?,
+        Op::SnapshotRead => {
+            check_extent(req, req.length, MAX_IO)?;
+            let out = store
+                .snapshot_read(id, req.snapshot, req.offset, req.length)
+                .await?;
+            resp.version = out.version;
+            data = out.data;
+        }
+        Op::SnapshotList => {
+            let list = store.snapshots(id).await?;
+            resp.snapshots = wire::snapshots_to_wire(&list);
+        }
         Op::Copy | Op::Unspecified => return Err(invalid("not a single-answer op")),
     }
     Ok((resp, data))
@@ -338,7 +352,11 @@ async fn copy_stream(
     let gone = || Error::Disconnected {
         addr: "client".into(),
     };
-    let (ranges, version, full) = copy_plan(&ctx.store, id, req.since).await?;
+    let (ranges, version, full) = if req.snapshot != 0 {
+        snapshot_plan(&ctx.store, id, req.snapshot).await?
+    } else {
+        copy_plan(&ctx.store, id, req.since).await?
+    };
     let mut head = wire::ok(req.request_id);
     head.ranges = wire::ranges_to_wire(&ranges);
     head.version = version;
@@ -356,7 +374,11 @@ async fn copy_stream(
                 _ = ctx.shutdown.cancelled() => return Err(Error::ShuttingDown),
                 p = window.clone().acquire_owned() => p.map_err(|_| gone())?,
             };
-            let out = ctx.store.read(id, off, len, req.epoch).await?;
+            let out = if req.snapshot != 0 {
+                ctx.store.snapshot_read(id, req.snapshot, off, len).await?
+            } else {
+                ctx.store.read(id, off, len, req.epoch).await?
+            };
             let mut piece = wire::ok(req.request_id);
             piece.offset = off;
             *sent += out.data.len();
@@ -391,6 +413,29 @@ async fn copy_plan(
         len: info.size,
     };
     Ok((vec![whole], info.version, true))
+}
+
+/// What the copy of snapshot `snap` sends: all of it, with the chunk's version when it was taken.
+async fn snapshot_plan(
+    store: &Store,
+    id: ChunkId,
+    snap: u64,
+) -> Result<(Vec<WrittenRange>, u64, bool)> {
+    let info = store.info(id).await?;
+    let s = store
+        .snapshots(id)
+        .await?
+        .into_iter()
+        .find(|s| s.id == snap)
+        .ok_or(Error::SnapshotNotFound {
+            chunk: id,
+            snapshot: snap,
+        })?;
+    let whole = WrittenRange {
+        offset: 0,
+        len: info.size,
+    };
+    Ok((vec![whole], s.version, true))
 }
 
 /// Sorted ranges merged until at most `max` remain, closing the smallest gaps first.

@@ -6,10 +6,11 @@
 use std::io;
 
 pub use ironsan_common::proto::datapath::{
-    ChunkInfo as WireChunkInfo, ErrorDetail, Op, Range, Request, Response, Status,
+    ChunkInfo as WireChunkInfo, ErrorDetail, Op, Range, Request, Response,
+    SnapshotInfo as WireSnapshotInfo, Status,
 };
 
-use crate::chunk::{ChunkId, ChunkInfo, WrittenRange};
+use crate::chunk::{ChunkId, ChunkInfo, SnapshotInfo, WrittenRange};
 use crate::error::Error;
 
 /// The chunk a request addresses.
@@ -40,6 +41,28 @@ pub fn info_from_wire(id: ChunkId, i: &WireChunkInfo) -> ChunkInfo {
         bad_blocks: i.bad_blocks,
         disk: i.disk as usize,
     }
+}
+
+pub fn snapshots_to_wire(s: &[SnapshotInfo]) -> Vec<WireSnapshotInfo> {
+    s.iter()
+        .map(|s| WireSnapshotInfo {
+            id: s.id,
+            version: s.version,
+            used: s.used,
+            blocks: s.blocks,
+        })
+        .collect()
+}
+
+pub fn snapshots_from_wire(s: &[WireSnapshotInfo]) -> Vec<SnapshotInfo> {
+    s.iter()
+        .map(|s| SnapshotInfo {
+            id: s.id,
+            version: s.version,
+            used: s.used,
+            blocks: s.blocks,
+        })
+        .collect()
 }
 
 pub fn ranges_to_wire(r: &[WrittenRange]) -> Vec<Range> {
@@ -74,6 +97,8 @@ pub fn status_of(e: &Error) -> Status {
     match e {
         Error::NotFound(_) => Status::NotFound,
         Error::Exists(_) => Status::Exists,
+        Error::SnapshotNotFound { .. } => Status::SnapshotNotFound,
+        Error::SnapshotExists { .. } => Status::SnapshotExists,
         Error::StaleEpoch { .. } => Status::StaleEpoch,
         Error::OutOfRange { .. } => Status::OutOfRange,
         Error::Checksum { .. } => Status::Checksum,
@@ -98,6 +123,11 @@ pub fn error_response(request_id: u64, e: &Error) -> Response {
     };
     match e {
         Error::NotFound(c) | Error::Exists(c) => chunk(c, &mut d),
+        Error::SnapshotNotFound { chunk: c, snapshot }
+        | Error::SnapshotExists { chunk: c, snapshot } => {
+            chunk(c, &mut d);
+            d.snapshot = *snapshot;
+        }
         Error::StaleEpoch {
             chunk: c,
             got,
@@ -182,6 +212,14 @@ pub fn response_error(r: &Response) -> Option<Error> {
         Status::Ok => return None,
         Status::NotFound => Error::NotFound(c),
         Status::Exists => Error::Exists(c),
+        Status::SnapshotNotFound => Error::SnapshotNotFound {
+            chunk: c,
+            snapshot: d.snapshot,
+        },
+        Status::SnapshotExists => Error::SnapshotExists {
+            chunk: c,
+            snapshot: d.snapshot,
+        },
         Status::StaleEpoch => Error::StaleEpoch {
             chunk: c,
             got: d.got,
@@ -243,6 +281,14 @@ mod tests {
         let errors = vec![
             Error::NotFound(c),
             Error::Exists(c),
+            Error::SnapshotNotFound {
+                chunk: c,
+                snapshot: 12,
+            },
+            Error::SnapshotExists {
+                chunk: c,
+                snapshot: 13,
+            },
             Error::StaleEpoch {
                 chunk: c,
                 got: 3,

@@ -9,10 +9,12 @@
 //! A write goes through these steps:
 //! 1. fencing (epoch) and range checks; requests overlapping an in-flight write on the same
 //!    4 KiB blocks wait, so a read never sees a block whose table entry is being changed;
-//! 2. partial 4 KiB blocks at either end are read and verified (read-modify-write);
-//! 3. the log record with the new blocks' checksums is written to RocksDB;
-//! 4. the data is written (O_DIRECT where possible, `RWF_DSYNC` for FUA);
-//! 5. the in-memory table is updated and the writer answered.
+//! 2. if the chunk has snapshots, the blocks the newest one does not hold yet are copied into
+//!    it (read, written to its file, recorded with their old checksums: see `snap.rs`);
+//! 3. partial 4 KiB blocks at either end are read and verified (read-modify-write);
+//! 4. the log record with the new blocks' checksums is written to RocksDB;
+//! 5. the data is written (O_DIRECT where possible, `RWF_DSYNC` for FUA);
+//! 6. the in-memory table is updated and the writer answered.
 //!
 //! The table reaches the file at checkpoints (each flush, and every few seconds). Because the
 //! log record precedes the data, recovery after a crash can settle every block written since
@@ -37,10 +39,13 @@ use tokio::sync::oneshot;
 
 use super::io::{Bell, Io, IoReq};
 use super::layout::{self, stored_crc, CRCS_PER_PAGE};
-use super::meta::{ChunkRecord, LogKind, LogRecord, Meta};
+use super::meta::{ChunkRecord, LogKind, LogRecord, Meta, SnapRecord};
+use super::snap::{self, Snap, MAX_SNAPSHOTS};
 use super::{DiskState, ReadOut, WriteOpts};
 use crate::buf::{self, AlignedBuf};
-use crate::chunk::{ChunkId, ChunkInfo, WrittenRange, BLOCK, MAX_CHUNK, MAX_IO, SECTOR};
+use crate::chunk::{
+    ChunkId, ChunkInfo, SnapshotInfo, WrittenRange, BLOCK, MAX_CHUNK, MAX_IO, SECTOR,
+};
 use crate::error::{Error, Result};
 
 type Reply<T> = oneshot::Sender<Result<T>>;
@@ -101,6 +106,37 @@ pub(super) enum Req {
     },
     Shutdown {
         reply: Reply<()>,
+    },
+    Snapshot {
+        id: ChunkId,
+        snap: u64,
+        epoch: u64,
+        reply: Reply<()>,
+    },
+    SnapshotDelete {
+        id: ChunkId,
+        snap: u64,
+        epoch: u64,
+        reply: Reply<()>,
+    },
+    SnapshotRead {
+        id: ChunkId,
+        snap: u64,
+        offset: u64,
+        len: u64,
+        reply: Reply<ReadOut>,
+    },
+    SnapshotList {
+        id: ChunkId,
+        reply: Reply<Vec<SnapshotInfo>>,
+    },
+    /// Verifies the blocks snapshot `snap` holds itself in `[offset, offset+len)`.
+    SnapshotScrub {
+        id: ChunkId,
+        snap: u64,
+        offset: u64,
+        len: u64,
+        reply: Reply<Vec<u64>>,
     },
 }
 
@@ -304,6 +340,8 @@ struct Chunk {
     /// Log positions of writes admitted but not finished: a checkpoint stops below them.
     inflight_lsns: BTreeSet<u64>,
     bad: BTreeSet<u64>,
+    /// Snapshots, oldest first (see `snap.rs`).
+    snaps: Vec<Snap>,
 }
 
 impl Chunk {
@@ -355,6 +393,8 @@ enum Kind {
         /// A FUA zeroing still owes its fdatasync (issued once its writes and fallocate are
         /// done: io_uring does not order an fsync after operations submitted with it).
         sync_due: bool,
+        /// Copy-on-write into the newest snapshot, done before anything else of the write.
+        cow: Cow,
     },
     Read {
         offset: u64,
@@ -363,12 +403,65 @@ enum Kind {
         version: u64,
     },
     Delete,
+    /// Snapshot creation: holds the whole chunk, so it is ordered after the writes before it
+    /// and before the writes after it.
+    Snapshot {
+        snap: u64,
+    },
+    /// Read of a snapshot: each run of blocks from the file the chain puts it in (`plan`: per
+    /// block, where it comes from and the checksum to verify), all into `buf`. Holds its blocks
+    /// like a read, so no write changes them and no snapshot create or delete reshapes the
+    /// chain meanwhile. `own` (scrub): only the blocks the snapshot holds itself.
+    SnapRead {
+        snap: u64,
+        offset: u64,
+        len: u64,
+        own: bool,
+        buf: AlignedBuf,
+        plan: Vec<(Src, u32)>,
+        version: u64,
+    },
+    /// Snapshot deletion, holding the whole chunk like creation (no copy-on-write into the
+    /// snapshot is under way when it runs). `file` is the deleted snapshot's, unlinked once
+    /// the records are gone.
+    SnapshotDelete {
+        snap: u64,
+        file: Option<File>,
+    },
     /// Checkpoint: table pages, then fdatasync, then the records (one chunk, or all if None).
     Flush {
         stage: u8,
         targets: Vec<(ChunkId, u64)>,
         pages: Vec<AlignedBuf>,
     },
+}
+
+/// Where a block of a snapshot read comes from.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Src {
+    /// The live chunk (no snapshot at or after this one holds it).
+    Chunk,
+    /// The snapshot at this chain position.
+    Snap(usize),
+    /// Not read (a scrub of one snapshot's own blocks).
+    Skip,
+}
+
+/// A write's copy of old blocks into the newest snapshot (see `snap.rs`).
+#[derive(Default)]
+struct Cow {
+    /// 0: nothing (left) to copy; 1: old blocks being read; 2: being written to the snapshot.
+    stage: u8,
+    /// The snapshot receiving the copies.
+    snap: u64,
+    /// Every block to record as held, with its old stored checksum (zero blocks need no data).
+    recs: Vec<(u64, u32)>,
+    /// Runs read from the chunk, (first block, data); kept alive until their writes complete.
+    bufs: Vec<(u64, AlignedBuf)>,
+    /// Runs `[r0, r1)` not read yet: a large zeroing copies [`COW_WINDOW`] at a time.
+    todo: VecDeque<(u64, u64)>,
+    /// Some data was written to the snapshot's file.
+    wrote: bool,
 }
 
 struct Op {
@@ -388,6 +481,10 @@ struct IoSlot {
     read_buf: Option<AlignedBuf>,
     /// Which block a read-modify-write edge read is for.
     edge: Option<u64>,
+    /// First block of a copy-on-write run being read.
+    cow: Option<u64>,
+    /// A read (a short one is an I/O error; a short write means a full disk).
+    read: bool,
 }
 
 struct Engine {
@@ -409,6 +506,9 @@ struct Engine {
     batch_waiters: Vec<usize>,
     closing: Option<Reply<()>>,
     space: Space,
+    /// Files of deleted snapshots, kept open until no I/O is in flight (a queued fdatasync may
+    /// still name their descriptor).
+    retired: Vec<File>,
     _lock: File,
 }
 
@@ -469,6 +569,7 @@ impl Engine {
             batch_chunks: HashSet::new(),
             batch_waiters: Vec::new(),
             closing: None,
+            retired: Vec::new(),
             space: Space {
                 reserve: space_reserve(dir),
                 free: u64::MAX,
@@ -519,8 +620,9 @@ impl Engine {
                 }
             }
         }
+        let snaps = self.load_snaps(&mut batch)?;
         self.meta.write(batch, true)?;
-        self.remove_orphans(&known);
+        self.remove_orphans(&known, &snaps);
         let ids: Vec<ChunkId> = self.chunks.keys().copied().collect();
         for id in ids {
             self.replay(id)?;
@@ -550,7 +652,7 @@ impl Engine {
     }
 
     /// Chunk files without a record are leftovers of an interrupted create or delete.
-    fn remove_orphans(&self, known: &HashSet<ChunkId>) {
+    fn remove_orphans(&self, known: &HashSet<ChunkId>, snaps: &HashSet<(ChunkId, u64)>) {
         let Ok(vols) = std::fs::read_dir(self.dir.join("chunks")) else {
             return;
         };
@@ -567,6 +669,14 @@ impl Engine {
             };
             for f in files.flatten() {
                 let name = f.file_name();
+                // Snapshot files without a record: an interrupted snapshot create or delete.
+                if let Some((index, snap)) = name.to_str().and_then(snap::parse_snap_name) {
+                    if !snaps.contains(&(ChunkId::new(volume, index), snap)) {
+                        tracing::warn!(dir = %self.name, file = %f.path().display(), "removing orphan snapshot file");
+                        let _ = std::fs::remove_file(f.path());
+                    }
+                    continue;
+                }
                 let Some(index) = name
                     .to_str()
                     .and_then(|s| s.strip_suffix(".chunk"))
@@ -656,6 +766,12 @@ impl Engine {
                     .map_err(|e| format!("writing checksums: {e}"))?;
             }
             c.file.sync_data().map_err(|e| format!("fdatasync: {e}"))?;
+            for s in c.snaps.iter_mut().filter(|s| s.unsynced) {
+                s.file
+                    .sync_data()
+                    .map_err(|e| format!("fdatasync of snapshot {}: {e}", s.id))?;
+                s.unsynced = false;
+            }
             c.unsynced = false;
             c.rec.checkpoint_lsn = c.rec.lsn;
             Meta::put_chunk(&mut batch, *id, &c.rec);
@@ -685,6 +801,9 @@ impl Engine {
                 self.complete(token as usize, res);
             }
             self.commit_batch();
+            if self.ios.live == 0 && !self.retired.is_empty() {
+                self.retired.clear();
+            }
             if self.ops.live == 0 && self.ios.live == 0 {
                 if let Some(reply) = self.closing.take() {
                     let r = self
@@ -969,6 +1088,44 @@ impl Engine {
             } => {
                 self.admit_read(id, offset, len, WriteOpts::default(), Answer::Scrub(reply));
             }
+            Req::Snapshot {
+                id,
+                snap,
+                epoch,
+                reply,
+            } => {
+                self.admit_whole_chunk(id, epoch, Kind::Snapshot { snap }, Some(reply));
+            }
+            Req::SnapshotDelete {
+                id,
+                snap,
+                epoch,
+                reply,
+            } => {
+                self.admit_whole_chunk(
+                    id,
+                    epoch,
+                    Kind::SnapshotDelete { snap, file: None },
+                    Some(reply),
+                );
+            }
+            Req::SnapshotRead {
+                id,
+                snap,
+                offset,
+                len,
+                reply,
+            } => self.admit_snap_read(id, snap, offset, len, false, Answer::Read(reply)),
+            Req::SnapshotScrub {
+                id,
+                snap,
+                offset,
+                len,
+                reply,
+            } => self.admit_snap_read(id, snap, offset, len, true, Answer::Scrub(reply)),
+            Req::SnapshotList { id, reply } => {
+                let _ = reply.send(self.snapshot_list(id));
+            }
             Req::Delete { id, epoch, reply } => {
                 let r = self.fence(id, epoch);
                 let size = match r {
@@ -991,6 +1148,67 @@ impl Engine {
                 self.enqueue(op);
             }
         }
+    }
+
+    /// Queues a snapshot read (or, with `own`, a scrub of the snapshot's own blocks).
+    fn admit_snap_read(
+        &mut self,
+        id: ChunkId,
+        snap: u64,
+        offset: u64,
+        len: u64,
+        own: bool,
+        answer: Answer,
+    ) {
+        if let Err(e) = self.check_range(id, offset, len, MAX_IO) {
+            return finish_answer(answer, Err(e));
+        }
+        let (b0, b1) = block_span(offset, len);
+        self.enqueue(Op {
+            id,
+            kind: Kind::SnapRead {
+                snap,
+                offset,
+                len,
+                own,
+                buf: AlignedBuf::zeroed(0),
+                plan: Vec::new(),
+                version: 0,
+            },
+            answer,
+            span: Some(Span {
+                b0,
+                b1,
+                write: false,
+                op: 0,
+            }),
+            ios: 0,
+            err: None,
+        });
+    }
+
+    /// Fences and queues an op that holds the whole chunk (snapshot create and delete): it
+    /// starts once every op admitted before it on the chunk is done, and ops admitted after it
+    /// wait for it.
+    fn admit_whole_chunk(&mut self, id: ChunkId, epoch: u64, kind: Kind, reply: Option<Reply<()>>) {
+        let answer = Answer::Unit(reply);
+        if let Err(e) = self.fence(id, epoch) {
+            return finish_answer(answer, Err(e));
+        }
+        let size = self.chunks.get(&id).map_or(0, |c| c.rec.size);
+        self.enqueue(Op {
+            id,
+            kind,
+            answer,
+            span: Some(Span {
+                b0: 0,
+                b1: layout::blocks(size).max(1),
+                write: true,
+                op: 0,
+            }),
+            ios: 0,
+            err: None,
+        });
     }
 
     /// Epoch check of a request on `id`; a newer epoch is queued for a synced record, which
@@ -1070,6 +1288,7 @@ impl Engine {
                 out: Vec::new(),
                 crcs: Vec::new(),
                 sync_due: false,
+                cow: Cow::default(),
             },
             answer,
             span: Some(Span {
@@ -1195,37 +1414,85 @@ impl Engine {
                 };
                 self.submit_io(i, req, Some(b), None);
             }
+            Kind::SnapRead { .. } => self.snapshot_read_start(i),
+            Kind::SnapshotDelete { snap, .. } => {
+                let snap = *snap;
+                match self.snapshot_delete(id, snap) {
+                    Ok(file) => {
+                        if let Some(Op {
+                            kind: Kind::SnapshotDelete { file: f, .. },
+                            ..
+                        }) = self.ops.get_mut(i)
+                        {
+                            *f = Some(file);
+                        }
+                        self.batch_sync = true;
+                        self.batch_waiters.push(i);
+                    }
+                    Err(e) => self.finish(i, Err(e)),
+                }
+            }
+            Kind::Snapshot { snap } => {
+                let snap = *snap;
+                match self.snapshot_create(id, snap) {
+                    Ok(()) => {
+                        self.batch_sync = true;
+                        self.batch_waiters.push(i);
+                    }
+                    Err(e) => self.finish(i, Err(e)),
+                }
+            }
             Kind::Write { offset, len, .. } => {
-                let (offset, len) = (*offset, *len);
-                let Some(c) = self.chunks.get(&id) else {
-                    return self.finish(i, Err(Error::NotFound(id)));
-                };
-                let (fd, start) = (c.fd(), c.data_start());
-                let (b0, b1) = block_span(offset, len);
-                let end = offset + len;
-                let mut edges = Vec::new();
-                if offset % BLOCK != 0 {
-                    edges.push(b0);
-                }
-                if end % BLOCK != 0 && (b1 - 1 != b0 || edges.is_empty()) {
-                    edges.push(b1 - 1);
-                }
-                // Only partly covered blocks need their old contents (for data and zeroes alike).
-                if edges.is_empty() {
-                    return self.prepare_write(i);
-                }
-                for b in edges {
-                    let mut buf = AlignedBuf::zeroed(BLOCK as usize);
-                    let req = IoReq::Read {
-                        fd,
-                        ptr: buf.as_mut_ptr(),
-                        len: BLOCK as u32,
-                        offset: start + b * BLOCK,
-                    };
-                    self.submit_io(i, req, Some(buf), Some(b));
+                let (b0, b1) = block_span(*offset, *len);
+                // Before anything of the write reaches the chunk, the newest snapshot gets the
+                // old contents of the blocks it does not hold yet.
+                match self.cow_start(i, id, b0, b1) {
+                    Ok(true) => {}
+                    Ok(false) => self.start_edges(i),
+                    Err(e) => self.finish(i, Err(e)),
                 }
             }
             Kind::Flush { .. } => {}
+        }
+    }
+
+    /// Reads the partly covered blocks at the ends of write `i` (read-modify-write), or goes
+    /// straight to [`Self::prepare_write`] when there are none.
+    fn start_edges(&mut self, i: usize) {
+        let Some(op) = self.ops.get_mut(i) else {
+            return;
+        };
+        let id = op.id;
+        let Kind::Write { offset, len, .. } = &op.kind else {
+            return;
+        };
+        let (offset, len) = (*offset, *len);
+        let (b0, b1) = block_span(offset, len);
+        let Some(c) = self.chunks.get(&id) else {
+            return self.finish(i, Err(Error::NotFound(id)));
+        };
+        let (fd, start) = (c.fd(), c.data_start());
+        let end = offset + len;
+        let mut edges = Vec::new();
+        if offset % BLOCK != 0 {
+            edges.push(b0);
+        }
+        if end % BLOCK != 0 && (b1 - 1 != b0 || edges.is_empty()) {
+            edges.push(b1 - 1);
+        }
+        // Only partly covered blocks need their old contents (for data and zeroes alike).
+        if edges.is_empty() {
+            return self.prepare_write(i);
+        }
+        for b in edges {
+            let mut buf = AlignedBuf::zeroed(BLOCK as usize);
+            let req = IoReq::Read {
+                fd,
+                ptr: buf.as_mut_ptr(),
+                len: BLOCK as u32,
+                offset: start + b * BLOCK,
+            };
+            self.submit_io(i, req, Some(buf), Some(b));
         }
     }
 
@@ -1243,9 +1510,32 @@ impl Engine {
         let slot = self.ios.insert(IoSlot {
             op,
             want,
+            read: matches!(req, IoReq::Read { .. }),
             read_buf,
             edge,
+            cow: None,
         });
+        self.push_io(op, slot, req);
+    }
+
+    /// Queues the read of a copy-on-write run starting at block `r0` into `buf`.
+    fn submit_cow_read(&mut self, op: usize, req: IoReq, buf: AlignedBuf, r0: u64) {
+        let want = match req {
+            IoReq::Read { len, .. } => len,
+            _ => 0,
+        };
+        let slot = self.ios.insert(IoSlot {
+            op,
+            want,
+            read_buf: Some(buf),
+            edge: None,
+            cow: Some(r0),
+            read: true,
+        });
+        self.push_io(op, slot, req);
+    }
+
+    fn push_io(&mut self, op: usize, slot: usize, req: IoReq) {
         if let Some(o) = self.ops.get_mut(op) {
             o.ios += 1;
         }
@@ -1401,6 +1691,13 @@ impl Engine {
                     if let Err(e) = std::fs::remove_file(&path) {
                         tracing::warn!(file = %path.display(), "cannot remove deleted chunk file: {e}");
                     }
+                    for s in &c.snaps {
+                        let path = snap::snap_path(&self.dir, id, s.id);
+                        if let Err(e) = std::fs::remove_file(&path) {
+                            tracing::warn!(file = %path.display(), "cannot remove a deleted chunk's snapshot file: {e}");
+                        }
+                    }
+                    self.retired.extend(c.snaps.into_iter().map(|s| s.file));
                     let waiting: Vec<usize> = c.waiting.into_iter().collect();
                     self.shared.chunks.fetch_sub(1, Ordering::Relaxed);
                     // Space was freed: look at the filesystem again on the next write.
@@ -1462,6 +1759,18 @@ impl Engine {
                 }
             }
             Kind::Flush { stage, .. } if *stage == 2 => self.finish(i, Ok(Done::Unit)),
+            Kind::Snapshot { .. } => self.finish(i, Ok(Done::Unit)),
+            Kind::SnapshotDelete { snap, file } => {
+                let (snap, file) = (*snap, file.take());
+                let path = snap::snap_path(&self.dir, id, snap);
+                if let Err(e) = std::fs::remove_file(&path) {
+                    tracing::warn!(file = %path.display(), "cannot remove deleted snapshot file: {e}");
+                }
+                self.retired.extend(file);
+                // Space was freed: look at the filesystem again on the next write.
+                self.space.checked = Instant::now() - Duration::from_secs(1);
+                self.finish(i, Ok(Done::Unit));
+            }
             _ => {}
         }
     }
@@ -1483,7 +1792,7 @@ impl Engine {
         }
         if slot.want != 0 && res as u32 != slot.want {
             // Inside a file's size a short read means trouble, and a short write a full disk.
-            let err = if slot.read_buf.is_some() {
+            let err = if slot.read {
                 Error::Io {
                     dir: self.name.clone(),
                     source: io::Error::other(format!("short read: {res} of {} bytes", slot.want)),
@@ -1498,11 +1807,11 @@ impl Engine {
         };
         match &mut op.kind {
             Kind::Read { buf, .. } => *buf = slot.read_buf,
-            Kind::Write { edges, .. } => {
-                if let (Some(b), Some(data)) = (slot.edge, slot.read_buf) {
-                    edges.push((b, data));
-                }
-            }
+            Kind::Write { edges, cow, .. } => match (slot.edge, slot.cow, slot.read_buf) {
+                (Some(b), _, Some(data)) => edges.push((b, data)),
+                (None, Some(r0), Some(data)) => cow.bufs.push((r0, data)),
+                _ => {}
+            },
             _ => {}
         }
         if op.ios > 0 {
@@ -1513,6 +1822,12 @@ impl Engine {
         }
         match &op.kind {
             Kind::Read { .. } => self.read_done(i),
+            Kind::Write { cow, .. } if cow.stage == 1 => self.cow_write(i),
+            Kind::Write { cow, .. } if cow.stage == 2 => {
+                if !self.cow_read_next(i) {
+                    self.start_edges(i)
+                }
+            }
             Kind::Write { lsn, edges, .. } => {
                 if *lsn == 0 {
                     // Edge reads are in: verify them before building on them.
@@ -1543,7 +1858,8 @@ impl Engine {
                 }
             }
             Kind::Flush { .. } => self.flush_advance(i),
-            Kind::Delete => {}
+            Kind::SnapRead { .. } => self.snapshot_read_done(i),
+            Kind::Delete | Kind::Snapshot { .. } | Kind::SnapshotDelete { .. } => {}
         }
     }
 
@@ -1795,6 +2111,12 @@ impl Engine {
                     if let Some(c) = self.chunks.get_mut(id) {
                         c.unsynced = false;
                         reqs.push(IoReq::Fdatasync { fd: c.fd() });
+                        for s in c.snaps.iter_mut().filter(|s| s.unsynced) {
+                            s.unsynced = false;
+                            reqs.push(IoReq::Fdatasync {
+                                fd: s.file.as_raw_fd(),
+                            });
+                        }
                     }
                 }
                 if reqs.is_empty() {
@@ -1954,6 +2276,529 @@ impl Engine {
     }
 }
 
+// ---- snapshots (see `snap.rs`) -----------------------------------------------------------
+
+/// Longest run copied or read in one system call by the snapshot paths.
+const SNAP_RUN: u64 = 256;
+/// Most bytes one write's copy-on-write holds in memory at a time.
+const COW_WINDOW: u64 = 8 << 20;
+
+impl Engine {
+    /// Starts write `i`'s copy of the blocks of `[b0, b1)` that the newest snapshot does not
+    /// hold yet: their old data is read from the chunk (in runs), written to the snapshot's
+    /// file, and only then ([`Self::cow_commit`]) recorded, before the write's own log record
+    /// and data. The op holds these blocks, so nothing else changes them meanwhile; zero blocks
+    /// are recorded without data (a hole in the snapshot file). Returns whether I/O is under way.
+    fn cow_start(&mut self, i: usize, id: ChunkId, b0: u64, b1: u64) -> Result<bool> {
+        let c = self.chunks.get(&id).ok_or(Error::NotFound(id))?;
+        let Some(newest) = c.snaps.last() else {
+            return Ok(false);
+        };
+        let mut recs: Vec<(u64, u32)> = Vec::new();
+        let mut runs: Vec<(u64, u64)> = Vec::new();
+        for b in b0..b1 {
+            if newest.held.contains_key(&b) {
+                continue;
+            }
+            let crc = c.crcs.get(b as usize).copied().unwrap_or(0);
+            recs.push((b, crc));
+            if crc == 0 && !c.bad.contains(&b) {
+                continue;
+            }
+            match runs.last_mut() {
+                Some((r0, r1)) if *r1 == b && *r1 - *r0 < SNAP_RUN => *r1 = b + 1,
+                _ => runs.push((b, b + 1)),
+            }
+        }
+        if recs.is_empty() {
+            return Ok(false);
+        }
+        let snap = newest.id;
+        if let Some(Op {
+            kind: Kind::Write { cow, .. },
+            ..
+        }) = self.ops.get_mut(i)
+        {
+            *cow = Cow {
+                stage: 1,
+                snap,
+                recs,
+                bufs: Vec::new(),
+                todo: runs.into(),
+                wrote: false,
+            };
+        }
+        Ok(self.cow_read_next(i))
+    }
+
+    /// Reads the next window of write `i`'s copy runs. Returns false (after recording the copy
+    /// with [`Self::cow_commit`]) when none is left.
+    fn cow_read_next(&mut self, i: usize) -> bool {
+        let Some(op) = self.ops.get_mut(i) else {
+            return false;
+        };
+        let id = op.id;
+        let Kind::Write { cow, .. } = &mut op.kind else {
+            return false;
+        };
+        let Some(c) = self.chunks.get(&id) else {
+            return false;
+        };
+        let (fd, start) = (c.fd(), c.data_start());
+        cow.stage = 1;
+        cow.bufs.clear();
+        let mut reqs = Vec::new();
+        let mut bytes = 0;
+        while bytes < COW_WINDOW {
+            let Some((r0, r1)) = cow.todo.pop_front() else {
+                break;
+            };
+            let mut buf = AlignedBuf::zeroed(((r1 - r0) * BLOCK) as usize);
+            bytes += buf.len() as u64;
+            let req = IoReq::Read {
+                fd,
+                ptr: buf.as_mut_ptr(),
+                len: buf.len() as u32,
+                offset: start + r0 * BLOCK,
+            };
+            reqs.push((req, buf, r0));
+        }
+        if reqs.is_empty() {
+            self.cow_commit(i);
+            return false;
+        }
+        for (req, buf, r0) in reqs {
+            self.submit_cow_read(i, req, buf, r0);
+        }
+        true
+    }
+
+    /// The old blocks of write `i` are in: write them to the snapshot's file.
+    fn cow_write(&mut self, i: usize) {
+        let Some(op) = self.ops.get_mut(i) else {
+            return;
+        };
+        let id = op.id;
+        let Kind::Write { cow, .. } = &mut op.kind else {
+            return;
+        };
+        cow.stage = 2;
+        cow.wrote |= !cow.bufs.is_empty();
+        let fd = self
+            .chunks
+            .get(&id)
+            .and_then(|c| c.snaps.iter().find(|s| s.id == cow.snap))
+            .map(|s| s.file.as_raw_fd());
+        let Some(fd) = fd else {
+            // Snapshot creates and deletes hold the whole chunk: they cannot run meanwhile.
+            return self.finish(
+                i,
+                Err(Error::Invalid(
+                    "internal: copy-on-write target vanished".into(),
+                )),
+            );
+        };
+        let reqs: Vec<IoReq> = cow
+            .bufs
+            .iter()
+            .map(|(r0, buf)| IoReq::Write {
+                fd,
+                ptr: buf.as_slice().as_ptr(),
+                len: buf.len() as u32,
+                offset: snap::offset_of(*r0),
+                dsync: true,
+            })
+            .collect();
+        if reqs.is_empty() {
+            if !self.cow_read_next(i) {
+                self.start_edges(i);
+            }
+            return;
+        }
+        for r in reqs {
+            self.submit_io(i, r, None, None);
+        }
+    }
+
+    /// The copies of write `i` are in the snapshot's file: record them (in the batch that
+    /// precedes the write's data) and mark the blocks held.
+    fn cow_commit(&mut self, i: usize) {
+        let Some(op) = self.ops.get_mut(i) else {
+            return;
+        };
+        let id = op.id;
+        let Kind::Write { cow, .. } = &mut op.kind else {
+            return;
+        };
+        let cow = std::mem::take(cow);
+        let Some(c) = self.chunks.get_mut(&id) else {
+            return;
+        };
+        let Some(s) = c.snaps.iter_mut().find(|s| s.id == cow.snap) else {
+            return;
+        };
+        for (b, crc) in cow.recs {
+            s.held.insert(b, crc);
+            Meta::put_snap_block(&mut self.batch, id, s.id, b, crc);
+        }
+        // The old data may have been flushed long ago: the copy (written with RWF_DSYNC) and its
+        // records must be durable before the block is overwritten, or a power loss could leave
+        // the snapshot without it.
+        self.batch_sync = true;
+        if cow.wrote {
+            s.unsynced = true;
+            c.unsynced = true;
+        }
+    }
+
+    /// Makes snapshot `snap` of `id`: its (empty, sparse) file and its record. Runs when the
+    /// snapshot op holds the whole chunk; the record commits (synced) before it is answered.
+    fn snapshot_create(&mut self, id: ChunkId, snap: u64) -> Result<()> {
+        if !self.has_room() {
+            return Err(Error::NoSpace {
+                dir: self.name.clone(),
+            });
+        }
+        let c = self.chunks.get(&id).ok_or(Error::NotFound(id))?;
+        if c.snaps.iter().any(|s| s.id == snap) {
+            return Err(Error::SnapshotExists {
+                chunk: id,
+                snapshot: snap,
+            });
+        }
+        if c.snaps.len() >= MAX_SNAPSHOTS {
+            return Err(Error::Invalid(format!(
+                "chunk {id} already holds {MAX_SNAPSHOTS} snapshots"
+            )));
+        }
+        let size = c.rec.size;
+        let rec = SnapRecord {
+            gen: c.snaps.last().map_or(1, |s| s.rec.gen + 1),
+            version: c.rec.version,
+        };
+        let path = snap::snap_path(&self.dir, id, snap);
+        // A leftover of a delete whose unlink failed has no record: it may go.
+        let _ = std::fs::remove_file(&path);
+        let made = (|| -> io::Result<File> {
+            let f = self.open_file(&path, true)?;
+            f.set_len(size)?;
+            f.sync_all()?;
+            if let Some(parent) = path.parent() {
+                File::open(parent)?.sync_all()?;
+            }
+            Ok(f)
+        })();
+        let file = match made {
+            Ok(f) => f,
+            Err(e) => {
+                let _ = std::fs::remove_file(&path);
+                return Err(self.io_error(errno_of(&e)));
+            }
+        };
+        Meta::put_snap(&mut self.batch, id, snap, &rec);
+        if let Some(c) = self.chunks.get_mut(&id) {
+            c.snaps.push(Snap {
+                id: snap,
+                rec,
+                file,
+                held: HashMap::new(),
+                unsynced: false,
+            });
+        }
+        tracing::info!(dir = %self.name, chunk = %id, snapshot = snap, version = rec.version, "snapshot taken");
+        Ok(())
+    }
+
+    /// Deletes snapshot `snap` of `id` while its op holds the whole chunk. The blocks it holds
+    /// that its predecessor lacks are the predecessor's content too: they are copied down
+    /// (synced) and recorded in the same synced batch that drops the snapshot; the rest is
+    /// freed with its file, which the caller unlinks once that batch is in. A crash before the
+    /// batch leaves the snapshot whole (the predecessor's extra data is unreferenced).
+    fn snapshot_delete(&mut self, id: ChunkId, snap: u64) -> Result<File> {
+        let c = self.chunks.get_mut(&id).ok_or(Error::NotFound(id))?;
+        let pos = c
+            .snaps
+            .iter()
+            .position(|s| s.id == snap)
+            .ok_or(Error::SnapshotNotFound {
+                chunk: id,
+                snapshot: snap,
+            })?;
+        let mut moved: Vec<(u64, u32)> = Vec::new();
+        if pos > 0 {
+            let (prev, gone) = (&c.snaps[pos - 1], &c.snaps[pos]);
+            moved = gone
+                .held
+                .iter()
+                .filter(|(b, _)| !prev.held.contains_key(b))
+                .map(|(&b, &crc)| (b, crc))
+                .collect();
+            moved.sort_unstable();
+            // Rare and bounded by the snapshot's size: plain pread/pwrite on this thread, in
+            // runs of adjacent blocks with data.
+            let mut runs: Vec<(u64, u64)> = Vec::new();
+            for &(b, crc) in &moved {
+                if crc == 0 {
+                    continue;
+                }
+                match runs.last_mut() {
+                    Some((r0, r1)) if *r1 == b && *r1 - *r0 < SNAP_RUN => *r1 = b + 1,
+                    _ => runs.push((b, b + 1)),
+                }
+            }
+            let copy = || -> io::Result<()> {
+                for &(r0, r1) in &runs {
+                    let mut buf = AlignedBuf::zeroed(((r1 - r0) * BLOCK) as usize);
+                    gone.file
+                        .read_exact_at(buf.as_mut_slice(), snap::offset_of(r0))?;
+                    prev.file
+                        .write_all_at(buf.as_slice(), snap::offset_of(r0))?;
+                }
+                if !runs.is_empty() {
+                    prev.file.sync_data()?;
+                }
+                Ok(())
+            };
+            if let Err(e) = copy() {
+                let errno = errno_of(&e);
+                return Err(self.io_error(errno));
+            }
+            let prev_id = prev.id;
+            for &(b, crc) in &moved {
+                Meta::put_snap_block(&mut self.batch, id, prev_id, b, crc);
+            }
+        }
+        Meta::delete_snap(&mut self.batch, id, snap);
+        let c = self.chunks.get_mut(&id).ok_or(Error::NotFound(id))?;
+        if pos > 0 {
+            if let Some(prev) = c.snaps.get_mut(pos - 1) {
+                prev.held.extend(moved.iter().copied());
+            }
+        }
+        let gone = c.snaps.remove(pos);
+        tracing::info!(dir = %self.name, chunk = %id, snapshot = snap, handed_down = moved.len(), "snapshot deleted");
+        Ok(gone.file)
+    }
+
+    /// Starts snapshot read `i`: plans where each block comes from (the oldest snapshot at or
+    /// after this one holding it, else the chunk) and reads each run into the op's buffer.
+    fn snapshot_read_start(&mut self, i: usize) {
+        let Some(op) = self.ops.get_mut(i) else {
+            return;
+        };
+        let id = op.id;
+        let Kind::SnapRead {
+            snap,
+            offset,
+            len,
+            own,
+            buf,
+            plan,
+            version,
+        } = &mut op.kind
+        else {
+            return;
+        };
+        let Some(c) = self.chunks.get(&id) else {
+            return self.finish(i, Err(Error::NotFound(id)));
+        };
+        let Some(pos) = c.snaps.iter().position(|s| s.id == *snap) else {
+            let err = Error::SnapshotNotFound {
+                chunk: id,
+                snapshot: *snap,
+            };
+            return self.finish(i, Err(err));
+        };
+        *version = c.snaps[pos].rec.version;
+        let (b0, b1) = block_span(*offset, *len);
+        *plan = (b0..b1)
+            .map(|b| {
+                if *own {
+                    return match c.snaps[pos].held.get(&b) {
+                        Some(&crc) => (Src::Snap(pos), crc),
+                        None => (Src::Skip, 0),
+                    };
+                }
+                match snap::source(&c.snaps, pos, b) {
+                    Some((j, crc)) => (Src::Snap(j), crc),
+                    None => (Src::Chunk, c.crcs.get(b as usize).copied().unwrap_or(0)),
+                }
+            })
+            .collect();
+        *buf = AlignedBuf::zeroed(((b1 - b0) * BLOCK) as usize);
+        let mut reqs = Vec::new();
+        let mut k = 0usize;
+        while k < plan.len() {
+            let src = plan[k].0;
+            let mut e = k + 1;
+            while e < plan.len() && plan[e].0 == src && ((e - k) as u64) < SNAP_RUN {
+                e += 1;
+            }
+            let (fd, at) = match src {
+                Src::Snap(j) => match c.snaps.get(j) {
+                    Some(s) => (s.file.as_raw_fd(), snap::offset_of(b0 + k as u64)),
+                    None => {
+                        k = e;
+                        continue;
+                    }
+                },
+                Src::Chunk => (c.fd(), c.data_start() + (b0 + k as u64) * BLOCK),
+                Src::Skip => {
+                    k = e;
+                    continue;
+                }
+            };
+            let piece = &mut buf.as_mut_slice()[k * BLOCK as usize..e * BLOCK as usize];
+            reqs.push(IoReq::Read {
+                fd,
+                ptr: piece.as_mut_ptr(),
+                len: piece.len() as u32,
+                offset: at,
+            });
+            k = e;
+        }
+        if reqs.is_empty() {
+            return self.snapshot_read_done(i);
+        }
+        for r in reqs {
+            self.submit_io(i, r, None, None);
+        }
+    }
+
+    /// Snapshot read `i` is in: verify every block against the checksum recorded with it. A
+    /// mismatch is an error, never data; in a snapshot's own block it does not mark the chunk.
+    fn snapshot_read_done(&mut self, i: usize) {
+        let Some(op) = self.ops.get_mut(i) else {
+            return;
+        };
+        let id = op.id;
+        let Kind::SnapRead {
+            snap,
+            offset,
+            len,
+            buf,
+            plan,
+            version,
+            ..
+        } = &mut op.kind
+        else {
+            return;
+        };
+        let (snap, offset, len, version) = (*snap, *offset, *len, *version);
+        let scrub = matches!(op.answer, Answer::Scrub(_));
+        let (b0, _) = block_span(offset, len);
+        let bad_live = |b: u64| self.chunks.get(&id).is_some_and(|c| c.bad.contains(&b));
+        let bad: Vec<(u64, bool)> = buf
+            .as_slice()
+            .chunks(BLOCK as usize)
+            .zip(plan.iter())
+            .enumerate()
+            .filter(|(k, (blk, (src, crc)))| match src {
+                Src::Skip => false,
+                Src::Snap(_) => stored_crc(blk) != *crc,
+                Src::Chunk => stored_crc(blk) != *crc || bad_live(b0 + *k as u64),
+            })
+            .map(|(k, (_, (src, _)))| (b0 + k as u64, *src == Src::Chunk))
+            .take(if scrub { usize::MAX } else { 1 })
+            .collect();
+        let buf = std::mem::replace(buf, AlignedBuf::zeroed(0));
+        for &(b, live) in &bad {
+            if live {
+                self.mark_bad(id, b);
+            } else {
+                metrics::counter!("ironsan_storage_checksum_errors_total", "dir" => self.name.clone())
+                    .increment(1);
+                tracing::warn!(dir = %self.name, chunk = %id, snapshot = snap, block = b, "checksum mismatch in a snapshot");
+            }
+        }
+        if scrub {
+            let blocks = bad.into_iter().map(|(b, _)| b).collect();
+            return self.finish(i, Ok(Done::Blocks(blocks)));
+        }
+        if let Some(&(b, _)) = bad.first() {
+            let err = Error::Checksum {
+                chunk: id,
+                block: b,
+            };
+            return self.finish(i, Err(err));
+        }
+        let head = (offset - b0 * BLOCK) as usize;
+        let data = buf.freeze().slice(head..head + len as usize);
+        self.finish(i, Ok(Done::Read(ReadOut { data, version })))
+    }
+
+    fn snapshot_list(&self, id: ChunkId) -> Result<Vec<SnapshotInfo>> {
+        let c = self.chunks.get(&id).ok_or(Error::NotFound(id))?;
+        Ok(c.snaps
+            .iter()
+            .map(|s| SnapshotInfo {
+                id: s.id,
+                version: s.rec.version,
+                used: allocated(&s.file, 0, c.rec.size),
+                blocks: s.held.len() as u64,
+            })
+            .collect())
+    }
+
+    /// Loads the snapshots of the loaded chunks at open. A snapshot whose file is gone takes the
+    /// older ones with it (their blocks may live in it); each loss is logged.
+    fn load_snaps(&mut self, batch: &mut WriteBatch) -> Result<HashSet<(ChunkId, u64)>, String> {
+        let mut broken: HashMap<ChunkId, u64> = HashMap::new();
+        for (id, sid, rec) in self.meta.snaps()? {
+            let path = snap::snap_path(&self.dir, id, sid);
+            let file = match (rec, self.chunks.contains_key(&id)) {
+                (Some(rec), true) => match self.open_file(&path, false) {
+                    Ok(f) => Some((rec, f)),
+                    Err(e) => {
+                        tracing::error!(dir = %self.name, chunk = %id, snapshot = sid, "snapshot lost: {}: {e}", path.display());
+                        let g = broken.entry(id).or_default();
+                        *g = (*g).max(rec.gen);
+                        None
+                    }
+                },
+                (None, true) => {
+                    tracing::error!(dir = %self.name, chunk = %id, snapshot = sid, "undecodable snapshot record; snapshot dropped");
+                    broken.insert(id, u64::MAX);
+                    None
+                }
+                (_, false) => None,
+            };
+            match (file, self.chunks.get_mut(&id)) {
+                (Some((rec, file)), Some(c)) => c.snaps.push(Snap {
+                    id: sid,
+                    rec,
+                    file,
+                    held: HashMap::new(),
+                    unsynced: false,
+                }),
+                _ => Meta::delete_snap(batch, id, sid),
+            }
+        }
+        for (id, sid, b, crc) in self.meta.snap_blocks()? {
+            if let Some(s) = self
+                .chunks
+                .get_mut(&id)
+                .and_then(|c| c.snaps.iter_mut().find(|s| s.id == sid))
+            {
+                s.held.insert(b, crc);
+            }
+        }
+        let mut known = HashSet::new();
+        for (id, c) in self.chunks.iter_mut() {
+            c.snaps.sort_unstable_by_key(|s| s.rec.gen);
+            if let Some(&upto) = broken.get(id) {
+                for s in c.snaps.iter().filter(|s| s.rec.gen <= upto) {
+                    tracing::error!(dir = %self.name, chunk = %id, snapshot = s.id, "snapshot dropped: a newer one it depends on is lost");
+                    Meta::delete_snap(batch, *id, s.id);
+                }
+                c.snaps.retain(|s| s.rec.gen > upto);
+            }
+            known.extend(c.snaps.iter().map(|s| (*id, s.id)));
+        }
+        Ok(known)
+    }
+}
+
 /// What a finished op hands back.
 enum Done {
     Seq(u64),
@@ -2028,6 +2873,18 @@ fn refuse(req: Req, err: Error) {
         Req::Since { reply, .. } => {
             let _ = reply.send(Err(err));
         }
+        Req::Snapshot { reply, .. } | Req::SnapshotDelete { reply, .. } => {
+            let _ = reply.send(Err(err));
+        }
+        Req::SnapshotRead { reply, .. } => {
+            let _ = reply.send(Err(err));
+        }
+        Req::SnapshotList { reply, .. } => {
+            let _ = reply.send(Err(err));
+        }
+        Req::SnapshotScrub { reply, .. } => {
+            let _ = reply.send(Err(err));
+        }
     }
 }
 
@@ -2058,6 +2915,7 @@ fn new_chunk(file: File, rec: ChunkRecord, crcs: Vec<u32>) -> Chunk {
         waiting: VecDeque::new(),
         inflight_lsns: BTreeSet::new(),
         bad: BTreeSet::new(),
+        snaps: Vec::new(),
     }
 }
 

@@ -4,6 +4,9 @@
 //! - `c` chunk(12) → [`ChunkRecord`]
 //! - `l` chunk(12) lsn(8) → [`LogRecord`]: one per write, in the order the replica applied them
 //! - `b` chunk(12) block(8) → empty: a block that failed its checksum and was not rewritten
+//! - `S` chunk(12) snapshot(8) → [`SnapRecord`]: a snapshot of the chunk
+//! - `s` chunk(12) snapshot(8) block(8) → stored crc (u32): a block the snapshot holds in its
+//!   own file (see `snap.rs`)
 //!
 //! Records are written through the engine thread's batches, before the data they describe
 //! (without a WAL sync, like the data itself: both survive a process kill; a flush syncs both).
@@ -70,6 +73,34 @@ impl ChunkRecord {
             first_lsn: f(5),
             trimmed_seq: f(6),
         })
+    }
+}
+
+/// What RocksDB holds for one snapshot.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SnapRecord {
+    /// Creation order among the chunk's snapshots (ids are the caller's, in any order).
+    pub gen: u64,
+    /// The chunk's version when it was taken.
+    pub version: u64,
+}
+
+impl SnapRecord {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut v = Vec::with_capacity(17);
+        v.push(1u8);
+        v.extend_from_slice(&self.gen.to_le_bytes());
+        v.extend_from_slice(&self.version.to_le_bytes());
+        v
+    }
+
+    pub fn decode(b: &[u8]) -> Option<Self> {
+        let mut r = Reader(b);
+        if r.u8()? != 1 {
+            return None;
+        }
+        let (gen, version) = (r.u64()?, r.u64()?);
+        r.0.is_empty().then_some(Self { gen, version })
     }
 }
 
@@ -188,6 +219,13 @@ fn chunk_sub_key(tag: u8, id: ChunkId, n: u64) -> [u8; 21] {
     k
 }
 
+fn snap_block_key(id: ChunkId, snap: u64, block: u64) -> [u8; 29] {
+    let mut k = [0u8; 29];
+    k[..21].copy_from_slice(&chunk_sub_key(b's', id, snap));
+    k[21..].copy_from_slice(&block.to_be_bytes());
+    k
+}
+
 fn chunk_of(key: &[u8]) -> Option<ChunkId> {
     let v = u64::from_be_bytes(key.get(1..9)?.try_into().ok()?);
     let i = u32::from_be_bytes(key.get(9..13)?.try_into().ok()?);
@@ -290,6 +328,48 @@ impl Meta {
             chunk_sub_key(b'b', id, u64::MAX),
         );
         batch.delete(chunk_sub_key(b'b', id, u64::MAX));
+        for tag in [b'S', b's'] {
+            // Every key of this chunk under `tag` is at most 29 bytes: all sort below the
+            // prefix followed by 16 0xff bytes, which is deleted on its own.
+            let mut end = [0xffu8; 29];
+            end[..13].copy_from_slice(&chunk_key(tag, id));
+            batch.delete_range(&chunk_key(tag, id)[..], &end[..]);
+            batch.delete(end);
+        }
+    }
+
+    pub fn put_snap(batch: &mut WriteBatch, id: ChunkId, snap: u64, rec: &SnapRecord) {
+        batch.put(chunk_sub_key(b'S', id, snap), rec.encode());
+    }
+
+    pub fn put_snap_block(batch: &mut WriteBatch, id: ChunkId, snap: u64, block: u64, crc: u32) {
+        batch.put(snap_block_key(id, snap, block), crc.to_le_bytes());
+    }
+
+    /// A snapshot's record and every block record.
+    pub fn delete_snap(batch: &mut WriteBatch, id: ChunkId, snap: u64) {
+        batch.delete(chunk_sub_key(b'S', id, snap));
+        batch.delete_range(
+            snap_block_key(id, snap, 0),
+            snap_block_key(id, snap, u64::MAX),
+        );
+        batch.delete(snap_block_key(id, snap, u64::MAX));
+    }
+
+    /// Every snapshot record of every chunk: (chunk, snapshot, record if decodable).
+    pub fn snaps(&self) -> Result<Vec<(ChunkId, u64, Option<SnapRecord>)>, String> {
+        self.scan(b'S', |k, v| {
+            Some((chunk_of(k)?, sub_of(k)?, SnapRecord::decode(v)))
+        })
+    }
+
+    /// Every block held by a snapshot: (chunk, snapshot, block, stored crc).
+    pub fn snap_blocks(&self) -> Result<Vec<(ChunkId, u64, u64, u32)>, String> {
+        self.scan(b's', |k, v| {
+            let block = u64::from_be_bytes(k.get(21..29)?.try_into().ok()?);
+            let crc = u32::from_le_bytes(v.try_into().ok()?);
+            Some((chunk_of(k)?, sub_of(k)?, block, crc))
+        })
     }
 
     /// Every chunk record; undecodable ones are returned as errors for the caller to report.

@@ -9,6 +9,7 @@ mod io;
 mod layout;
 mod meta;
 pub mod scrub;
+mod snap;
 
 use std::collections::{BTreeMap, HashMap};
 use std::os::unix::fs::MetadataExt;
@@ -20,7 +21,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use disk::{Disk, Req};
 
-use crate::chunk::{ChunkId, ChunkInfo, WrittenRange};
+use crate::chunk::{ChunkId, ChunkInfo, SnapshotInfo, WrittenRange};
 use crate::error::{Error, Result};
 
 /// How chunk files are read and written.
@@ -353,6 +354,83 @@ impl Store {
     pub async fn written_since(&self, id: ChunkId, since: u64) -> Result<(Vec<WrittenRange>, u64)> {
         self.disk_of(id)?
             .call(|reply| Req::Since { id, since, reply })
+            .await
+    }
+
+    /// Takes snapshot `snap` (non-zero) of chunk `id`: ordered after every write acknowledged before it
+    /// and before every write admitted after it; durable once answered. A write-class request:
+    /// `epoch` is fenced like a write's.
+    pub async fn snapshot(&self, id: ChunkId, snap: u64, epoch: u64) -> Result<()> {
+        // 0 stands for "no snapshot" on the wire (a copy of the chunk itself).
+        if snap == 0 {
+            return Err(Error::Invalid("snapshot ids are non-zero".into()));
+        }
+        self.disk_of(id)?
+            .call(|reply| Req::Snapshot {
+                id,
+                snap,
+                epoch,
+                reply,
+            })
+            .await
+    }
+
+    /// Deletes snapshot `snap` of chunk `id`, freeing the space only it held.
+    pub async fn snapshot_delete(&self, id: ChunkId, snap: u64, epoch: u64) -> Result<()> {
+        self.disk_of(id)?
+            .call(|reply| Req::SnapshotDelete {
+                id,
+                snap,
+                epoch,
+                reply,
+            })
+            .await
+    }
+
+    /// Reads `len` bytes at `offset` of snapshot `snap` of chunk `id`, verifying every block's
+    /// checksum; the version is the chunk's when the snapshot was taken.
+    pub async fn snapshot_read(
+        &self,
+        id: ChunkId,
+        snap: u64,
+        offset: u64,
+        len: u64,
+    ) -> Result<ReadOut> {
+        self.disk_of(id)?
+            .call(|reply| Req::SnapshotRead {
+                id,
+                snap,
+                offset,
+                len,
+                reply,
+            })
+            .await
+    }
+
+    /// Verifies the blocks snapshot `snap` of chunk `id` holds itself in `[offset, offset+len)`;
+    /// returns the ones that fail (logged and counted; they stay readable as errors only).
+    pub async fn snapshot_scrub(
+        &self,
+        id: ChunkId,
+        snap: u64,
+        offset: u64,
+        len: u64,
+    ) -> Result<Vec<u64>> {
+        self.disk_of(id)?
+            .call(|reply| Req::SnapshotScrub {
+                id,
+                snap,
+                offset,
+                len,
+                reply,
+            })
+            .await
+    }
+
+    /// The snapshots of chunk `id`, oldest first, with the space each holds.
+    pub async fn snapshots(&self, id: ChunkId) -> Result<Vec<SnapshotInfo>> {
+        self.disk_of(id)?
+            .call(|reply| Req::SnapshotList { id, reply })
             .await
     }
 
