@@ -222,7 +222,7 @@ impl Controller for ControllerService {
                         size,
                         replicas: params.replicas,
                         chunk_size: params.chunk_size,
-                        qos: params.qos.clone(),
+                        qos: params.qos,
                     })
                     .await;
                 match created {
