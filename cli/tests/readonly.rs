@@ -25,22 +25,6 @@ const SETTLE: Duration = Duration::from_secs(30);
 const WRITE_PROTECTED: u16 = 0x2700;
 const MODE_PARAMETERS_CHANGED: u16 = 0x2a01;
 
-/// The manager addresses of a running `ironsan dev` (its `cluster.json`).
-fn managers(data_dir: &Path) -> String {
-    let path = data_dir.join("cluster.json");
-    let text =
-        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
-    let v: serde_json::Value =
-        serde_json::from_str(&text).unwrap_or_else(|e| panic!("parse {}: {e}", path.display()));
-    let list: Vec<&str> = v["managers"]
-        .as_array()
-        .expect("cluster.json lists managers")
-        .iter()
-        .filter_map(|m| m.as_str())
-        .collect();
-    list.join(",")
-}
-
 struct Manager {
     rt: tokio::runtime::Runtime,
     client: ManagerClient,
@@ -52,7 +36,7 @@ impl Manager {
             .enable_all()
             .build()
             .expect("runtime");
-        let client = ManagerClient::new(&managers(data_dir)).expect("manager client");
+        let client = ManagerClient::new(&dev_managers(data_dir)).expect("manager client");
         Manager { rt, client }
     }
 

@@ -7,28 +7,15 @@
 mod libiscsi;
 mod support;
 
-use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use libiscsi::{IscsiError, Sense, Session, SessionConfig};
-use support::{iqn, lun, Server, ServerConfig, TestDir};
+use support::{dev_managers, iqn, lun, Server, ServerConfig, TestDir};
 
 const MIB: u64 = 1 << 20;
 /// ASC/ASCQ of CAPACITY DATA HAS CHANGED.
 const CAPACITY_CHANGED: u16 = 0x2a09;
-
-fn managers(data_dir: &Path) -> String {
-    let text = std::fs::read_to_string(data_dir.join("cluster.json")).expect("cluster.json");
-    let v: serde_json::Value = serde_json::from_str(&text).expect("JSON");
-    let list: Vec<&str> = v["managers"]
-        .as_array()
-        .expect("managers")
-        .iter()
-        .filter_map(|m| m.as_str())
-        .collect();
-    list.join(",")
-}
 
 fn resize(manager: &str, volume: &str, size: &str) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_ironsan"))
@@ -48,7 +35,7 @@ fn block(lba: u64, generation: u8) -> Vec<u8> {
 fn grows_under_writes_without_a_new_login() {
     let dir = TestDir::new("resize");
     let server = Server::start(dir.path(), ServerConfig::default().volume("grow", "64MiB"));
-    let m = managers(dir.path());
+    let m = dev_managers(dir.path());
     let mut cfg = SessionConfig::new("iqn.2026-11.io.ironsan:test-resize", &iqn("grow"));
     cfg.lun = lun();
     let mut s = Session::connect(&server.addr, &cfg).expect("login");
@@ -125,7 +112,7 @@ fn grows_under_writes_without_a_new_login() {
 fn shrinking_and_bad_resizes_are_refused() {
     let dir = TestDir::new("resize-bad");
     let server = Server::start(dir.path(), ServerConfig::default().volume("keep", "64MiB"));
-    let m = managers(dir.path());
+    let m = dev_managers(dir.path());
     for (volume, size, why) in [
         ("keep", "32MiB", "shrinking is not supported"),
         ("nosuch", "128MiB", "nosuch"),

@@ -4,27 +4,13 @@
 
 mod support;
 
-use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use support::{qemu_io, require_qemu_iscsi, run, Server, ServerConfig, TestDir};
+use support::{dev_managers, qemu_io, require_qemu_iscsi, run, Server, ServerConfig, TestDir};
 
 const MIB: u64 = 1 << 20;
-
-/// The manager addresses of a running `ironsan dev` (its `cluster.json`).
-fn managers(data_dir: &Path) -> String {
-    let text = std::fs::read_to_string(data_dir.join("cluster.json")).expect("cluster.json");
-    let v: Value = serde_json::from_str(&text).expect("cluster.json is JSON");
-    let list: Vec<&str> = v["managers"]
-        .as_array()
-        .expect("managers")
-        .iter()
-        .filter_map(Value::as_str)
-        .collect();
-    list.join(",")
-}
 
 fn ironsan(manager: &str, args: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_ironsan"))
@@ -73,7 +59,7 @@ fn used_bytes_follow_writes_and_unmap() {
             .arg("--managers")
             .arg("3"),
     );
-    let m = managers(dir.path());
+    let m = dev_managers(dir.path());
     let url = server.url("thin");
     let before = wait_used(&m, "thin", "first report", |_| true);
     assert!(
@@ -130,7 +116,7 @@ fn over_commit_is_refused_past_the_ratio() {
         dir.path(),
         ServerConfig::default().arg("--max-overcommit").arg("1"),
     );
-    let m = managers(dir.path());
+    let m = dev_managers(dir.path());
     let status = json(&m, &["status"]);
     let capacity = status["capacity_bytes"].as_u64().expect("capacity_bytes");
     assert!(capacity > 0, "{status}");

@@ -3,7 +3,7 @@
 #![allow(dead_code)]
 
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
@@ -21,23 +21,6 @@ use tonic011::transport::{Channel, Endpoint, Uri};
 
 /// How long `ironsan csi` may take to serve.
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// The manager addresses of a running `ironsan dev` (from its `cluster.json`).
-pub fn dev_managers(data_dir: &Path) -> String {
-    let path = data_dir.join("cluster.json");
-    let text =
-        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
-    let v: serde_json::Value =
-        serde_json::from_str(&text).unwrap_or_else(|e| panic!("parse {}: {e}", path.display()));
-    let managers: Vec<&str> = v["managers"]
-        .as_array()
-        .expect("cluster.json has managers")
-        .iter()
-        .filter_map(|m| m.as_str())
-        .collect();
-    assert!(!managers.is_empty(), "no managers in {}", path.display());
-    managers.join(",")
-}
 
 /// A running `ironsan csi`; SIGTERM on drop (SIGKILL if it lingers).
 pub struct CsiDriver {

@@ -616,6 +616,23 @@ pub fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
     out
 }
 
+/// The manager addresses of a running `ironsan dev` (from its `cluster.json`).
+pub fn dev_managers(data_dir: &Path) -> String {
+    let path = data_dir.join("cluster.json");
+    let text =
+        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
+    let v: serde_json::Value =
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("parse {}: {e}", path.display()));
+    let managers: Vec<&str> = v["managers"]
+        .as_array()
+        .expect("cluster.json has managers")
+        .iter()
+        .filter_map(|m| m.as_str())
+        .collect();
+    assert!(!managers.is_empty(), "no managers in {}", path.display());
+    managers.join(",")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
