@@ -9,14 +9,12 @@ use k8s_openapi::api::apps::v1::{
 };
 use k8s_openapi::api::core::v1::{
     Affinity, Container, EmptyDirVolumeSource, PodAffinityTerm, PodAntiAffinity,
-    PodSecurityContext, PodSpec, PodTemplateSpec, SecurityContext, Volume, VolumeMount,
-    WeightedPodAffinityTerm,
+    PodSecurityContext, PodSpec, SecurityContext, Volume, VolumeMount, WeightedPodAffinityTerm,
 };
 use k8s_openapi::api::rbac::v1::{
     ClusterRole, ClusterRoleBinding, PolicyRule, Role, RoleBinding, RoleRef, Subject,
 };
 use k8s_openapi::api::storage::v1::{CSIDriver, CSIDriverSpec, StorageClass};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use crate::daemons::{everywhere, headless, pdb, quiet_account, rolling_daemonset, Budget};
@@ -194,12 +192,9 @@ pub fn controller(opts: &Options) -> Vec<Object> {
                     max_surge: Some(IntOrString::Int(1)),
                 }),
             }),
-            template: PodTemplateSpec {
-                metadata: Some(ObjectMeta {
-                    labels: Some(pod::labels(component)),
-                    ..Default::default()
-                }),
-                spec: Some(PodSpec {
+            template: pod::template(
+                pod::labels(component),
+                PodSpec {
                     service_account_name: Some(CONTROLLER.into()),
                     security_context: Some(pod::non_root_pod()),
                     affinity: Some(Affinity {
@@ -225,8 +220,8 @@ pub fn controller(opts: &Options) -> Vec<Object> {
                         ..Default::default()
                     }]),
                     ..Default::default()
-                }),
-            },
+                },
+            ),
             ..Default::default()
         }),
         ..Default::default()
@@ -460,12 +455,9 @@ pub fn node(opts: &Options) -> Vec<Object> {
         spec: Some(DaemonSetSpec {
             selector: selector(selector_labels(component)),
             update_strategy: Some(rolling_daemonset()),
-            template: PodTemplateSpec {
-                metadata: Some(ObjectMeta {
-                    labels: Some(pod::labels(component)),
-                    ..Default::default()
-                }),
-                spec: Some(PodSpec {
+            template: pod::template(
+                pod::labels(component),
+                PodSpec {
                     service_account_name: Some(NODE.into()),
                     automount_service_account_token: Some(false),
                     // iscsiadm reaches the host's iscsid on an abstract socket, which lives
@@ -484,8 +476,8 @@ pub fn node(opts: &Options) -> Vec<Object> {
                     containers: vec![driver, registrar, liveness],
                     volumes: Some(volumes),
                     ..Default::default()
-                }),
-            },
+                },
+            ),
             ..Default::default()
         }),
         ..Default::default()

@@ -10,9 +10,8 @@ use k8s_openapi::api::apps::v1::{
 use k8s_openapi::api::core::v1::{
     Affinity, Capabilities, Container, Namespace, NodeAffinity, NodeSelector,
     NodeSelectorRequirement, NodeSelectorTerm, PersistentVolumeClaim, PersistentVolumeClaimSpec,
-    PodAffinityTerm, PodAntiAffinity, PodSecurityContext, PodSpec, PodTemplateSpec, Service,
-    ServiceAccount, ServicePort, ServiceSpec, Toleration, TopologySpreadConstraint,
-    VolumeResourceRequirements,
+    PodAffinityTerm, PodAntiAffinity, PodSecurityContext, PodSpec, Service, ServiceAccount,
+    ServicePort, ServiceSpec, Toleration, TopologySpreadConstraint, VolumeResourceRequirements,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
@@ -225,12 +224,9 @@ pub fn manager(opts: &Options) -> Vec<Object> {
             pod_management_policy: Some("Parallel".into()),
             update_strategy: Some(rolling_statefulset()),
             selector: selector(selector_labels(component)),
-            template: PodTemplateSpec {
-                metadata: Some(ObjectMeta {
-                    labels: Some(pod::labels(component)),
-                    ..Default::default()
-                }),
-                spec: Some(PodSpec {
+            template: pod::template(
+                pod::labels(component),
+                PodSpec {
                     service_account_name: Some(MANAGER.into()),
                     automount_service_account_token: Some(false),
                     security_context: Some(pod::non_root_pod()),
@@ -242,8 +238,8 @@ pub fn manager(opts: &Options) -> Vec<Object> {
                     topology_spread_constraints: spread,
                     containers: vec![c],
                     ..Default::default()
-                }),
-            },
+                },
+            ),
             volume_claim_templates: Some(vec![claim(
                 "data",
                 &opts.manager_data_size,
@@ -432,12 +428,9 @@ fn storage_statefulset(
             // A restarted pod must stay ready a while before the next one goes.
             min_ready_seconds: Some(10),
             selector: selector(pick),
-            template: PodTemplateSpec {
-                metadata: Some(ObjectMeta {
-                    labels: Some(labels),
-                    ..Default::default()
-                }),
-                spec: Some(PodSpec {
+            template: pod::template(
+                labels,
+                PodSpec {
                     service_account_name: Some(STORAGE.into()),
                     automount_service_account_token: Some(false),
                     security_context: Some(pod::non_root_pod()),
@@ -446,8 +439,8 @@ fn storage_statefulset(
                     affinity: Some(storage_nodes(opts, zone)?),
                     containers: vec![c],
                     ..Default::default()
-                }),
-            },
+                },
+            ),
             volume_claim_templates: Some(claims),
             ..Default::default()
         }),
@@ -495,12 +488,9 @@ fn storage_daemonset(opts: &Options, root: &str) -> Result<Object, DeployError> 
             selector: selector(selector_labels("storage")),
             update_strategy: Some(rolling_daemonset()),
             min_ready_seconds: Some(10),
-            template: PodTemplateSpec {
-                metadata: Some(ObjectMeta {
-                    labels: Some(pod::labels("storage")),
-                    ..Default::default()
-                }),
-                spec: Some(PodSpec {
+            template: pod::template(
+                pod::labels("storage"),
+                PodSpec {
                     service_account_name: Some(STORAGE.into()),
                     automount_service_account_token: Some(false),
                     host_network: Some(true),
@@ -514,8 +504,8 @@ fn storage_daemonset(opts: &Options, root: &str) -> Result<Object, DeployError> 
                     containers: vec![c],
                     volumes: Some(volumes),
                     ..Default::default()
-                }),
-            },
+                },
+            ),
             ..Default::default()
         }),
         ..Default::default()
@@ -570,12 +560,9 @@ pub fn gateway(opts: &Options) -> Vec<Object> {
         spec: Some(DaemonSetSpec {
             selector: selector(selector_labels(component)),
             update_strategy: Some(rolling_daemonset()),
-            template: PodTemplateSpec {
-                metadata: Some(ObjectMeta {
-                    labels: Some(pod::labels(component)),
-                    ..Default::default()
-                }),
-                spec: Some(PodSpec {
+            template: pod::template(
+                pod::labels(component),
+                PodSpec {
                     service_account_name: Some(GATEWAY.into()),
                     automount_service_account_token: Some(false),
                     host_network: Some(true),
@@ -586,8 +573,8 @@ pub fn gateway(opts: &Options) -> Vec<Object> {
                     tolerations: Some(everywhere()),
                     containers: vec![c],
                     ..Default::default()
-                }),
-            },
+                },
+            ),
             ..Default::default()
         }),
         ..Default::default()

@@ -279,17 +279,7 @@ impl Client {
         req.offset = offset;
         req.length = len;
         req.epoch = epoch;
-        let r = self.call(req, Bytes::new()).await?;
-        if r.payload.len() as u64 != len {
-            return Err(Error::Protocol(format!(
-                "asked for {len} bytes, got {}",
-                r.payload.len()
-            )));
-        }
-        Ok(ReadOut {
-            data: r.payload,
-            version: r.header.version,
-        })
+        read_out(self.call(req, Bytes::new()).await?, len)
     }
 
     /// Makes everything acknowledged before it durable: one chunk, or all with `None`.
@@ -340,17 +330,7 @@ impl Client {
         req.snapshot = snap;
         req.offset = offset;
         req.length = len;
-        let r = self.call(req, Bytes::new()).await?;
-        if r.payload.len() as u64 != len {
-            return Err(Error::Protocol(format!(
-                "asked for {len} bytes, got {}",
-                r.payload.len()
-            )));
-        }
-        Ok(ReadOut {
-            data: r.payload,
-            version: r.header.version,
-        })
+        read_out(self.call(req, Bytes::new()).await?, len)
     }
 
     /// The snapshots of chunk `id`, oldest first, with the space each holds.
@@ -565,6 +545,20 @@ impl AddrSlots {
                 s.client.as_ref().filter(|c| c.is_alive()).cloned()
             })
     }
+}
+
+/// A read's answer: exactly `len` bytes of payload, with the chunk's version.
+fn read_out(r: Reply, len: u64) -> Result<ReadOut> {
+    if r.payload.len() as u64 != len {
+        return Err(Error::Protocol(format!(
+            "asked for {len} bytes, got {}",
+            r.payload.len()
+        )));
+    }
+    Ok(ReadOut {
+        data: r.payload,
+        version: r.header.version,
+    })
 }
 
 impl Pool {
