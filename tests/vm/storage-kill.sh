@@ -21,8 +21,12 @@ SK_REPLICAS=3
 sk_free_port() {
   local p i
   for i in $(seq 50); do
-    p=$((20000 + RANDOM % 40000))
-    (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null || { echo "$p"; return 0; }
+    # Below the kernel's ephemeral range (32768 and up by default): a port picked there can
+    # be taken by any outgoing connection before the daemon binds it.
+    p=$((20000 + RANDOM % 12000))
+    # Never the same port twice in one run (each pick runs in its own subshell).
+    grep -qx "$p" "$WORK/.ports-picked" 2>/dev/null && continue
+    (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null || { echo "$p" >> "$WORK/.ports-picked"; echo "$p"; return 0; }
   done
   return 1
 }
