@@ -331,6 +331,19 @@ rpcs! {
     delete_volume(pb::DeleteVolumeRequest) -> pb::DeleteVolumeResponse;
     /// Replaces a volume's QoS limits (unset or all zero: unlimited).
     set_volume_qos(pb::SetVolumeQosRequest) -> pb::Volume;
+    /// Requests a snapshot (answered in state CREATING; poll `list_snapshots` for READY).
+    create_snapshot(pb::CreateSnapshotRequest) -> pb::Snapshot;
+    list_snapshots(pb::ListSnapshotsRequest) -> pb::ListSnapshotsResponse;
+    /// Marks a snapshot for deletion (`FAILED_PRECONDITION` while clones copy from it).
+    delete_snapshot(pb::SnapshotRef) -> pb::Snapshot;
+    /// The holding gateway reports a snapshot taken, failed or deleted on every replica.
+    snapshot_done(pb::SnapshotDoneRequest) -> pb::Snapshot;
+    /// A new volume from a snapshot or from a volume's present content.
+    clone_volume(pb::CloneVolumeRequest) -> pb::Volume;
+    /// Rolls a detached volume back to a snapshot.
+    restore_snapshot(pb::RestoreSnapshotRequest) -> pb::Volume;
+    /// The holding gateway reports a chunk filled from the volume's source.
+    source_copied(pb::SourceCopiedRequest) -> pb::Chunk;
     /// Takes the volume's lease for a gateway, with a new writer epoch.
     attach(pb::AttachRequest) -> pb::Attachment;
     renew(pb::RenewRequest) -> pb::Attachment;
@@ -452,6 +465,13 @@ mod tests {
             resize_volume(pb::ResizeVolumeRequest) -> pb::Volume;
             delete_volume(pb::DeleteVolumeRequest) -> pb::DeleteVolumeResponse;
             set_volume_qos(pb::SetVolumeQosRequest) -> pb::Volume;
+            create_snapshot(pb::CreateSnapshotRequest) -> pb::Snapshot;
+            list_snapshots(pb::ListSnapshotsRequest) -> pb::ListSnapshotsResponse;
+            delete_snapshot(pb::SnapshotRef) -> pb::Snapshot;
+            snapshot_done(pb::SnapshotDoneRequest) -> pb::Snapshot;
+            clone_volume(pb::CloneVolumeRequest) -> pb::Volume;
+            restore_snapshot(pb::RestoreSnapshotRequest) -> pb::Volume;
+            source_copied(pb::SourceCopiedRequest) -> pb::Chunk;
             attach(pb::AttachRequest) -> pb::Attachment;
             renew(pb::RenewRequest) -> pb::Attachment;
             detach(pb::DetachRequest) -> pb::DetachResponse;
