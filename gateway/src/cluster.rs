@@ -38,12 +38,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ironsan_common::manager_client::ManagerClient;
-use ironsan_common::proto::manager::{ListVolumesRequest, RegisterGatewayRequest, VolumeQos};
+use ironsan_common::proto::manager::{
+    self as pb, DetachRequest, ListVolumesRequest, RegisterGatewayRequest, VolumeQos, VolumeRef,
+};
 use ironsan_storage::client::{ClientConfig, Pool};
 use tokio_util::sync::CancellationToken;
 
 use crate::qos::Limits;
-use crate::replica::{ReplicaConfig, Volume};
+use crate::replica::{self, ReplicaConfig, Volume};
 use crate::target::{Gateway, TargetOptions};
 
 #[derive(Debug, Clone)]
@@ -169,17 +171,11 @@ pub async fn serve_attached(
         match mgr.list_volumes(ListVolumesRequest {}).await {
             Ok(list) => {
                 standing.contact();
-                // Name -> (size, read-only, QoS limits).
-                let mine: HashMap<&str, (u64, bool, Limits)> = list
+                let mine: HashMap<&str, &pb::Volume> = list
                     .volumes
                     .iter()
-                    .filter_map(|v| {
-                        let a = v.attachment.as_ref().filter(|a| a.gateway == me)?;
-                        Some((
-                            v.name.as_str(),
-                            (v.size, a.readonly, limits(v.qos.as_ref())),
-                        ))
-                    })
+                    .filter(|v| v.attachment.as_ref().is_some_and(|a| a.gateway == me))
+                    .map(|v| (v.name.as_str(), v))
                     .collect();
                 served.retain(|name, vol| {
                     if mine.contains_key(name.as_str()) && vol.is_serving() {
@@ -195,31 +191,56 @@ pub async fn serve_attached(
                     gw.remove_target(name);
                     false
                 });
-                for (name, (size, readonly, qos)) in mine {
-                    if let Some(vol) = served.get(name) {
-                        grow(&gw, vol, size).await;
-                        protect(&gw, name, readonly).await;
+                for (name, v) in mine {
+                    let Some(a) = v.attachment.as_ref() else {
+                        continue;
+                    };
+                    let vol = match served.get(name) {
+                        Some(vol) => vol.clone(),
+                        None => {
+                            match Volume::open(mgr.clone(), pool.clone(), cfg.replica.clone(), name)
+                                .await
+                            {
+                                Ok(vol) => {
+                                    served.insert(name.to_string(), vol.clone());
+                                    vol
+                                }
+                                Err(e) => {
+                                    tracing::warn!(volume = %name, error = %e, "cannot open volume; retrying");
+                                    continue;
+                                }
+                            }
+                        }
+                    };
+                    vol.follow(v);
+                    if a.work {
+                        // Held only for snapshot work: never exported; given back once done.
+                        if !replica::has_work(v) && !vol.busy() {
+                            release(&mgr, &me, &vol).await;
+                            served.remove(name);
+                        }
+                        continue;
+                    }
+                    let qos = limits(v.qos.as_ref());
+                    if gw.target_by_name(name).is_some() {
+                        grow(&gw, &vol, v.size).await;
+                        protect(&gw, name, a.readonly).await;
                         limit(&gw, name, qos);
                         continue;
                     }
                     let options = TargetOptions {
-                        write_protected: readonly,
+                        write_protected: a.readonly,
                         qos,
                         ..TargetOptions::default()
                     };
-                    match Volume::open(mgr.clone(), pool.clone(), cfg.replica.clone(), name).await {
-                        Ok(vol) => match gw.add_target(name, vol.clone(), options) {
-                            Ok(t) => {
-                                tracing::info!(volume = %name, iqn = %t.iqn, readonly, "target ready");
-                                served.insert(name.to_string(), vol);
-                            }
-                            Err(e) => {
-                                tracing::error!(volume = %name, error = %e, "cannot export volume");
-                                vol.close("cannot export");
-                            }
-                        },
+                    match gw.add_target(name, vol.clone(), options) {
+                        Ok(t) => {
+                            tracing::info!(volume = %name, iqn = %t.iqn, readonly = a.readonly, "target ready")
+                        }
                         Err(e) => {
-                            tracing::warn!(volume = %name, error = %e, "cannot open volume; retrying")
+                            tracing::error!(volume = %name, error = %e, "cannot export volume");
+                            vol.close("cannot export");
+                            served.remove(name);
                         }
                     }
                 }
@@ -242,6 +263,25 @@ pub async fn serve_attached(
     for vol in served.values() {
         vol.stop_keeper();
     }
+}
+
+/// Gives back a volume held for snapshot work only (a detach of a `work` attachment).
+async fn release(mgr: &ManagerClient, me: &str, vol: &Volume) {
+    let r = mgr
+        .detach(DetachRequest {
+            volume: Some(VolumeRef {
+                id: vol.id,
+                name: String::new(),
+            }),
+            gateway: me.to_string(),
+            force: false,
+        })
+        .await;
+    match r {
+        Ok(_) => tracing::info!(volume = %vol.name, "snapshot work done; volume released"),
+        Err(e) => tracing::warn!(volume = %vol.name, error = %e, "cannot release the volume"),
+    }
+    vol.close("snapshot work done");
 }
 
 /// The manager's limits as the gateway's buckets take them (absent: unlimited).

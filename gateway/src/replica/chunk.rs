@@ -15,6 +15,8 @@ pub struct View {
     pub replicas: Vec<String>,
     /// A rebuild target: written to, never read from, until its task completes.
     pub joining: Option<String>,
+    /// To be filled from the volume's source (clone, restore) before any I/O.
+    pub fill: bool,
 }
 
 impl View {
@@ -23,6 +25,7 @@ impl View {
             epoch: c.epoch,
             replicas: c.replicas.clone(),
             joining: Some(c.joining.clone()).filter(|j| !j.is_empty()),
+            fill: c.fill,
         }
     }
 
@@ -45,6 +48,9 @@ pub struct Chunk {
     written: AtomicBool,
     /// Held while reconciling, so one task does it and the others wait for it.
     pub sync: tokio::sync::Mutex<()>,
+    /// A joiner whose snapshots are still being rebuilt: writes and snapshot operations skip
+    /// it until its live copy starts (`sync.rs`).
+    held: Mutex<Option<String>>,
     pub locks: RangeLocks,
 }
 
@@ -57,6 +63,7 @@ impl Chunk {
             ready: AtomicBool::new(false),
             written: AtomicBool::new(false),
             sync: tokio::sync::Mutex::new(()),
+            held: Mutex::new(None),
             locks: RangeLocks::default(),
         }
     }
@@ -71,6 +78,20 @@ impl Chunk {
         if v.epoch >= cur.epoch {
             *cur = Arc::new(v);
         }
+    }
+
+    /// Every node a write must reach now: the set, then the joiner unless it is held (only
+    /// a chunk with a joiner looks at the hold, so the common path takes no lock).
+    pub fn write_targets<'a>(&self, view: &'a View) -> impl Iterator<Item = &'a String> {
+        let held = match view.joining {
+            Some(_) => self.held.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+            None => None,
+        };
+        view.write_targets().filter(move |n| held.as_ref() != Some(*n))
+    }
+
+    pub fn hold(&self, joiner: Option<String>) {
+        *self.held.lock().unwrap_or_else(|p| p.into_inner()) = joiner;
     }
 
     pub fn next_seq(&self) -> u64 {

@@ -24,10 +24,13 @@
 
 mod chunk;
 mod lease;
+mod snapshot;
 mod sync;
 
+pub use snapshot::has_work;
+
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -112,6 +115,13 @@ pub struct Volume {
     rebuilding: Mutex<HashSet<u64>>,
     /// Copies run at once; the others queue, so a node failure does not start hundreds.
     rebuild_slots: Semaphore,
+    /// Snapshot take/delete hold it exclusively, rebuilds shared (`snapshot.rs`).
+    snap_lock: tokio::sync::RwLock<()>,
+    /// The clone or restore source `fill` chunks are copied from (from the manager's record).
+    source: Mutex<Option<snapshot::Source>>,
+    /// A background fill, and snapshot work, are running.
+    filling: AtomicBool,
+    snapshotting: AtomicBool,
     stop: CancellationToken,
 }
 
@@ -194,6 +204,10 @@ impl Volume {
             writes: Semaphore::new(MAX_WRITES),
             rebuilding: Mutex::new(HashSet::new()),
             rebuild_slots: Semaphore::new(REBUILDS),
+            snap_lock: tokio::sync::RwLock::new(()),
+            source: Mutex::new(snapshot::source_of(&v)),
+            filling: AtomicBool::new(false),
+            snapshotting: AtomicBool::new(false),
             stop: CancellationToken::new(),
         });
         vol.lease
@@ -336,7 +350,7 @@ impl Volume {
     }
 
     /// The chunk's replicas are consistent under this writer epoch (reconciling them first if
-    /// needed).
+    /// needed) and hold its content (filled from the volume's source first if marked).
     async fn ready(&self, c: &Chunk) -> Result<(), DeviceError> {
         if c.is_ready() {
             return Ok(());
@@ -346,6 +360,9 @@ impl Volume {
             return Ok(());
         }
         self.reconcile(c).await?;
+        if c.view().fill {
+            self.fill(c).await?;
+        }
         c.set_ready(true);
         Ok(())
     }
@@ -469,7 +486,7 @@ impl Volume {
             let seq = c.next_seq();
             let id = self.cid(c);
             c.mark_written();
-            let outcomes: Vec<Outcome> = join_all(view.write_targets().map(|node| {
+            let outcomes: Vec<Outcome> = join_all(c.write_targets(&view).map(|node| {
                 let node = node.clone();
                 let op = &op;
                 async move {

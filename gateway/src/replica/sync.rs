@@ -408,16 +408,53 @@ impl Volume {
         }
     }
 
-    /// Copies the chunk to the task's target; `None` when the task is stale.
+    /// Copies the chunk to the task's target, its snapshots first (oldest first, each
+    /// written into the target's chunk and snapshotted there, while writes skip the target),
+    /// then the live content; `None` when the task is stale.
     async fn rebuild(&self, c: &Chunk, t: &RecoveryTask) -> Result<Option<u64>, DeviceError> {
+        // Shared: snapshots are neither taken nor deleted while a copy runs.
+        let _snaps = self.snap_lock.read().await;
         self.refresh(c).await?;
         if c.view().joining.as_deref() != Some(t.target.as_str()) {
             return Ok(None);
         }
         self.ready(c).await?;
-        let id = self.cid(c);
         let view = c.view();
         let epoch = self.epoch_for(&view)?;
+        let snapshots = self.list_snapshots(c, &view).await?;
+        if !snapshots.is_empty() {
+            c.hold(Some(t.target.clone()));
+        }
+        let r = self.copy_to(c, t, epoch, &snapshots).await;
+        c.hold(None);
+        r
+    }
+
+    /// The chunk's snapshots (ids, oldest first) as the first answering replica has them.
+    async fn list_snapshots(&self, c: &Chunk, view: &View) -> Result<Vec<u64>, DeviceError> {
+        let mut last = String::new();
+        for i in self.read_order(view) {
+            let node = &view.replicas[i];
+            let r = match self.client(node).await {
+                Ok(client) => client.snapshots(self.cid(c)).await,
+                Err(e) => Err(e),
+            };
+            match r {
+                Ok(list) => return Ok(list.into_iter().map(|s| s.id).collect()),
+                Err(e) => last = format!("{node}: {e}"),
+            }
+        }
+        Err(unavailable(format!("cannot list the chunk's snapshots: {last}")))
+    }
+
+    async fn copy_to(
+        &self,
+        c: &Chunk,
+        t: &RecoveryTask,
+        epoch: u64,
+        snapshots: &[u64],
+    ) -> Result<Option<u64>, DeviceError> {
+        let id = self.cid(c);
         let target = self.client(&t.target).await.map_err(read_err)?;
         // A leftover from an earlier attempt may hold stale blocks where the source has
         // holes: start from an empty replica.
@@ -432,10 +469,32 @@ impl Volume {
             }
             Err(e) => return Err(read_err(e)),
         }
-        tracing::info!(volume = %self.name, chunk = c.index, target = %t.target, lost = %t.lost, "rebuild started");
+        tracing::info!(volume = %self.name, chunk = c.index, target = %t.target, lost = %t.lost, snapshots = snapshots.len(), "rebuild started");
+        let pieces = self.chunk_size.div_ceil(COPY_PIECE) as usize;
+        // Pieces holding data on the target now (what a zero piece must clear).
+        let mut filled = vec![false; pieces];
         let mut copied = 0u64;
-        let mut off = 0;
-        while off < self.chunk_size {
+        for &snap in snapshots {
+            let view = c.view();
+            for (i, was) in filled.iter_mut().enumerate() {
+                let off = i as u64 * COPY_PIECE;
+                let n = COPY_PIECE.min(self.chunk_size - off);
+                let data = self
+                    .snapshot_piece(&view.replicas, id, snap, off, n)
+                    .await?;
+                copied += self
+                    .put_piece(c, &target, epoch, off, data, was)
+                    .await?;
+            }
+            target.snapshot(id, snap, epoch).await.map_err(read_err)?;
+        }
+        if !snapshots.is_empty() {
+            // From here on writes reach the target again; every piece is copied after this.
+            let _all = c.locks.lock(0, self.chunk_size).await;
+            c.hold(None);
+        }
+        for (i, was) in filled.iter_mut().enumerate() {
+            let off = i as u64 * COPY_PIECE;
             let n = COPY_PIECE.min(self.chunk_size - off);
             let _range = c.locks.lock(off, off + n).await;
             let view = c.view();
@@ -444,30 +503,54 @@ impl Volume {
             }
             let epoch = self.epoch_for(&view)?;
             let data = self.read_from_set(c, &view, off, n, epoch).await?;
-            if data.iter().any(|&b| b != 0) {
-                let seq = c.next_seq();
-                target
-                    .write(id, off, data, write_opts(epoch, seq))
-                    .await
-                    .map_err(read_err)?;
-                copied += n;
-                metrics::counter!("ironsan_gateway_rebuild_bytes_total", "volume" => self.name.clone())
-                    .increment(n);
-            }
-            off += n;
-            if (off / COPY_PIECE).is_multiple_of(PROGRESS_EVERY) {
+            copied += self.put_piece(c, &target, epoch, off, data, was).await?;
+            let done = off + n;
+            if (done / COPY_PIECE).is_multiple_of(PROGRESS_EVERY) {
                 // Progress is informational: a failed report does not stop the copy.
                 let _ = self
                     .mgr
                     .task_progress(TaskProgressRequest {
                         id: t.id,
-                        copied_bytes: off,
+                        copied_bytes: done,
                     })
                     .await;
             }
         }
         target.flush(Some(id)).await.map_err(read_err)?;
         Ok(Some(copied))
+    }
+
+    /// Writes one copied piece to a rebuild target: data as is, zeroes only where the target
+    /// holds data (it starts empty and sparse). Answers the bytes written.
+    async fn put_piece(
+        &self,
+        c: &Chunk,
+        target: &ironsan_storage::client::Client,
+        epoch: u64,
+        off: u64,
+        data: bytes::Bytes,
+        filled: &mut bool,
+    ) -> Result<u64, DeviceError> {
+        let id = self.cid(c);
+        let n = data.len() as u64;
+        if data.iter().any(|&b| b != 0) {
+            target
+                .write(id, off, data, write_opts(epoch, c.next_seq()))
+                .await
+                .map_err(read_err)?;
+            *filled = true;
+        } else if *filled {
+            target
+                .write_zeroes(id, off, n, true, write_opts(epoch, c.next_seq()))
+                .await
+                .map_err(read_err)?;
+            *filled = false;
+        } else {
+            return Ok(0);
+        }
+        metrics::counter!("ironsan_gateway_rebuild_bytes_total", "volume" => self.name.clone())
+            .increment(n);
+        Ok(n)
     }
 
     async fn read_from_set(

@@ -11,7 +11,7 @@ mod meta;
 pub mod scrub;
 mod snap;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
@@ -445,23 +445,30 @@ impl Store {
         v
     }
 
-    /// Bytes allocated on disk per volume (chunk files, headers and tables included), from the
-    /// files' block counts: one `stat` per chunk, so call it off the runtime's workers.
+    /// Bytes allocated on disk per volume (chunk files with their headers and tables, and
+    /// their snapshot files), from the files' block counts: one `stat` per file of each
+    /// volume's directory, so call it off the runtime's workers.
     pub fn usage(&self) -> BTreeMap<u64, u64> {
-        let chunks: Vec<(ChunkId, usize)> = self
+        let dirs: BTreeSet<(u64, usize)> = self
             .index
             .read()
-            .map(|m| m.iter().map(|(id, d)| (*id, *d)).collect())
+            .map(|m| m.iter().map(|(id, d)| (id.volume, *d)).collect())
             .unwrap_or_default();
         let mut out = BTreeMap::new();
-        for (id, d) in chunks {
+        for (volume, d) in dirs {
             let Some(disk) = self.disks.get(d) else {
                 continue;
             };
-            // A chunk deleted meanwhile simply counts nothing.
-            if let Ok(m) = std::fs::metadata(layout::chunk_path(&disk.path, id)) {
-                *out.entry(id.volume).or_insert(0) += m.blocks() * 512;
-            }
+            let dir = layout::chunk_path(&disk.path, ChunkId { volume, index: 0 });
+            let Some(Ok(entries)) = dir.parent().map(std::fs::read_dir) else {
+                continue;
+            };
+            // Files deleted meanwhile simply count nothing.
+            let bytes: u64 = entries
+                .filter_map(|e| e.ok()?.metadata().ok())
+                .map(|m| m.blocks() * 512)
+                .sum();
+            *out.entry(volume).or_insert(0) += bytes;
         }
         out
     }
