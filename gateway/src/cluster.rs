@@ -32,7 +32,7 @@
 //! QoS limits (`Volume.qos`) are followed too: set on a target before it is exported, and
 //! changed live on the poll that brings new values (so within `poll`), sessions untouched.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -149,6 +149,8 @@ pub async fn serve_attached(
     let pool = Arc::new(Pool::new(cfg.data_path.clone()));
     let me = cfg.replica.gateway.clone();
     let mut served: HashMap<String, Arc<Volume>> = HashMap::new();
+    // Per served volume: the names of its snapshots exported as read-only targets.
+    let mut snapshots: HashMap<String, HashSet<String>> = HashMap::new();
     let mut registered = false;
     loop {
         // Announce this gateway and its portal (CSI publishes volumes to registered gateways
@@ -189,6 +191,7 @@ pub async fn serve_attached(
                     tracing::info!(volume = %name, why, "stopping service of volume");
                     vol.close(why);
                     gw.remove_target(name);
+                    export_snapshots(&gw, vol, None, &mut snapshots);
                     false
                 });
                 for (name, v) in mine {
@@ -221,6 +224,7 @@ pub async fn serve_attached(
                         }
                         continue;
                     }
+                    export_snapshots(&gw, &vol, Some(v), &mut snapshots);
                     let qos = limits(v.qos.as_ref());
                     if gw.target_by_name(name).is_some() {
                         grow(&gw, &vol, v.size).await;
@@ -262,6 +266,51 @@ pub async fn serve_attached(
     // the keepers stop renewing and the leases run out.
     for vol in served.values() {
         vol.stop_keeper();
+    }
+}
+
+/// Exports the volume's READY snapshots as write-protected targets `VOLUME:SNAPSHOT` (IQN
+/// `iqn.2026-11.io.ironsan:VOLUME:SNAPSHOT`) and withdraws those no longer READY; `None`
+/// withdraws them all (the volume is no longer served here).
+fn export_snapshots(
+    gw: &Gateway,
+    vol: &Arc<Volume>,
+    v: Option<&pb::Volume>,
+    exported: &mut HashMap<String, HashSet<String>>,
+) {
+    let want: HashMap<String, &pb::Snapshot> = v
+        .iter()
+        .flat_map(|v| v.snapshots.iter())
+        .filter(|s| s.state == pb::SnapshotState::SnapshotReady as i32)
+        .map(|s| (format!("{}:{}", vol.name, s.name), s))
+        .collect();
+    let have = exported.entry(vol.name.clone()).or_default();
+    have.retain(|t| {
+        if want.contains_key(t) {
+            return true;
+        }
+        gw.remove_target(t);
+        false
+    });
+    for (t, s) in want {
+        if have.contains(&t) {
+            continue;
+        }
+        let options = TargetOptions {
+            write_protected: true,
+            ..TargetOptions::default()
+        };
+        let dev = Arc::new(replica::SnapshotDevice::new(vol.clone(), s));
+        match gw.add_target(&t, dev, options) {
+            Ok(target) => {
+                tracing::info!(snapshot = %t, iqn = %target.iqn, "snapshot exported read-only");
+                have.insert(t);
+            }
+            Err(e) => tracing::warn!(snapshot = %t, error = %e, "cannot export snapshot"),
+        }
+    }
+    if have.is_empty() {
+        exported.remove(&vol.name);
     }
 }
 

@@ -128,14 +128,15 @@ impl Target {
     }
 }
 
-/// Checks a volume name for use in an IQN and a file name.
+/// Checks a target name (a volume's, or `VOLUME:SNAPSHOT` for an exported snapshot) for use
+/// in an IQN and a file name.
 pub fn check_volume_name(name: &str) -> Result<(), ConfigError> {
     let ok = !name.is_empty()
         && name.len() <= 200
         && !name.starts_with('.')
         && name
             .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'));
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_' | ':'));
     if ok {
         Ok(())
     } else {

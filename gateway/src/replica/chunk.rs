@@ -87,7 +87,8 @@ impl Chunk {
             Some(_) => self.held.lock().unwrap_or_else(|p| p.into_inner()).clone(),
             None => None,
         };
-        view.write_targets().filter(move |n| held.as_ref() != Some(*n))
+        view.write_targets()
+            .filter(move |n| held.as_ref() != Some(*n))
     }
 
     pub fn hold(&self, joiner: Option<String>) {

@@ -27,7 +27,7 @@ mod lease;
 mod snapshot;
 mod sync;
 
-pub use snapshot::has_work;
+pub use snapshot::{has_work, SnapshotDevice};
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

@@ -239,7 +239,9 @@ impl Volume {
                 .iter()
                 .find(|(_, r)| matches!(r, Err(e) if !replica_fault(e)))
             {
-                return Err(unavailable(format!("replica {n} refused the snapshot: {e}")));
+                return Err(unavailable(format!(
+                    "replica {n} refused the snapshot: {e}"
+                )));
             }
             let verdicts: Vec<Verdict> = outcomes
                 .into_iter()
@@ -286,22 +288,19 @@ impl Volume {
     async fn delete_everywhere(&self, snap: u64) -> Result<(), DeviceError> {
         let chunks = self.chunk_list();
         each_chunk(&chunks, |c| async move {
-                let id = self.cid(c);
-                let view = c.view();
-                let epoch = self.epoch_for(&view)?;
-                for node in &view.replicas {
-                    let client = self
-                        .client(node)
-                        .await
-                        .map_err(|e| storage_err(node, e))?;
-                    match client.snapshot_delete(id, snap, epoch).await {
-                        Ok(())
-                        | Err(StorageError::SnapshotNotFound { .. })
-                        | Err(StorageError::NotFound(_)) => {}
-                        Err(e) => return Err(storage_err(node, e)),
-                    }
+            let id = self.cid(c);
+            let view = c.view();
+            let epoch = self.epoch_for(&view)?;
+            for node in &view.replicas {
+                let client = self.client(node).await.map_err(|e| storage_err(node, e))?;
+                match client.snapshot_delete(id, snap, epoch).await {
+                    Ok(())
+                    | Err(StorageError::SnapshotNotFound { .. })
+                    | Err(StorageError::NotFound(_)) => {}
+                    Err(e) => return Err(storage_err(node, e)),
                 }
-                Ok(())
+            }
+            Ok(())
         })
         .await
     }
@@ -360,9 +359,10 @@ impl Volume {
         while off < self.chunk_size {
             let n = FILL_PIECE.min(self.chunk_size - off);
             let data = match &from {
-                Some((sid, nodes)) => {
-                    Some(self.snapshot_piece(nodes, *sid, src.snapshot_id, off, n).await?)
-                }
+                Some((sid, nodes)) => Some(
+                    self.snapshot_piece(nodes, *sid, src.snapshot_id, off, n)
+                        .await?,
+                ),
                 None => None,
             };
             let view = c.view();
@@ -479,5 +479,98 @@ impl Volume {
             id.index,
             errors.join("; ")
         )))
+    }
+}
+
+/// A READY snapshot served read-only: reads go to its chunks' replicas (`OP_SNAPSHOT_READ`),
+/// the fastest first; the gateway exports it write-protected beside its volume.
+pub struct SnapshotDevice {
+    vol: Arc<Volume>,
+    snap: u64,
+    size: u64,
+}
+
+impl SnapshotDevice {
+    pub fn new(vol: Arc<Volume>, snap: &pb::Snapshot) -> Self {
+        SnapshotDevice {
+            vol,
+            snap: snap.id,
+            size: snap.size,
+        }
+    }
+
+    async fn read_at(&self, offset: u64, len: usize) -> Result<Bytes, DeviceError> {
+        crate::device::check_range(offset, len as u64, self.size)?;
+        let mut out = bytes::BytesMut::with_capacity(len);
+        for (index, off, n) in self.vol.pieces(offset, len as u64) {
+            let c = self.vol.chunk(index)?;
+            let view = c.view();
+            let order: Vec<String> = self
+                .vol
+                .read_order(&view)
+                .into_iter()
+                .map(|i| view.replicas[i].clone())
+                .collect();
+            let piece = self
+                .vol
+                .snapshot_piece(&order, self.vol.cid(&c), self.snap, off, n)
+                .await?;
+            out.extend_from_slice(&piece);
+        }
+        Ok(out.freeze())
+    }
+}
+
+fn read_only() -> DeviceError {
+    DeviceError::Write(std::io::Error::other("a snapshot is read-only"))
+}
+
+impl crate::device::BlockDevice for SnapshotDevice {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn read(
+        &self,
+        offset: u64,
+        len: usize,
+    ) -> futures::future::BoxFuture<'_, Result<Bytes, DeviceError>> {
+        Box::pin(self.read_at(offset, len))
+    }
+
+    fn write(
+        &self,
+        _: u64,
+        _: Bytes,
+        _: bool,
+    ) -> futures::future::BoxFuture<'_, Result<(), DeviceError>> {
+        Box::pin(async { Err(read_only()) })
+    }
+
+    fn write_zeroes(
+        &self,
+        _: u64,
+        _: u64,
+        _: bool,
+    ) -> futures::future::BoxFuture<'_, Result<(), DeviceError>> {
+        Box::pin(async { Err(read_only()) })
+    }
+
+    fn flush(&self) -> futures::future::BoxFuture<'_, Result<(), DeviceError>> {
+        Box::pin(async { Ok(()) })
+    }
+
+    fn allocation(
+        &self,
+        offset: u64,
+        len: u64,
+    ) -> futures::future::BoxFuture<'_, Result<crate::device::Extent, DeviceError>> {
+        Box::pin(async move {
+            Ok(crate::device::Extent {
+                offset,
+                len,
+                mapped: true,
+            })
+        })
     }
 }

@@ -444,7 +444,9 @@ impl Volume {
                 Err(e) => last = format!("{node}: {e}"),
             }
         }
-        Err(unavailable(format!("cannot list the chunk's snapshots: {last}")))
+        Err(unavailable(format!(
+            "cannot list the chunk's snapshots: {last}"
+        )))
     }
 
     async fn copy_to(
@@ -482,9 +484,7 @@ impl Volume {
                 let data = self
                     .snapshot_piece(&view.replicas, id, snap, off, n)
                     .await?;
-                copied += self
-                    .put_piece(c, &target, epoch, off, data, was)
-                    .await?;
+                copied += self.put_piece(c, &target, epoch, off, data, was).await?;
             }
             target.snapshot(id, snap, epoch).await.map_err(read_err)?;
         }
