@@ -1,6 +1,6 @@
 # shellcheck shell=bash
 # benches/lib.sh - shared by the benches that drive iSCSI targets with fio's libiscsi engine
-# (gateway_vs_tgt.sh, replicated_vs_tgt.sh). Source it after setting PROG and ROOT, with
+# (gateway_vs_tgt.sh, replicated_vs_tgt.sh, snapshots.sh). Source it after setting PROG and ROOT, with
 # `set -euo pipefail` in effect. It defines:
 #   die, say                      messages (die exits 2)
 #   check_tests LIST              validate a --tests list against TEST_LABEL / TEST_JOB
@@ -12,6 +12,11 @@
 #   stop_pid PID [SEC]            SIGTERM, then SIGKILL after SEC (default 10)
 #   tgt_start DIR SIZE / tgt_stop a throw-away tgtd with one file-backed LUN: TURL, TPID
 #   run_job SIDE URL JOB          one job file of benches/fio/: "iops bw_bytes mean_us p99_us"
+#   start_daemon NAME ARGS...     ironsan ARGS... in the background (PID[NAME], DAEMONS, log)
+#   await_log NAME ERE SEC        wait for a line of NAME's log, or die with its tail
+#   adm ARGS...                   an operator command against MGR
+#   wait_status JQ_EXPR SEC WHAT  poll `ironsan status --json` until JQ_EXPR holds
+#   now, secs FROM TO             wall-clock seconds ($EPOCHREALTIME) and their difference
 # The caller sets WORK (with WORK/fio), SIZE, RUNTIME and RAMP before running jobs.
 
 shopt -s extglob
@@ -162,3 +167,32 @@ run_job() {   # run_job SIDE URL JOB: runs RUNTIME s after RAMP s; prints "iops 
           "$JOBS_DIR/$job.fio" 2> "$base.err" ) || true
     fio_result "$side" "$job"
 }
+
+# ----------------------------------------------------------------------------- daemons
+# The caller declares `declare -A PID=()` and `DAEMONS=()`, and sets WORK, IRONSAN_BIN and MGR.
+start_daemon() {   # start_daemon NAME ARGS...: ironsan ARGS..., logging to WORK/logs/NAME.log
+    local name=$1; shift
+    RUST_LOG=info "$IRONSAN_BIN" "$@" > "$WORK/logs/$name.log" 2>&1 &
+    PID[$name]=$!
+    DAEMONS+=("$name")
+}
+await_log() {   # await_log NAME ERE SEC: wait for a line of NAME's log, or die with its tail
+    wait_for_log "$WORK/logs/$1.log" "${PID[$1]}" "$2" "$3" > /dev/null || {
+        tail -20 "$WORK/logs/$1.log" >&2
+        if kill -0 "${PID[$1]}" 2>/dev/null; then die "$1 did not log /$2/ within $3 s (log: $WORK/logs/$1.log)"; fi
+        die "$1 exited (log: $WORK/logs/$1.log)"
+    }
+}
+adm() { "$IRONSAN_BIN" "$@" --manager "$MGR"; }   # operator commands against our manager
+status_is() {   # status_is JQ_EXPR: ironsan status --json satisfies it
+    local st
+    st=$(adm status --json 2>/dev/null) && jq -e "$1" <<<"$st" > /dev/null 2>&1
+}
+wait_status() {   # wait_status JQ_EXPR SEC WHAT
+    local i
+    for ((i = 0; i < $2 * 5; i++)); do status_is "$1" && return 0; sleep 0.2; done
+    adm status >&2 || true
+    die "no $3 within $2 s (ironsan status above; logs in $WORK/logs)"
+}
+now() { echo "$EPOCHREALTIME"; }
+secs() { awk -v a="$1" -v b="$2" 'BEGIN {printf "%.2f", b - a}'; }   # secs FROM TO

@@ -107,32 +107,6 @@ cleanup() {
 trap 'cleanup; rm -rf "$WORK/data"' EXIT
 trap 'exit 130' INT TERM
 
-start_daemon() {   # start_daemon NAME ARGS...: ironsan ARGS..., logging to WORK/logs/NAME.log
-    local name=$1; shift
-    RUST_LOG=info "$IRONSAN_BIN" "$@" > "$WORK/logs/$name.log" 2>&1 &
-    PID[$name]=$!
-    DAEMONS+=("$name")
-}
-await_log() {   # await_log NAME ERE SEC: wait for a line of NAME's log, or die with its tail
-    wait_for_log "$WORK/logs/$1.log" "${PID[$1]}" "$2" "$3" > /dev/null || {
-        tail -20 "$WORK/logs/$1.log" >&2
-        if kill -0 "${PID[$1]}" 2>/dev/null; then die "$1 did not log /$2/ within $3 s (log: $WORK/logs/$1.log)"; fi
-        die "$1 exited (log: $WORK/logs/$1.log)"
-    }
-}
-adm() { "$IRONSAN_BIN" "$@" --manager "$MGR"; }   # operator commands against our manager
-status_is() {   # status_is JQ_EXPR: ironsan status --json satisfies it
-    local st
-    st=$(adm status --json 2>/dev/null) && jq -e "$1" <<<"$st" > /dev/null 2>&1
-}
-wait_status() {   # wait_status JQ_EXPR SEC WHAT
-    local i
-    for ((i = 0; i < $2 * 5; i++)); do status_is "$1" && return 0; sleep 0.2; done
-    adm status >&2 || true
-    die "no $3 within $2 s (ironsan status above; logs in $WORK/logs)"
-}
-now() { echo "$EPOCHREALTIME"; }
-secs() { awk -v a="$1" -v b="$2" 'BEGIN {printf "%.2f", b - a}'; }   # secs FROM TO
 rebuild_copied() {   # bytes the gateway copied for r3's recovery tasks so far
     [ "$HAVE_CURL" = 1 ] || { echo 0; return 0; }
     { curl -sf --max-time 2 "http://127.0.0.1:$GW_METRICS/metrics" || true; } \
