@@ -54,7 +54,7 @@ while [ $# -gt 0 ]; do
     esac
 done
 for v in RUNTIME RAMP SNAPS; do case "${!v}" in ''|*[!0-9]*) die "${v,,} must be a number";; esac; done
-[ "$SNAPS" -ge 1 ] && [ "$SNAPS" -le 256 ] || die "--snapshots must be 1 to 256"
+if [ "$SNAPS" -lt 1 ] || [ "$SNAPS" -gt 256 ]; then die "--snapshots must be 1 to 256"; fi
 [[ $SIZE =~ ^[1-9][0-9]*[KMG]$ ]] || die "--size must look like 256M or 1G, not '$SIZE'"
 [ -z "$JSON_OUT" ] || : > "$JSON_OUT" || die "cannot write $JSON_OUT"
 [ -z "$JSON_OUT" ] || JSON_OUT=$(cd "$(dirname "$JSON_OUT")" && pwd)/$(basename "$JSON_OUT")
@@ -110,10 +110,13 @@ done
 sync
 
 # ----------------------------------------------------------------------------- snapshots
+burst() {   # burst I: 2 s of 4k randwrite QD32 on `snapped`
+    local RUNTIME=2 RAMP=0
+    run_job "burst$1" "${URL[snapped]}" randwrite-4k-qd32 > /dev/null
+}
 CREATE=() PAUSE=()
 for ((i = 1; i <= SNAPS; i++)); do
-    ( RUNTIME=2 RAMP=0; run_job "burst$i" "${URL[snapped]}" randwrite-4k-qd32 > /dev/null ) \
-        || die "randwrite burst $i failed"
+    burst "$i" || die "randwrite burst $i failed"
     t0=$(now)
     adm volume snapshot create snapped "s$i" >> "$WORK/logs/admin.log" || die "snapshot s$i failed"
     t1=$(now)
