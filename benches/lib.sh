@@ -172,8 +172,8 @@ run_job() {   # run_job SIDE URL JOB: runs RUNTIME s after RAMP s; prints "iops 
 # The caller declares `declare -A PID=()` and `DAEMONS=()`, and sets WORK, IRONSAN_BIN and MGR.
 start_daemon() {   # start_daemon NAME ARGS...: ironsan ARGS..., logging to WORK/logs/NAME.log
     local name=$1; shift
-    # shellcheck disable=SC2004 # PID is the caller's associative array
     RUST_LOG=info "$IRONSAN_BIN" "$@" > "$WORK/logs/$name.log" 2>&1 &
+    # shellcheck disable=SC2004 # PID is the caller's associative array
     PID[$name]=$!
     DAEMONS+=("$name")
 }
