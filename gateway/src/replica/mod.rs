@@ -122,6 +122,8 @@ pub struct Volume {
     /// A background fill, and snapshot work, are running.
     filling: AtomicBool,
     snapshotting: AtomicBool,
+    /// Snapshot work this gateway finished and reported (id, take), never started again.
+    snapshots_done: Mutex<HashSet<(u64, bool)>>,
     stop: CancellationToken,
 }
 
@@ -208,6 +210,7 @@ impl Volume {
             source: Mutex::new(snapshot::source_of(&v)),
             filling: AtomicBool::new(false),
             snapshotting: AtomicBool::new(false),
+            snapshots_done: Mutex::new(HashSet::new()),
             stop: CancellationToken::new(),
         });
         vol.lease

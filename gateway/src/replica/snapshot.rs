@@ -116,11 +116,15 @@ impl Volume {
                 me.filling.store(false, Ordering::Release);
             });
         }
-        let work: Vec<(u64, bool)> = v
-            .snapshots
-            .iter()
-            .filter_map(|s| Some((s.id, pending(s)?)))
-            .collect();
+        let work: Vec<(u64, bool)> = {
+            // A list read before our own report committed must not start the work again.
+            let done = self.snapshots_done.lock().unwrap_or_else(|p| p.into_inner());
+            v.snapshots
+                .iter()
+                .filter_map(|s| Some((s.id, pending(s)?)))
+                .filter(|w| !done.contains(w))
+                .collect()
+        };
         if !work.is_empty() && !self.snapshotting.swap(true, Ordering::AcqRel) {
             let me = self.clone();
             tokio::spawn(async move {
@@ -137,6 +141,13 @@ impl Volume {
                 me.snapshotting.store(false, Ordering::Release);
             });
         }
+    }
+
+    fn done(&self, id: u64, take: bool) {
+        self.snapshots_done
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert((id, take));
     }
 
     /// Snapshot work or a fill is under way.
@@ -172,6 +183,9 @@ impl Volume {
                 error: error.clone(),
             })
             .await;
+        if r.is_ok() {
+            self.done(id, true);
+        }
         match r {
             Ok(_) if error.is_empty() => {
                 metrics::histogram!("ironsan_gateway_snapshot_pause_seconds").record(pause);
@@ -277,7 +291,10 @@ impl Volume {
             })
             .await;
         match done {
-            Ok(_) => tracing::info!(volume = %self.name, snapshot = id, "snapshot deleted"),
+            Ok(_) => {
+                self.done(id, false);
+                tracing::info!(volume = %self.name, snapshot = id, "snapshot deleted")
+            }
             Err(e) => {
                 tracing::warn!(volume = %self.name, snapshot = id, error = %e, "cannot report the deleted snapshot")
             }
