@@ -1630,7 +1630,12 @@ impl State {
             c.fill = index < chunks;
             left += u64::from(c.fill);
         }
-        self.fills.insert(id, left);
+        // Only volumes with chunks left are listed (the form a restore rebuilds).
+        if left > 0 {
+            self.fills.insert(id, left);
+        } else {
+            self.fills.remove(&id);
+        }
         let earlier = self
             .volumes
             .get_mut(&id)
