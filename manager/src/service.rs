@@ -409,6 +409,8 @@ impl Service {
     /// is refused with its error.
     async fn wait_ready(&self, id: u64) -> Result<(), Status> {
         let deadline = Instant::now() + SNAPSHOT_WAIT;
+        // A follower may not have applied the snapshot's creation yet: catch up first.
+        self.read().await?;
         loop {
             let found = self
                 .node()
@@ -443,20 +445,30 @@ impl Service {
     /// A clone of the source's present: an internal snapshot, then the clone of it. The
     /// snapshot is deleted again if the clone does not come about.
     async fn clone_present(&self, mut cmd: pb::CloneVolumeCmd) -> Result<pb::Volume, Status> {
+        // What would refuse the clone anyway is refused before a snapshot is taken for it.
         self.read().await?;
-        let taken = self
-            .node()
-            .state()
-            .volume_id(&pb::VolumeRef {
+        {
+            let st = self.node().state();
+            let src = st
+                .volume(&volume_ref(cmd.source.clone()))
+                .map_err(Error::from)?;
+            let name = pb::VolumeRef {
                 id: 0,
                 name: cmd.name.clone(),
-            })
-            .is_ok();
-        if taken {
-            return Err(Status::already_exists(format!(
-                "volume {:?} already exists",
-                cmd.name
-            )));
+            };
+            if st.volume_id(&name).is_ok() {
+                return Err(Status::already_exists(format!(
+                    "volume {:?} already exists",
+                    cmd.name
+                )));
+            }
+            let size = state::clone_size(cmd.size, src.size).map_err(Error::from)?;
+            let replicas = if cmd.replicas == 0 {
+                src.replicas
+            } else {
+                cmd.replicas
+            };
+            state::validate_geometry(size, replicas, src.chunk_size).map_err(Error::from)?;
         }
         let op = Op::CreateSnapshot(pb::CreateSnapshotCmd {
             volume: cmd.source.clone(),

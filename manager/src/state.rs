@@ -1630,7 +1630,12 @@ impl State {
             c.fill = index < chunks;
             left += u64::from(c.fill);
         }
-        self.fills.insert(id, left);
+        // Only volumes with chunks left are listed (the form a restore rebuilds).
+        if left > 0 {
+            self.fills.insert(id, left);
+        } else {
+            self.fills.remove(&id);
+        }
         let earlier = self
             .volumes
             .get_mut(&id)
@@ -1852,7 +1857,8 @@ pub fn reject_status(e: &ApplyError) -> tonic::Status {
 }
 
 /// Fuzzing entry point (`fuzz/fuzz_targets/manager_apply.rs`): applies length-prefixed
-/// commands from `data` to a small cluster (three nodes, one attached volume) and checks that
+/// commands from `data` to a small cluster (three nodes, one attached volume with a snapshot
+/// being taken, one gateway) and checks that
 /// nothing panics and that a snapshot round trip reproduces the state exactly.
 #[doc(hidden)]
 pub fn fuzz_apply(mut data: &[u8]) {
@@ -1901,6 +1907,26 @@ pub fn fuzz_apply(mut data: &[u8]) {
             gateway: "g".into(),
             lease_ms: 0,
             portal: "127.0.0.1:3260".into(),
+        })),
+    });
+    // A registered gateway and a snapshot being taken, so that fuzzed snapshot, clone and
+    // work commands find something to act on.
+    st.apply(&Command {
+        now_ms: 1,
+        op: Some(Op::RegisterGateway(pb::RegisterGatewayRequest {
+            id: "g".into(),
+            portal: "127.0.0.1:3260".into(),
+        })),
+    });
+    st.apply(&Command {
+        now_ms: 1,
+        op: Some(Op::CreateSnapshot(pb::CreateSnapshotCmd {
+            volume: Some(VolumeRef {
+                id: 1,
+                name: String::new(),
+            }),
+            name: "s".into(),
+            ..Default::default()
         })),
     });
     while data.len() >= 2 {
