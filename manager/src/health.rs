@@ -9,21 +9,29 @@
 //! then it is committed Up and its replicas still in sets are listed for resync; replicas it
 //! lost are listed for dropping until it confirms.
 //!
+//! Given a volume with a snapshot to take or delete and no live attachment (its holder went
+//! away, or the work gateway let its lease lapse), then the leader commits a work attachment
+//! to a registered gateway, the one after the last holder, at most once a second per volume.
+//!
 //! A new leader knows nothing of the old leader's timers: it starts every node's silence and
 //! every Down node's grace from its own election, so a leader change only ever delays a
 //! decision, never hastens one.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use ironsan_common::proto::manager::{
-    command::Op, CreateTasksCmd, Disk, DiskState, HeartbeatRequest, HeartbeatResponse, NodeChunks,
-    NodeState, RecoveryTask, SetNodeStateCmd, TaskState,
+    command::Op, AssignWorkCmd, CreateTasksCmd, Disk, DiskState, HeartbeatRequest,
+    HeartbeatResponse, NodeChunks, NodeState, RecoveryTask, SetNodeStateCmd, TaskState,
 };
 
 use crate::placement::{Candidate, Placer};
-use crate::state::State;
+use crate::state::{State, DEFAULT_LEASE_MS};
+
+/// A volume's snapshot work is handed out at most this often: the gateway it went to gets
+/// that long to attach before the leader tries again (with the next gateway).
+const WORK_RETRY: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Clone)]
 pub struct HealthConfig {
@@ -71,6 +79,8 @@ pub struct Health {
     progress: Mutex<HashMap<u64, u64>>,
     /// Space per volume on each node, as last reported: node -> volume -> bytes.
     usage: Mutex<HashMap<String, HashMap<u64, u64>>>,
+    /// When snapshot work on a volume was last handed out.
+    work_sent: Mutex<HashMap<u64, Instant>>,
 }
 
 impl Health {
@@ -90,6 +100,7 @@ impl Health {
                 Self::lock(&self.seen).clear();
                 Self::lock(&self.down_since).clear();
                 Self::lock(&self.usage).clear();
+                Self::lock(&self.work_sent).clear();
             }
             (false, true) => *since = None,
             _ => {}
@@ -237,12 +248,43 @@ impl Health {
                 }
             }
         }
-        if !ops.is_empty() {
-            return ops;
+        // Node states first: recovery is planned on the committed ones.
+        if ops.is_empty() {
+            let tasks = self.plan_recovery(state, cfg, now);
+            if !tasks.is_empty() {
+                ops.push(Op::CreateTasks(CreateTasksCmd { tasks }));
+            }
         }
-        let tasks = self.plan_recovery(state, cfg, now);
-        if !tasks.is_empty() {
-            ops.push(Op::CreateTasks(CreateTasksCmd { tasks }));
+        let wall_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        ops.extend(self.plan_work(state, wall_ms, now));
+        ops
+    }
+
+    /// Work attachments for snapshot work nobody does at `now_ms` (leader's wall clock, as
+    /// the commands are stamped with), each volume at most once per `WORK_RETRY`.
+    fn plan_work(&self, state: &State, now_ms: u64, now: Instant) -> Vec<Op> {
+        let mut sent = Self::lock(&self.work_sent);
+        sent.retain(|_, at| now.duration_since(*at) < WORK_RETRY);
+        let mut ops = Vec::new();
+        for volume_id in state.unserved_work(now_ms) {
+            if sent.contains_key(&volume_id) {
+                continue;
+            }
+            match state.pick_gateway(volume_id) {
+                Ok(gateway) => {
+                    sent.insert(volume_id, now);
+                    ops.push(Op::AssignWork(AssignWorkCmd {
+                        volume_id,
+                        gateway,
+                        lease_ms: DEFAULT_LEASE_MS,
+                    }));
+                }
+                Err(e) => {
+                    tracing::debug!(volume = volume_id, error = %e.message, "snapshot work waits")
+                }
+            }
         }
         ops
     }
@@ -423,6 +465,83 @@ mod tests {
             orders[0].epoch >= 2,
             "drop order at epoch {}",
             orders[0].epoch
+        );
+    }
+
+    #[test]
+    fn unserved_snapshot_work_goes_to_the_next_gateway_once_a_second() {
+        use ironsan_common::proto::manager::{
+            AttachCmd, CreateSnapshotCmd, RegisterGatewayRequest, VolumeRef,
+        };
+        let mut state = one_chunk_on(&["n1", "n2", "n3"]);
+        let vref = || {
+            Some(VolumeRef {
+                id: 1,
+                name: String::new(),
+            })
+        };
+        for g in ["g1", "g2"] {
+            apply(
+                &mut state,
+                Op::RegisterGateway(RegisterGatewayRequest {
+                    id: g.into(),
+                    portal: "127.0.0.1:3260".into(),
+                }),
+            );
+        }
+        // g1 holds the volume until 10_001 and is to take a snapshot.
+        apply(
+            &mut state,
+            Op::Attach(AttachCmd {
+                volume: vref(),
+                gateway: "g1".into(),
+                lease_ms: 0,
+                portal: String::new(),
+            }),
+        );
+        apply(
+            &mut state,
+            Op::CreateSnapshot(CreateSnapshotCmd {
+                volume: vref(),
+                name: "s".into(),
+                ..Default::default()
+            }),
+        );
+        let health = Health::default();
+        health.set_leader(true);
+        let t = Instant::now();
+        assert!(
+            health.plan_work(&state, 5_000, t).is_empty(),
+            "g1's lease runs"
+        );
+        let ops = health.plan_work(&state, 20_000, t);
+        let [Op::AssignWork(w)] = ops.as_slice() else {
+            panic!("expected one work assignment, got {ops:?}");
+        };
+        assert_eq!((w.volume_id, w.gateway.as_str()), (1, "g2"), "away from g1");
+        assert!(
+            health
+                .plan_work(&state, 20_000, t + Duration::from_millis(500))
+                .is_empty(),
+            "not again within a second"
+        );
+        assert_eq!(health.plan_work(&state, 20_000, t + WORK_RETRY).len(), 1);
+        let r = state.apply(&Command {
+            now_ms: 20_000,
+            op: ops.first().cloned(),
+        });
+        let Some(apply_result::Result::Attachment(a)) = r.result else {
+            panic!("{r:?}");
+        };
+        assert!(
+            a.work && a.gateway == "g2" && a.lease_expires_ms == 30_000,
+            "{a:?}"
+        );
+        assert!(
+            health
+                .plan_work(&state, 21_000, t + 3 * WORK_RETRY)
+                .is_empty(),
+            "g2 holds it now"
         );
     }
 

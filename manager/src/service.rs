@@ -8,10 +8,15 @@
 //! commands (heartbeats, node lists with soft state, membership) are forwarded as the same
 //! `Manager` call. `Status` is answered locally without a quorum, so a cut-off member can still
 //! say what it sees.
+//!
+//! Snapshot commands get their leader decisions in `place` too, forwarded or not: which gateway
+//! does the work (the volume's live holder, else a registered one given a work attachment) and
+//! a clone's placement. A clone of a volume's present is two commands from whichever member
+//! took the call: an internal snapshot, then (once the holder made it READY) the clone of it.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use ironsan_common::proto::manager::{
     self as pb, apply_result, command::Op, manager_client::ManagerClient, manager_server,
@@ -33,6 +38,10 @@ use ironsan_common::manager_client::{MAX_REQUEST, MAX_RESPONSE};
 
 const COMMIT_TIMEOUT: Duration = Duration::from_secs(5);
 const READ_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long a clone of a volume's present waits for its internal snapshot, and how often it
+/// looks.
+const SNAPSHOT_WAIT: Duration = Duration::from_secs(60);
+const SNAPSHOT_POLL: Duration = Duration::from_millis(20);
 
 #[derive(Clone)]
 pub struct Service {
@@ -54,6 +63,19 @@ fn now_ms() -> u64 {
 
 fn volume_ref(r: Option<pb::VolumeRef>) -> pb::VolumeRef {
     r.unwrap_or_default()
+}
+
+/// The internal snapshot a clone of a volume's present is made from: `clone.<clone name>`,
+/// or for a name too long for that a stable hash of it (FNV-1a).
+fn internal_snapshot_name(clone: &str) -> String {
+    let name = format!("clone.{clone}");
+    if name.len() <= state::MAX_NAME {
+        return name;
+    }
+    let h = clone.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    format!("clone.{h:016x}")
 }
 
 impl Service {
@@ -163,42 +185,87 @@ impl Service {
         Ok(r?)
     }
 
-    /// Fills in placement for creates and grows; only the leader holds the soft state for it.
+    fn placer(&self, st: &state::State, replicas: u32) -> Result<Placer, Status> {
+        Placer::new(
+            self.inner.health.candidates(st),
+            replicas as usize,
+            self.inner.cfg.scatter_width,
+        )
+        .map_err(|e| Status::resource_exhausted(format!("cannot place replicas: {e}")))
+    }
+
+    /// Checks a new volume (create or clone) against the committed state and places it:
+    /// returns its (replicas, chunk size) with defaults filled in, and its replica sets.
+    fn place_volume(
+        &self,
+        st: &state::State,
+        name: &str,
+        size: u64,
+        replicas: u32,
+        chunk_size: u64,
+    ) -> Result<(u32, u64, Vec<ReplicaSet>), Status> {
+        state::validate_name(name).map_err(Error::from)?;
+        if st
+            .volume_id(&pb::VolumeRef {
+                id: 0,
+                name: name.to_string(),
+            })
+            .is_ok()
+        {
+            return Err(Status::already_exists(format!(
+                "volume {name:?} already exists"
+            )));
+        }
+        let (replicas, chunk_size, chunks) =
+            state::validate_geometry(size, replicas, chunk_size).map_err(Error::from)?;
+        self.check_overcommit(st, size.saturating_mul(u64::from(replicas)))?;
+        let sets = self
+            .placer(st, replicas)?
+            .place(chunks, chunk_size)
+            .map_err(|e| {
+                Status::resource_exhausted(format!("cannot place volume {name:?}: {e}"))
+            })?;
+        let sets = sets.into_iter().map(|nodes| ReplicaSet { nodes }).collect();
+        Ok((replicas, chunk_size, sets))
+    }
+
+    /// Leader decisions, on commands proposed here or forwarded by a follower: placement for
+    /// creates, clones and grows, and who does snapshot work (only the leader holds the soft
+    /// state placement needs, and its clock says which attachments are live).
     fn place(&self, cmd: &mut Command) -> Result<(), Status> {
         let st = self.node().state();
-        let placer = |replicas: u32| {
-            Placer::new(
-                self.inner.health.candidates(&st),
-                replicas as usize,
-                self.inner.cfg.scatter_width,
-            )
-            .map_err(|e| Status::resource_exhausted(format!("cannot place replicas: {e}")))
-        };
+        let now = cmd.now_ms;
         match cmd.op.as_mut() {
             Some(Op::CreateVolume(c)) => {
-                state::validate_name(&c.name).map_err(Error::from)?;
-                if st
-                    .volume_id(&pb::VolumeRef {
-                        id: 0,
-                        name: c.name.clone(),
-                    })
-                    .is_ok()
-                {
-                    return Err(Status::already_exists(format!(
-                        "volume {:?} already exists",
-                        c.name
-                    )));
+                (c.replicas, c.chunk_size, c.placement) =
+                    self.place_volume(&st, &c.name, c.size, c.replicas, c.chunk_size)?;
+            }
+            Some(Op::CloneVolume(c)) => {
+                let (src, snap) = st
+                    .clone_source(&volume_ref(c.source.clone()), c.snapshot_id)
+                    .map_err(Error::from)?;
+                c.size = state::clone_size(c.size, snap.size).map_err(Error::from)?;
+                if c.replicas == 0 {
+                    c.replicas = src.replicas;
                 }
-                let (replicas, chunk_size, chunks) =
-                    state::validate_geometry(c.size, c.replicas, c.chunk_size)
-                        .map_err(Error::from)?;
-                c.replicas = replicas;
-                c.chunk_size = chunk_size;
-                self.check_overcommit(&st, c.size.saturating_mul(u64::from(replicas)))?;
-                let sets = placer(replicas)?.place(chunks, chunk_size).map_err(|e| {
-                    Status::resource_exhausted(format!("cannot place volume {:?}: {e}", c.name))
-                })?;
-                c.placement = sets.into_iter().map(|nodes| ReplicaSet { nodes }).collect();
+                (c.replicas, _, c.placement) =
+                    self.place_volume(&st, &c.name, c.size, c.replicas, src.chunk_size)?;
+            }
+            Some(Op::CreateSnapshot(c)) => {
+                let id = st
+                    .volume_id(&volume_ref(c.volume.clone()))
+                    .map_err(Error::from)?;
+                c.gateway = st.work_gateway(id, now).map_err(Error::from)?;
+                c.lease_ms = state::DEFAULT_LEASE_MS;
+            }
+            Some(Op::DeleteSnapshot(c)) => {
+                let ((volume, _), deleting) = st
+                    .deletable(&c.snapshot.clone().unwrap_or_default())
+                    .map_err(Error::from)?;
+                if !deleting {
+                    c.gateway = st.work_gateway(volume, now).map_err(Error::from)?;
+                    c.lease_ms = state::DEFAULT_LEASE_MS;
+                }
             }
             Some(Op::ResizeVolume(c)) => {
                 let v = st
@@ -228,7 +295,8 @@ impl Service {
                     )));
                 }
                 if want > have {
-                    let sets = placer(v.replicas)?
+                    let sets = self
+                        .placer(&st, v.replicas)?
                         .place(want - have, v.chunk_size)
                         .map_err(|e| {
                             Status::resource_exhausted(format!("cannot place the new chunks: {e}"))
@@ -334,6 +402,108 @@ impl Service {
     fn members(&self) -> pb::MembershipResponse {
         pb::MembershipResponse {
             members: self.node().status().members,
+        }
+    }
+
+    /// Waits until snapshot `id` is READY, polling this member's applied state; a FAILED one
+    /// is refused with its error.
+    async fn wait_ready(&self, id: u64) -> Result<(), Status> {
+        let deadline = Instant::now() + SNAPSHOT_WAIT;
+        loop {
+            let found = self
+                .node()
+                .state()
+                .snapshots(None, id)
+                .map_err(Error::from)?;
+            match found.first() {
+                None => {
+                    return Err(Status::aborted(format!(
+                        "snapshot id {id} was deleted while the clone waited for it"
+                    )))
+                }
+                Some(s) if s.state == pb::SnapshotState::SnapshotReady as i32 => return Ok(()),
+                Some(s) if s.state == pb::SnapshotState::SnapshotFailed as i32 => {
+                    return Err(Status::failed_precondition(format!(
+                        "the snapshot of the source failed: {}",
+                        s.error
+                    )))
+                }
+                Some(_) => {}
+            }
+            if Instant::now() >= deadline {
+                return Err(Status::deadline_exceeded(format!(
+                    "the snapshot of the source was not taken within {} s",
+                    SNAPSHOT_WAIT.as_secs()
+                )));
+            }
+            tokio::time::sleep(SNAPSHOT_POLL).await;
+        }
+    }
+
+    /// A clone of the source's present: an internal snapshot, then the clone of it. The
+    /// snapshot is deleted again if the clone does not come about.
+    async fn clone_present(&self, mut cmd: pb::CloneVolumeCmd) -> Result<pb::Volume, Status> {
+        // What would refuse the clone anyway is refused before a snapshot is taken for it.
+        self.read().await?;
+        {
+            let st = self.node().state();
+            let src = st
+                .volume(&volume_ref(cmd.source.clone()))
+                .map_err(Error::from)?;
+            let name = pb::VolumeRef {
+                id: 0,
+                name: cmd.name.clone(),
+            };
+            if st.volume_id(&name).is_ok() {
+                return Err(Status::already_exists(format!(
+                    "volume {:?} already exists",
+                    cmd.name
+                )));
+            }
+            let size = state::clone_size(cmd.size, src.size).map_err(Error::from)?;
+            let replicas = if cmd.replicas == 0 {
+                src.replicas
+            } else {
+                cmd.replicas
+            };
+            state::validate_geometry(size, replicas, src.chunk_size).map_err(Error::from)?;
+        }
+        let op = Op::CreateSnapshot(pb::CreateSnapshotCmd {
+            volume: cmd.source.clone(),
+            name: internal_snapshot_name(&cmd.name),
+            gateway: String::new(),
+            lease_ms: 0,
+            internal: true,
+        });
+        let apply_result::Result::Snapshot(snap) = self.submit(op).await? else {
+            return Err(Status::internal("unexpected apply result for a snapshot"));
+        };
+        let cloned = match self.wait_ready(snap.id).await {
+            Ok(()) => {
+                cmd.snapshot_id = snap.id;
+                self.submit(Op::CloneVolume(cmd)).await
+            }
+            Err(e) => Err(e),
+        };
+        match cloned {
+            Ok(apply_result::Result::Volume(v)) => Ok(v),
+            Ok(other) => Err(Status::internal(format!(
+                "unexpected apply result {other:?}"
+            ))),
+            Err(e) => {
+                let op = Op::DeleteSnapshot(pb::DeleteSnapshotCmd {
+                    snapshot: Some(pb::SnapshotRef {
+                        id: snap.id,
+                        ..Default::default()
+                    }),
+                    gateway: String::new(),
+                    lease_ms: 0,
+                });
+                if let Err(d) = self.submit(op).await {
+                    tracing::warn!(snapshot = snap.id, error = %d, "deleting a clone's internal snapshot");
+                }
+                Err(e)
+            }
         }
     }
 }
@@ -460,6 +630,113 @@ impl manager_server::Manager for Service {
         });
         self.submit(op).await?;
         Ok(Response::new(pb::DeleteVolumeResponse {}))
+    }
+
+    async fn create_snapshot(
+        &self,
+        req: Request<pb::CreateSnapshotRequest>,
+    ) -> Result<Response<pb::Snapshot>, Status> {
+        let r = req.into_inner();
+        let op = Op::CreateSnapshot(pb::CreateSnapshotCmd {
+            volume: r.volume,
+            name: r.name,
+            gateway: String::new(),
+            lease_ms: 0,
+            internal: false,
+        });
+        expect!(self.submit(op).await?, Snapshot)
+    }
+
+    async fn list_snapshots(
+        &self,
+        req: Request<pb::ListSnapshotsRequest>,
+    ) -> Result<Response<pb::ListSnapshotsResponse>, Status> {
+        let r = req.into_inner();
+        self.read().await?;
+        let snapshots = self
+            .node()
+            .state()
+            .snapshots(r.volume.as_ref(), r.id)
+            .map_err(Error::from)?;
+        Ok(Response::new(pb::ListSnapshotsResponse { snapshots }))
+    }
+
+    async fn delete_snapshot(
+        &self,
+        req: Request<pb::SnapshotRef>,
+    ) -> Result<Response<pb::Snapshot>, Status> {
+        let op = Op::DeleteSnapshot(pb::DeleteSnapshotCmd {
+            snapshot: Some(req.into_inner()),
+            gateway: String::new(),
+            lease_ms: 0,
+        });
+        expect!(self.submit(op).await?, Snapshot)
+    }
+
+    async fn snapshot_done(
+        &self,
+        req: Request<pb::SnapshotDoneRequest>,
+    ) -> Result<Response<pb::Snapshot>, Status> {
+        expect!(
+            self.submit(Op::SnapshotDone(req.into_inner())).await?,
+            Snapshot
+        )
+    }
+
+    async fn clone_volume(
+        &self,
+        req: Request<pb::CloneVolumeRequest>,
+    ) -> Result<Response<pb::Volume>, Status> {
+        let r = req.into_inner();
+        // Checked here too so a bad request is refused before any snapshot is taken for it.
+        state::validate_name(&r.name).map_err(Error::from)?;
+        let qos = state::validate_qos(r.qos.as_ref()).map_err(Error::from)?;
+        let mut cmd = pb::CloneVolumeCmd {
+            name: r.name,
+            source: r.source,
+            snapshot_id: 0,
+            size: r.size,
+            replicas: r.replicas,
+            placement: Vec::new(),
+            qos,
+        };
+        if r.snapshot.is_empty() {
+            return Ok(Response::new(self.clone_present(cmd).await?));
+        }
+        // Names are unique within a volume and ids never reused: resolved here, checked again
+        // (READY, of this source) at apply.
+        self.read().await?;
+        cmd.snapshot_id = self
+            .node()
+            .state()
+            .snapshot_of(&pb::SnapshotRef {
+                id: 0,
+                volume: cmd.source.clone(),
+                name: r.snapshot,
+            })
+            .map_err(Error::from)?
+            .id;
+        expect!(self.submit(Op::CloneVolume(cmd)).await?, Volume)
+    }
+
+    async fn restore_snapshot(
+        &self,
+        req: Request<pb::RestoreSnapshotRequest>,
+    ) -> Result<Response<pb::Volume>, Status> {
+        expect!(
+            self.submit(Op::RestoreSnapshot(req.into_inner())).await?,
+            Volume
+        )
+    }
+
+    async fn source_copied(
+        &self,
+        req: Request<pb::SourceCopiedRequest>,
+    ) -> Result<Response<pb::Chunk>, Status> {
+        expect!(
+            self.submit(Op::SourceCopied(req.into_inner())).await?,
+            Chunk
+        )
     }
 
     async fn attach(

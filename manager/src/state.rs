@@ -22,13 +22,23 @@
 //! Gateways: each announces its id and portal at start (`RegisterGateway`), so CSI can tell an
 //! unknown node (NOT_FOUND) from a known one and hand out the portal of the gateway serving a
 //! volume. The registry only grows; a gateway that moves re-registers with its new portal.
+//!
+//! Snapshots live in their volume's record, oldest first, with cluster-unique ids that are
+//! never reused. The manager only keeps the books: the gateway holding the volume takes and
+//! deletes them on the replicas and reports back (`SnapshotDone`, fenced by its writer epoch).
+//! A volume nobody holds gets a *work attachment* to a registered gateway (`work = true`: the
+//! gateway opens it without exporting it). A clone or restore sets the volume's `source` and
+//! `fill` on its chunks; the holder copies each chunk before its first I/O and reports it
+//! (`SourceCopied`); the last one clears `source`. A snapshot with volumes still filling from
+//! it (its dependents) cannot be deleted, nor can their source volume.
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use ironsan_common::proto::manager::{
     self as pb, apply_result, command::Op, ApplyError, ApplyResult, Attachment, Chunk, Command,
-    CompleteTaskResponse, Member, Node, NodeChunks, NodeState, RecoveryTask, StateSnapshot,
-    TaskState, Volume, VolumeEpoch, VolumeRef, VolumeState,
+    CompleteTaskResponse, Member, Node, NodeChunks, NodeState, RecoveryTask, Snapshot, SnapshotRef,
+    SnapshotState, StateSnapshot, TaskState, Volume, VolumeEpoch, VolumeRef, VolumeSource,
+    VolumeState,
 };
 use tonic::Code;
 
@@ -45,6 +55,8 @@ pub const LOGICAL_BLOCK: u64 = 512;
 pub const DEFAULT_LEASE_MS: u64 = 10_000;
 pub const MAX_LEASE_MS: u64 = 300_000;
 pub const MAX_NAME: usize = 128;
+/// Each snapshot is a copy-on-write layer on every replica of the volume: bounded per volume.
+pub const MAX_SNAPSHOTS_PER_VOLUME: usize = 256;
 /// QoS bounds: anything beyond is a typo, not a limit (no gateway reaches it).
 pub const MAX_QOS_IOPS: u64 = 10_000_000;
 pub const MAX_QOS_BPS: u64 = 100 << 30;
@@ -185,6 +197,37 @@ fn check_size(size: u64, chunk_size: u64) -> Result<u64, Reject> {
     Ok(chunks)
 }
 
+/// A clone's size: 0 = the snapshot's; never smaller than it.
+pub fn clone_size(size: u64, snapshot_size: u64) -> Result<u64, Reject> {
+    match size {
+        0 => Ok(snapshot_size),
+        s if s < snapshot_size => Err(Reject::invalid(format!(
+            "a clone cannot be smaller than its source snapshot ({snapshot_size} bytes)"
+        ))),
+        s => Ok(s),
+    }
+}
+
+fn snapshot_state(s: &Snapshot) -> &'static str {
+    match SnapshotState::try_from(s.state) {
+        Ok(SnapshotState::SnapshotCreating) => "being created",
+        Ok(SnapshotState::SnapshotReady) => "ready",
+        Ok(SnapshotState::SnapshotDeleting) => "being deleted",
+        Ok(SnapshotState::SnapshotFailed) => "failed",
+        _ => "in no known state",
+    }
+}
+
+fn is(s: &Snapshot, state: SnapshotState) -> bool {
+    s.state == state as i32
+}
+
+fn busy(volume: &str, gateway: &str) -> Reject {
+    Reject::precondition(format!(
+        "volume {volume:?} is busy with snapshot work on gateway {gateway}; retry"
+    ))
+}
+
 /// The whole replicated state.
 #[derive(Debug, Default, Clone, PartialEq)]
 pub struct State {
@@ -203,6 +246,10 @@ pub struct State {
     members: BTreeMap<u64, String>,
     members_seen: BTreeSet<u64>,
     gateways: BTreeMap<String, pb::Gateway>,
+    next_snapshot_id: u64,
+    /// Chunks still to fill from its source, per volume with any (derived from the chunk map,
+    /// so that `SourceCopied` need not scan a volume's chunks).
+    fills: BTreeMap<u64, u64>,
 }
 
 type ApplyOutcome = Result<apply_result::Result, Reject>;
@@ -212,6 +259,7 @@ impl State {
         State {
             next_volume_id: 1,
             next_task_id: 1,
+            next_snapshot_id: 1,
             ..Default::default()
         }
     }
@@ -226,6 +274,13 @@ impl State {
             Some(Op::ResizeVolume(c)) => self.resize_volume(c),
             Some(Op::DeleteVolume(c)) => self.delete_volume(c, now),
             Some(Op::SetVolumeQos(c)) => self.set_volume_qos(c),
+            Some(Op::CreateSnapshot(c)) => self.create_snapshot(c, now),
+            Some(Op::SnapshotDone(c)) => self.snapshot_done(c, now),
+            Some(Op::DeleteSnapshot(c)) => self.delete_snapshot(c, now),
+            Some(Op::CloneVolume(c)) => self.clone_volume(c, now),
+            Some(Op::RestoreSnapshot(c)) => self.restore_snapshot(c, now),
+            Some(Op::SourceCopied(c)) => self.source_copied(c),
+            Some(Op::AssignWork(c)) => self.assign_work(c, now),
             Some(Op::Attach(c)) => self.attach(c, now),
             Some(Op::Renew(c)) => self.renew(c, now),
             Some(Op::Detach(c)) => self.detach(c),
@@ -280,7 +335,8 @@ impl State {
             .ok_or_else(|| Reject::not_found(format!("volume {:?} not found", r.name)))
     }
 
-    /// A volume as clients see it: with its attachment and degraded-chunk count.
+    /// A volume as clients see it: with its attachment, degraded-chunk count, snapshots and
+    /// source (with their view-only fields).
     pub fn volume(&self, r: &VolumeRef) -> Result<Volume, Reject> {
         let id = self.volume_id(r)?;
         Ok(self.volume_view(id))
@@ -292,6 +348,16 @@ impl State {
             .volume_chunks(id)
             .filter(|c| self.chunk_degraded(c, v.replicas))
             .count() as u64;
+        v.snapshots = v.snapshots.iter().map(|s| self.snapshot_view(s)).collect();
+        if let Some(src) = v.source.as_mut() {
+            src.chunks_left = self.chunks_left(id);
+            if let Some(from) = self.volumes.get(&src.volume_id) {
+                src.volume_name = from.name.clone();
+                if let Some(s) = from.snapshots.iter().find(|s| s.id == src.snapshot_id) {
+                    src.snapshot_name = s.name.clone();
+                }
+            }
+        }
         v
     }
 
@@ -414,6 +480,149 @@ impl State {
         .unwrap_or_default()
     }
 
+    /// The attachment of volume `id` if its lease still runs at `now`.
+    pub fn live_attachment(&self, id: u64, now: u64) -> Option<&Attachment> {
+        self.volumes
+            .get(&id)?
+            .attachment
+            .as_ref()
+            .filter(|a| a.lease_expires_ms > now)
+    }
+
+    fn chunks_left(&self, volume: u64) -> u64 {
+        self.fills.get(&volume).copied().unwrap_or(0)
+    }
+
+    /// Volumes still filling from snapshot `id`: it must outlive their copies.
+    fn dependents(&self, id: u64) -> Vec<u64> {
+        self.volumes
+            .values()
+            .filter(|v| v.source.as_ref().is_some_and(|s| s.snapshot_id == id))
+            .filter(|v| self.chunks_left(v.id) > 0)
+            .map(|v| v.id)
+            .collect()
+    }
+
+    fn snapshot_view(&self, s: &Snapshot) -> Snapshot {
+        Snapshot {
+            dependents: self.dependents(s.id),
+            volume_name: self
+                .volumes
+                .get(&s.volume_id)
+                .map(|v| v.name.clone())
+                .unwrap_or_default(),
+            ..s.clone()
+        }
+    }
+
+    /// Snapshots as clients see them: of one volume (`volume` naming one), the one with id
+    /// `id` (none when unknown), or all.
+    pub fn snapshots(&self, volume: Option<&VolumeRef>, id: u64) -> Result<Vec<Snapshot>, Reject> {
+        let only = match volume.filter(|r| r.id != 0 || !r.name.is_empty()) {
+            Some(r) => Some(self.volume_id(r)?),
+            None => None,
+        };
+        Ok(self
+            .volumes
+            .values()
+            .filter(|v| only.is_none_or(|o| o == v.id))
+            .flat_map(|v| &v.snapshots)
+            .filter(|s| id == 0 || s.id == id)
+            .map(|s| self.snapshot_view(s))
+            .collect())
+    }
+
+    /// One snapshot as clients see it.
+    pub fn snapshot_of(&self, r: &SnapshotRef) -> Result<Snapshot, Reject> {
+        Ok(self.snapshot_view(self.snap(self.find_snapshot(r)?)))
+    }
+
+    /// Where snapshot `id` is: (volume id, position in its list).
+    fn snapshot_at(&self, id: u64) -> Option<(u64, usize)> {
+        self.volumes.values().find_map(|v| {
+            v.snapshots
+                .iter()
+                .position(|s| s.id == id)
+                .map(|i| (v.id, i))
+        })
+    }
+
+    /// Resolves a snapshot named by id, or by volume and name.
+    pub fn find_snapshot(&self, r: &SnapshotRef) -> Result<(u64, usize), Reject> {
+        if r.id != 0 {
+            return self
+                .snapshot_at(r.id)
+                .ok_or_else(|| Reject::not_found(format!("snapshot id {} not found", r.id)));
+        }
+        let vol = self.volume_id(r.volume.as_ref().ok_or_else(|| {
+            Reject::invalid("a snapshot id, or a volume and a snapshot name, required")
+        })?)?;
+        let v = &self.volumes[&vol];
+        v.snapshots
+            .iter()
+            .position(|s| s.name == r.name)
+            .map(|i| (vol, i))
+            .ok_or_else(|| {
+                Reject::not_found(format!(
+                    "snapshot {:?} of volume {:?} not found",
+                    r.name, v.name
+                ))
+            })
+    }
+
+    /// A position from `find_snapshot`/`snapshot_at` on this same state.
+    fn snap(&self, (vol, i): (u64, usize)) -> &Snapshot {
+        &self.volumes[&vol].snapshots[i]
+    }
+
+    fn snap_mut(&mut self, (vol, i): (u64, usize)) -> Option<&mut Snapshot> {
+        self.volumes.get_mut(&vol)?.snapshots.get_mut(i)
+    }
+
+    /// Volumes with a snapshot to take or delete and nobody holding them at `now`.
+    pub fn unserved_work(&self, now: u64) -> Vec<u64> {
+        self.volumes
+            .values()
+            .filter(|v| Self::pending_work(v) && self.live_attachment(v.id, now).is_none())
+            .map(|v| v.id)
+            .collect()
+    }
+
+    fn pending_work(v: &Volume) -> bool {
+        v.snapshots.iter().any(|s| {
+            is(s, SnapshotState::SnapshotCreating) || is(s, SnapshotState::SnapshotDeleting)
+        })
+    }
+
+    /// The gateway to give snapshot work on volume `id` to: of the registered ones in id
+    /// order, the one after the volume's last holder (so that work a gateway dropped moves
+    /// on), else the first.
+    pub fn pick_gateway(&self, id: u64) -> Result<String, Reject> {
+        use std::ops::Bound::{Excluded, Unbounded};
+        let last = self
+            .volumes
+            .get(&id)
+            .and_then(|v| v.attachment.as_ref())
+            .map(|a| a.gateway.as_str());
+        last.and_then(|l| {
+            self.gateways
+                .range::<str, _>((Excluded(l), Unbounded))
+                .next()
+        })
+        .or_else(|| self.gateways.iter().next())
+        .map(|(g, _)| g.clone())
+        .ok_or_else(|| Reject::precondition("no gateway is registered to take the snapshot"))
+    }
+
+    /// The leader's choice of who does new snapshot work on volume `id` at `now`: its live
+    /// holder (empty), else `pick_gateway` (which gets a work attachment).
+    pub fn work_gateway(&self, id: u64, now: u64) -> Result<String, Reject> {
+        match self.live_attachment(id, now) {
+            Some(_) => Ok(String::new()),
+            None => self.pick_gateway(id),
+        }
+    }
+
     pub fn members(&self) -> &BTreeMap<u64, String> {
         &self.members
     }
@@ -443,49 +652,59 @@ impl State {
     // ---------- volumes ----------
 
     fn create_volume(&mut self, c: &pb::CreateVolumeCmd, now: u64) -> ApplyOutcome {
-        validate_name(&c.name)?;
-        if self.names.contains_key(&c.name) {
+        let g = (c.size, c.replicas, c.chunk_size);
+        let id = self.new_volume(&c.name, g, c.qos.as_ref(), &c.placement, now)?;
+        Ok(apply_result::Result::Volume(self.volume_view(id)))
+    }
+
+    /// Validates and adds a volume (a create or a clone) of geometry (size, replicas, chunk
+    /// size) on the leader's placement; returns its id.
+    fn new_volume(
+        &mut self,
+        name: &str,
+        (size, replicas, chunk_size): (u64, u32, u64),
+        qos: Option<&pb::VolumeQos>,
+        placement: &[pb::ReplicaSet],
+        now: u64,
+    ) -> Result<u64, Reject> {
+        validate_name(name)?;
+        if self.names.contains_key(name) {
             return Err(Reject::new(
                 Code::AlreadyExists,
-                format!("volume {:?} already exists", c.name),
+                format!("volume {name:?} already exists"),
             ));
         }
-        let (replicas, chunk_size, chunks) = validate_geometry(c.size, c.replicas, c.chunk_size)?;
-        let qos = validate_qos(c.qos.as_ref())?;
-        if c.placement.len() as u64 != chunks {
+        let (replicas, chunk_size, chunks) = validate_geometry(size, replicas, chunk_size)?;
+        let qos = validate_qos(qos)?;
+        if placement.len() as u64 != chunks {
             return Err(Reject::new(
                 Code::Internal,
-                format!(
-                    "placement has {} sets for {chunks} chunks",
-                    c.placement.len()
-                ),
+                format!("placement has {} sets for {chunks} chunks", placement.len()),
             ));
         }
-        for set in &c.placement {
+        for set in placement {
             self.check_set(&set.nodes, replicas)?;
         }
         let id = self.next_volume_id;
         self.next_volume_id += 1;
         self.epochs.insert(id, 1);
-        for (index, set) in c.placement.iter().enumerate() {
+        for (index, set) in placement.iter().enumerate() {
             self.add_chunk(id, index as u64, set.nodes.clone(), chunk_size, 1);
         }
         let v = Volume {
             id,
-            name: c.name.clone(),
-            size: c.size,
+            name: name.to_string(),
+            size,
             replicas,
             chunk_size,
             state: VolumeState::VolumeAvailable as i32,
             created_ms: now,
-            degraded_chunks: 0,
-            attachment: None,
-            used_bytes: 0,
             qos,
+            ..Default::default()
         };
-        self.names.insert(c.name.clone(), id);
+        self.names.insert(name.to_string(), id);
         self.volumes.insert(id, v);
-        Ok(apply_result::Result::Volume(self.volume_view(id)))
+        Ok(id)
     }
 
     /// A placement from the leader must still hold at apply: distinct, known, Up nodes.
@@ -530,6 +749,7 @@ impl State {
                 epoch,
                 replicas,
                 joining: String::new(),
+                fill: false,
             },
         );
     }
@@ -606,6 +826,17 @@ impl State {
                 )));
             }
         }
+        // A clone or restore of another volume still reads this one's snapshots.
+        if let Some(v) = self.volumes.values().find(|v| {
+            v.id != id
+                && v.source.as_ref().is_some_and(|s| s.volume_id == id)
+                && self.chunks_left(v.id) > 0
+        }) {
+            return Err(Reject::precondition(format!(
+                "volume {:?} is still being filled from it",
+                v.name
+            )));
+        }
         let keys: Vec<(u64, u64)> = self
             .chunks
             .range((id, 0)..=(id, u64::MAX))
@@ -632,8 +863,13 @@ impl State {
             m.retain(|k, _| k.0 != id);
         }
         self.epochs.remove(&id);
+        self.fills.remove(&id);
+        // Its snapshots go with it; a snapshot of another volume it was filling from is free.
         if let Some(v) = self.volumes.remove(&id) {
             self.names.remove(&v.name);
+            if let Some(src) = v.source {
+                self.release(src.snapshot_id);
+            }
         }
         Ok(apply_result::Result::Done(true))
     }
@@ -713,6 +949,9 @@ impl State {
         let prev = self.volumes[&id].attachment.clone();
         if let Some(a) = &prev {
             if a.gateway != c.gateway && a.lease_expires_ms > now {
+                if a.work {
+                    return Err(busy(&self.volumes[&id].name, &a.gateway));
+                }
                 return Err(Reject::precondition(format!(
                     "volume is attached to gateway {} for another {} ms",
                     a.gateway,
@@ -725,6 +964,8 @@ impl State {
         // The holder attaching again (its gateway opening the volume, a restart) keeps the CSI
         // publications: the nodes still use the volume. A new holder starts with none.
         if let Some(prev) = prev.filter(|p| p.gateway == c.gateway) {
+            // The work gateway opening the volume for its snapshot work.
+            a.work = prev.work && prev.lease_expires_ms > now;
             a.readonly = prev.readonly;
             a.published = prev.published;
             if a.portal.is_empty() {
@@ -838,7 +1079,15 @@ impl State {
             )));
         }
         let mode = |readonly: bool| if readonly { "read-only" } else { "read-write" };
-        let a = match v.attachment.clone() {
+        // A lapsed work attachment holds nothing: replaced as if there were none.
+        let current = match v.attachment.clone() {
+            Some(a) if a.work && a.lease_expires_ms <= now => None,
+            Some(a) if a.work && a.gateway != c.node => return Err(busy(&v.name, &a.gateway)),
+            // The node's own gateway is doing snapshot work on it: it serves the volume now.
+            Some(a) if a.work => Some(Attachment { work: false, ..a }),
+            other => other,
+        };
+        let a = match current {
             None => {
                 // The node's gateway opens it (its own attach, a new epoch again) and fills in
                 // the portal.
@@ -1001,16 +1250,7 @@ impl State {
             Reject::not_found(format!("chunk {}/{} not found", c.volume_id, c.index))
         })?;
         if c.writer_epoch != 0 {
-            let current = self.volumes[&c.volume_id]
-                .attachment
-                .as_ref()
-                .map(|a| a.writer_epoch);
-            if current != Some(c.writer_epoch) {
-                return Err(Reject::precondition(format!(
-                    "writer epoch {} is not the volume's current attachment ({current:?})",
-                    c.writer_epoch
-                )));
-            }
+            self.check_writer(c.volume_id, c.writer_epoch)?;
         }
         let in_set = chunk.replicas.contains(&c.node_id);
         let joining = chunk.joining == c.node_id;
@@ -1137,7 +1377,367 @@ impl State {
         }))
     }
 
-    // ---------- snapshots ----------
+    // ---------- volume snapshots, clones and restores ----------
+
+    /// Only the current holder of volume `id` (at writer epoch `epoch`) reports on its chunks
+    /// and snapshots.
+    fn check_writer(&self, id: u64, epoch: u64) -> Result<(), Reject> {
+        let current = self
+            .volumes
+            .get(&id)
+            .and_then(|v| v.attachment.as_ref())
+            .map(|a| a.writer_epoch);
+        if current != Some(epoch) {
+            return Err(Reject::precondition(format!(
+                "writer epoch {epoch} is not the volume's current attachment ({current:?})"
+            )));
+        }
+        Ok(())
+    }
+
+    /// A volume that may take new work: not being deleted.
+    fn usable(&self, id: u64) -> Result<&Volume, Reject> {
+        let v = self
+            .volumes
+            .get(&id)
+            .ok_or_else(|| Reject::not_found(format!("volume id {id} not found")))?;
+        if v.state == VolumeState::VolumeDeleting as i32 {
+            return Err(Reject::precondition(format!(
+                "volume {:?} is being deleted",
+                v.name
+            )));
+        }
+        Ok(v)
+    }
+
+    fn check_ready(s: &Snapshot) -> Result<(), Reject> {
+        if is(s, SnapshotState::SnapshotReady) {
+            return Ok(());
+        }
+        Err(Reject::precondition(format!(
+            "snapshot {:?} is {}, not ready",
+            s.name,
+            snapshot_state(s)
+        )))
+    }
+
+    /// Validates the leader's choice for snapshot work on volume `id` (`work_gateway`): empty
+    /// means the live holder does it; a named gateway must be registered and the volume free.
+    /// Returns the lease of the work attachment to make, if any (`grant_work`).
+    fn check_work(
+        &self,
+        id: u64,
+        gateway: &str,
+        lease_ms: u64,
+        now: u64,
+    ) -> Result<Option<u64>, Reject> {
+        match (gateway.is_empty(), self.live_attachment(id, now)) {
+            (true, Some(_)) => Ok(None),
+            (true, None) => Err(Reject::new(
+                Code::Aborted,
+                "the volume's attachment lapsed while the request was in flight; retry",
+            )),
+            (false, Some(a)) => Err(Reject::new(
+                Code::Aborted,
+                format!(
+                    "volume was attached to gateway {} while the request was in flight; retry",
+                    a.gateway
+                ),
+            )),
+            (false, None) if !self.gateways.contains_key(gateway) => Err(Reject::precondition(
+                format!("gateway {gateway:?} is not registered"),
+            )),
+            (false, None) => Self::lease_length(lease_ms).map(Some),
+        }
+    }
+
+    /// A work attachment: a new writer epoch, like any attach, for a gateway that opens the
+    /// volume only to take or delete its snapshots.
+    fn grant_work(&mut self, id: u64, gateway: &str, lease: Option<u64>, now: u64) {
+        if let Some(lease_ms) = lease {
+            let a = self.grant(id, gateway, lease_ms, now);
+            self.set_attachment(id, Some(Attachment { work: true, ..a }));
+        }
+    }
+
+    fn create_snapshot(&mut self, c: &pb::CreateSnapshotCmd, now: u64) -> ApplyOutcome {
+        let id = self.volume_id(c.volume.as_ref().unwrap_or(&VolumeRef::default()))?;
+        let v = self.usable(id)?;
+        validate_name(&c.name)
+            .map_err(|e| Reject::invalid(e.message.replacen("volume name", "snapshot name", 1)))?;
+        if v.snapshots.iter().any(|s| s.name == c.name) {
+            return Err(Reject::new(
+                Code::AlreadyExists,
+                format!("volume {:?} has a snapshot {:?} already", v.name, c.name),
+            ));
+        }
+        if v.snapshots.len() >= MAX_SNAPSHOTS_PER_VOLUME {
+            return Err(Reject::new(
+                Code::ResourceExhausted,
+                format!(
+                    "volume {:?} has {MAX_SNAPSHOTS_PER_VOLUME} snapshots, the most it may \
+                     have; delete some first",
+                    v.name
+                ),
+            ));
+        }
+        let s = Snapshot {
+            id: self.next_snapshot_id,
+            volume_id: id,
+            name: c.name.clone(),
+            state: SnapshotState::SnapshotCreating as i32,
+            created_ms: now,
+            size: v.size,
+            internal: c.internal,
+            ..Default::default()
+        };
+        let lease = self.check_work(id, &c.gateway, c.lease_ms, now)?;
+        self.next_snapshot_id += 1;
+        self.grant_work(id, &c.gateway, lease, now);
+        if let Some(v) = self.volumes.get_mut(&id) {
+            v.snapshots.push(s.clone());
+        }
+        Ok(apply_result::Result::Snapshot(self.snapshot_view(&s)))
+    }
+
+    fn snapshot_done(&mut self, c: &pb::SnapshotDoneRequest, now: u64) -> ApplyOutcome {
+        let at = self
+            .snapshot_at(c.id)
+            .ok_or_else(|| Reject::not_found(format!("snapshot id {} not found", c.id)))?;
+        self.check_writer(at.0, c.writer_epoch)?;
+        let s = self.snap(at);
+        let out = self.snapshot_view(s);
+        let creating = is(s, SnapshotState::SnapshotCreating);
+        if c.deleted && is(s, SnapshotState::SnapshotDeleting) {
+            if let Some(v) = self.volumes.get_mut(&at.0) {
+                v.snapshots.remove(at.1);
+            }
+            return Ok(apply_result::Result::Snapshot(out));
+        }
+        if !c.deleted && c.error.is_empty() && is(s, SnapshotState::SnapshotReady) {
+            return Ok(apply_result::Result::Snapshot(out));
+        }
+        if c.deleted || !creating {
+            return Err(Reject::precondition(format!(
+                "snapshot {:?} is {}: cannot be reported {}",
+                s.name,
+                snapshot_state(s),
+                if c.deleted { "deleted" } else { "taken" }
+            )));
+        }
+        let s = self
+            .snap_mut(at)
+            .ok_or_else(|| Reject::not_found("snapshot"))?;
+        if c.error.is_empty() {
+            s.state = SnapshotState::SnapshotReady as i32;
+            s.ready_ms = now;
+        } else {
+            s.state = SnapshotState::SnapshotFailed as i32;
+            s.error = c.error.clone();
+        }
+        Ok(apply_result::Result::Snapshot(
+            self.snapshot_view(self.snap(at)),
+        ))
+    }
+
+    /// Checks that a snapshot may be deleted (no volume fills from it); returns where it is and
+    /// whether it is being deleted already.
+    pub fn deletable(&self, r: &SnapshotRef) -> Result<((u64, usize), bool), Reject> {
+        let at = self.find_snapshot(r)?;
+        let s = self.snap(at);
+        let deps: Vec<&str> = self
+            .dependents(s.id)
+            .iter()
+            .filter_map(|d| self.volumes.get(d))
+            .map(|v| v.name.as_str())
+            .collect();
+        if !deps.is_empty() {
+            return Err(Reject::precondition(format!(
+                "snapshot {:?} is still being copied to volume(s) {}; delete it once they are filled",
+                s.name,
+                deps.join(", ")
+            )));
+        }
+        Ok((at, is(s, SnapshotState::SnapshotDeleting)))
+    }
+
+    fn delete_snapshot(&mut self, c: &pb::DeleteSnapshotCmd, now: u64) -> ApplyOutcome {
+        let (at, deleting) =
+            self.deletable(c.snapshot.as_ref().unwrap_or(&SnapshotRef::default()))?;
+        if !deleting {
+            let lease = self.check_work(at.0, &c.gateway, c.lease_ms, now)?;
+            self.grant_work(at.0, &c.gateway, lease, now);
+            if let Some(s) = self.snap_mut(at) {
+                s.state = SnapshotState::SnapshotDeleting as i32;
+            }
+        }
+        Ok(apply_result::Result::Snapshot(
+            self.snapshot_view(self.snap(at)),
+        ))
+    }
+
+    /// What a clone copies: a READY snapshot `snapshot_id` of a volume not being deleted.
+    pub fn clone_source(
+        &self,
+        source: &VolumeRef,
+        snapshot_id: u64,
+    ) -> Result<(&Volume, &Snapshot), Reject> {
+        let v = self.usable(self.volume_id(source)?)?;
+        let s = v
+            .snapshots
+            .iter()
+            .find(|s| s.id == snapshot_id)
+            .ok_or_else(|| {
+                Reject::not_found(format!(
+                    "snapshot id {snapshot_id} of volume {:?} not found",
+                    v.name
+                ))
+            })?;
+        Self::check_ready(s)?;
+        Ok((v, s))
+    }
+
+    fn clone_volume(&mut self, c: &pb::CloneVolumeCmd, now: u64) -> ApplyOutcome {
+        let (src, snap) = self.clone_source(
+            c.source.as_ref().unwrap_or(&VolumeRef::default()),
+            c.snapshot_id,
+        )?;
+        let size = clone_size(c.size, snap.size)?;
+        let replicas = if c.replicas == 0 {
+            src.replicas
+        } else {
+            c.replicas
+        };
+        let chunk_size = src.chunk_size;
+        // The chunk holding the snapshot's end is filled too (the gateway zeroes the rest).
+        let filled = snap.size.div_ceil(chunk_size);
+        let source = VolumeSource {
+            volume_id: src.id,
+            snapshot_id: snap.id,
+            ..Default::default()
+        };
+        let geometry = (size, replicas, chunk_size);
+        let id = self.new_volume(&c.name, geometry, c.qos.as_ref(), &c.placement, now)?;
+        self.set_source(id, source, filled);
+        Ok(apply_result::Result::Volume(self.volume_view(id)))
+    }
+
+    /// Volume `id` is to be filled from `source` in its first `chunks` chunks (the others
+    /// not); an earlier source is let go.
+    fn set_source(&mut self, id: u64, source: VolumeSource, chunks: u64) {
+        let mut left = 0;
+        for (&(_, index), c) in self.chunks.range_mut((id, 0)..=(id, u64::MAX)) {
+            c.fill = index < chunks;
+            left += u64::from(c.fill);
+        }
+        // Only volumes with chunks left are listed (the form a restore rebuilds).
+        if left > 0 {
+            self.fills.insert(id, left);
+        } else {
+            self.fills.remove(&id);
+        }
+        let earlier = self
+            .volumes
+            .get_mut(&id)
+            .and_then(|v| v.source.replace(source));
+        if let Some(e) = earlier {
+            self.release(e.snapshot_id);
+        }
+    }
+
+    fn restore_snapshot(&mut self, c: &pb::RestoreSnapshotRequest, now: u64) -> ApplyOutcome {
+        let at = self.find_snapshot(c.snapshot.as_ref().unwrap_or(&SnapshotRef::default()))?;
+        let s = self.snap(at);
+        Self::check_ready(s)?;
+        let source = VolumeSource {
+            volume_id: at.0,
+            snapshot_id: s.id,
+            ..Default::default()
+        };
+        let v = self.usable(at.0)?;
+        if let Some(a) = self.live_attachment(at.0, now) {
+            return Err(Reject::precondition(format!(
+                "volume {:?} is attached to gateway {}; detach it first",
+                v.name, a.gateway
+            )));
+        }
+        // Every chunk, those beyond the snapshot's size too: the gateway zeroes them.
+        self.set_source(at.0, source, u64::MAX);
+        Ok(apply_result::Result::Volume(self.volume_view(at.0)))
+    }
+
+    fn source_copied(&mut self, c: &pb::SourceCopiedRequest) -> ApplyOutcome {
+        if !self.volumes.contains_key(&c.volume_id) {
+            return Err(Reject::not_found(format!(
+                "volume id {} not found",
+                c.volume_id
+            )));
+        }
+        self.check_writer(c.volume_id, c.writer_epoch)?;
+        let chunk = self
+            .chunks
+            .get_mut(&(c.volume_id, c.index))
+            .ok_or_else(|| {
+                Reject::not_found(format!("chunk {}/{} not found", c.volume_id, c.index))
+            })?;
+        if !chunk.fill {
+            return Ok(apply_result::Result::Chunk(chunk.clone()));
+        }
+        chunk.fill = false;
+        let out = chunk.clone();
+        let left = self
+            .fills
+            .get(&c.volume_id)
+            .map_or(0, |n| n.saturating_sub(1));
+        if left > 0 {
+            self.fills.insert(c.volume_id, left);
+        } else {
+            self.fills.remove(&c.volume_id);
+            let src = self
+                .volumes
+                .get_mut(&c.volume_id)
+                .and_then(|v| v.source.take());
+            if let Some(src) = src {
+                self.release(src.snapshot_id);
+            }
+        }
+        Ok(apply_result::Result::Chunk(out))
+    }
+
+    /// A volume no longer fills from snapshot `id`: an internal snapshot (a clone's of a
+    /// volume's present) that no other volume needs is deleted.
+    fn release(&mut self, id: u64) {
+        if !self.dependents(id).is_empty() {
+            return;
+        }
+        if let Some(s) = self.snapshot_at(id).and_then(|at| self.snap_mut(at)) {
+            if s.internal && !is(s, SnapshotState::SnapshotDeleting) {
+                s.state = SnapshotState::SnapshotDeleting as i32;
+            }
+        }
+    }
+
+    fn assign_work(&mut self, c: &pb::AssignWorkCmd, now: u64) -> ApplyOutcome {
+        let v = self
+            .volumes
+            .get(&c.volume_id)
+            .ok_or_else(|| Reject::not_found(format!("volume id {} not found", c.volume_id)))?;
+        if !Self::pending_work(v) {
+            return Err(Reject::precondition(format!(
+                "volume {:?} has no snapshot work pending",
+                v.name
+            )));
+        }
+        if c.gateway.is_empty() {
+            return Err(Reject::invalid("gateway id required"));
+        }
+        let lease = self.check_work(c.volume_id, &c.gateway, c.lease_ms, now)?;
+        self.grant_work(c.volume_id, &c.gateway, lease, now);
+        let a = self.volumes[&c.volume_id].attachment.clone();
+        Ok(apply_result::Result::Attachment(a.unwrap_or_default()))
+    }
+
+    // ---------- Raft snapshots ----------
 
     pub fn snapshot(&self) -> StateSnapshot {
         let node_chunks = |m: &BTreeMap<String, BTreeMap<(u64, u64), u64>>| {
@@ -1173,6 +1773,7 @@ impl State {
                 .collect(),
             members_seen: self.members_seen.iter().copied().collect(),
             gateways: self.gateways.values().cloned().collect(),
+            next_snapshot_id: self.next_snapshot_id,
         }
     }
 
@@ -1211,13 +1812,19 @@ impl State {
             members: s.members.into_iter().map(|m| (m.id, m.addr)).collect(),
             members_seen: s.members_seen.into_iter().collect(),
             gateways: s.gateways.into_iter().map(|g| (g.id.clone(), g)).collect(),
+            next_snapshot_id: s.next_snapshot_id.max(1),
+            fills: BTreeMap::new(),
         };
         st.recount();
         st
     }
 
-    /// Recomputes per-node allocation from the chunk map (after a restore).
+    /// Recomputes per-node allocation and chunks left to fill from the chunk map (after a
+    /// restore).
     fn recount(&mut self) {
+        for c in self.chunks.values().filter(|c| c.fill) {
+            *self.fills.entry(c.volume_id).or_insert(0) += 1;
+        }
         for n in self.nodes.values_mut() {
             n.allocated = 0;
             n.chunks = 0;
@@ -1250,7 +1857,8 @@ pub fn reject_status(e: &ApplyError) -> tonic::Status {
 }
 
 /// Fuzzing entry point (`fuzz/fuzz_targets/manager_apply.rs`): applies length-prefixed
-/// commands from `data` to a small cluster (three nodes, one attached volume) and checks that
+/// commands from `data` to a small cluster (three nodes, one attached volume with a snapshot
+/// being taken, one gateway) and checks that
 /// nothing panics and that a snapshot round trip reproduces the state exactly.
 #[doc(hidden)]
 pub fn fuzz_apply(mut data: &[u8]) {
@@ -1299,6 +1907,26 @@ pub fn fuzz_apply(mut data: &[u8]) {
             gateway: "g".into(),
             lease_ms: 0,
             portal: "127.0.0.1:3260".into(),
+        })),
+    });
+    // A registered gateway and a snapshot being taken, so that fuzzed snapshot, clone and
+    // work commands find something to act on.
+    st.apply(&Command {
+        now_ms: 1,
+        op: Some(Op::RegisterGateway(pb::RegisterGatewayRequest {
+            id: "g".into(),
+            portal: "127.0.0.1:3260".into(),
+        })),
+    });
+    st.apply(&Command {
+        now_ms: 1,
+        op: Some(Op::CreateSnapshot(pb::CreateSnapshotCmd {
+            volume: Some(VolumeRef {
+                id: 1,
+                name: String::new(),
+            }),
+            name: "s".into(),
+            ..Default::default()
         })),
     });
     while data.len() >= 2 {
