@@ -1,4 +1,5 @@
 //! Operator commands that talk to the manager: `ironsan volume create|list|get|resize|delete|qos`,
+//! `ironsan volume snapshot create|list|delete|restore`, `ironsan volume clone`,
 //! `ironsan node list|drain`, `ironsan status`, and the member administration
 //! ([`MemberCmd`]: add-member, remove-member, transfer-leader) that `ironsan manager` hooks in.
 //!
@@ -7,6 +8,13 @@
 //! mirrors the protobuf messages with their field names (stable across releases), sizes in
 //! bytes, times in milliseconds and enums as lowercase words (`available`, `up`, `draining`).
 //! A manager error becomes one readable line (`volume "x" not found`) and a non-zero exit.
+//!
+//! Snapshots are named `VOLUME@SNAPSHOT`. The manager answers a snapshot request (and a delete)
+//! once committed, while the gateway holding the volume does the work on the replicas, so
+//! `snapshot create` and `snapshot delete` poll the volume's snapshots until the outcome shows
+//! (`--no-wait` returns at once).
+
+use std::time::{Duration, Instant};
 
 use anyhow::anyhow;
 use clap::{Args, Subcommand};
@@ -96,7 +104,81 @@ enum VolumeCmd {
         #[arg(long = "node")]
         node: Option<String>,
     },
+    /// Snapshots of a volume: point-in-time images to clone or roll back to.
+    Snapshot {
+        #[command(subcommand)]
+        cmd: SnapshotCmd,
+    },
+    /// Create a volume with another volume's present content, or a snapshot's. It is usable at
+    /// once: its chunks are filled from the source before their first I/O.
+    Clone {
+        name: String,
+        /// VOLUME (its present content) or VOLUME@SNAPSHOT.
+        #[arg(long, value_parser = parse_source)]
+        from: Source,
+        /// Size, e.g. 20GiB (default: the source's; never smaller).
+        #[arg(long, value_parser = parse_size)]
+        size: Option<u64>,
+        /// Replicas per chunk (default: the source's).
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+        replicas: Option<u32>,
+        #[command(flatten)]
+        qos: QosArgs,
+    },
 }
+
+#[derive(Subcommand, Debug)]
+enum SnapshotCmd {
+    /// Take a snapshot and wait until it is ready on every replica.
+    Create {
+        volume: String,
+        snapshot: String,
+        /// Return once the manager has recorded the request.
+        #[arg(long)]
+        no_wait: bool,
+        /// How long to wait for it to be ready, e.g. 60s.
+        #[arg(long, value_parser = crate::manager::parse_duration, default_value = "60s")]
+        timeout: Duration,
+    },
+    /// List a volume's snapshots.
+    List { volume: String },
+    /// Delete a snapshot and wait until every replica has dropped it.
+    Delete {
+        volume: String,
+        snapshot: String,
+        /// Return once the manager has marked it for deletion.
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Roll a detached volume back to one of its snapshots (snapshots taken later stay).
+    Restore { volume: String, snapshot: String },
+}
+
+/// A clone's source: a volume, and optionally one of its snapshots.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Source {
+    volume: String,
+    snapshot: Option<String>,
+}
+
+/// `VOLUME` or `VOLUME@SNAPSHOT`, both parts non-empty, at most one `@`.
+fn parse_source(s: &str) -> Result<Source, String> {
+    let mut parts = s.split('@');
+    let volume = parts.next().unwrap_or_default();
+    let snapshot = parts.next();
+    if volume.is_empty() || snapshot == Some("") || parts.next().is_some() {
+        return Err(format!("{s:?} is not VOLUME or VOLUME@SNAPSHOT"));
+    }
+    Ok(Source {
+        volume: volume.to_string(),
+        snapshot: snapshot.map(str::to_string),
+    })
+}
+
+/// How often `snapshot create|delete` look at the snapshot's state.
+const POLL: Duration = Duration::from_millis(100);
+/// How long `snapshot delete` waits for the replicas to drop the snapshot.
+const DELETE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Per-volume I/O limits, enforced by the gateway serving the volume; 0 = unlimited.
 #[derive(Args, Debug, Clone, Default)]
@@ -237,6 +319,186 @@ fn volume_ref(name: &str) -> pb::VolumeRef {
     }
 }
 
+fn snapshot_ref(volume: &str, name: &str) -> pb::SnapshotRef {
+    pb::SnapshotRef {
+        id: 0,
+        volume: Some(volume_ref(volume)),
+        name: name.to_string(),
+    }
+}
+
+/// `snapshot "vol@snap"`, the subject of a snapshot's error lines.
+fn snapshot_subject(volume: &str, name: &str) -> String {
+    format!("snapshot {:?}", format!("{volume}@{name}"))
+}
+
+/// The volume's snapshot called `name`, if it has one.
+async fn find_snapshot(
+    c: &ManagerClient,
+    volume: &str,
+    name: &str,
+) -> anyhow::Result<Option<pb::Snapshot>> {
+    let list = c
+        .list_snapshots(pb::ListSnapshotsRequest {
+            volume: Some(volume_ref(volume)),
+            id: 0,
+        })
+        .await
+        .map_err(|e| explain(e, &format!("volume {volume:?}")))?;
+    Ok(list.snapshots.into_iter().find(|s| s.name == name))
+}
+
+/// Polls the snapshot every [`POLL`] until `done` holds for what is found (None: no such
+/// snapshot); answers the last sight, or Err(it) when `timeout` passed first.
+async fn poll_snapshot(
+    c: &ManagerClient,
+    volume: &str,
+    name: &str,
+    timeout: Duration,
+    done: impl Fn(Option<&pb::Snapshot>) -> bool,
+) -> anyhow::Result<Result<Option<pb::Snapshot>, Option<pb::Snapshot>>> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let seen = find_snapshot(c, volume, name).await?;
+        if done(seen.as_ref()) {
+            return Ok(Ok(seen));
+        }
+        if Instant::now() >= deadline {
+            return Ok(Err(seen));
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+fn is_state(s: &pb::Snapshot, state: pb::SnapshotState) -> bool {
+    s.state == state as i32
+}
+
+async fn run_snapshot(c: &ManagerClient, cmd: SnapshotCmd, json: bool) -> anyhow::Result<()> {
+    match cmd {
+        SnapshotCmd::Create {
+            volume,
+            snapshot,
+            no_wait,
+            timeout,
+        } => {
+            let subject = snapshot_subject(&volume, &snapshot);
+            let started = Instant::now();
+            let s = c
+                .create_snapshot(pb::CreateSnapshotRequest {
+                    volume: Some(volume_ref(&volume)),
+                    name: snapshot.clone(),
+                })
+                .await
+                .map_err(|e| match e.code() {
+                    // The only thing a snapshot request can miss is its volume.
+                    Code::NotFound => explain(e, &format!("volume {volume:?}")),
+                    _ => explain(e, &subject),
+                })?;
+            let s = if no_wait {
+                s
+            } else {
+                let waited = poll_snapshot(c, &volume, &snapshot, timeout, |s| {
+                    s.is_none_or(|s| !is_state(s, pb::SnapshotState::SnapshotCreating))
+                })
+                .await?;
+                match waited {
+                    Ok(Some(s)) => s,
+                    Ok(None) => return Err(anyhow!("{subject} was deleted while being taken")),
+                    Err(_) => {
+                        return Err(anyhow!(
+                            "{subject} is still being taken after {:.0} s (it stays requested; \
+                             `ironsan volume snapshot list {volume}` shows when it is ready)",
+                            timeout.as_secs_f64()
+                        ))
+                    }
+                }
+            };
+            if is_state(&s, pb::SnapshotState::SnapshotFailed) {
+                return Err(anyhow!("{subject} failed: {}", s.error));
+            }
+            if json {
+                println!("{:#}", snapshot_json(&s));
+            } else if no_wait {
+                println!(
+                    "snapshot {volume}@{snapshot} requested ({})",
+                    snapshot_state(s.state)
+                );
+            } else {
+                println!(
+                    "snapshot {volume}@{snapshot} ready in {:.2} s",
+                    started.elapsed().as_secs_f64()
+                );
+            }
+        }
+        SnapshotCmd::List { volume } => {
+            let snaps = c
+                .list_snapshots(pb::ListSnapshotsRequest {
+                    volume: Some(volume_ref(&volume)),
+                    id: 0,
+                })
+                .await
+                .map_err(|e| explain(e, &format!("volume {volume:?}")))?
+                .snapshots;
+            if json {
+                let list: Vec<Value> = snaps.iter().map(snapshot_json).collect();
+                println!("{:#}", json!({ "snapshots": list }));
+            } else {
+                print!("{}", snapshots_table(&snaps));
+            }
+        }
+        SnapshotCmd::Delete {
+            volume,
+            snapshot,
+            no_wait,
+        } => {
+            let subject = snapshot_subject(&volume, &snapshot);
+            c.delete_snapshot(snapshot_ref(&volume, &snapshot))
+                .await
+                .map_err(|e| explain(e, &subject))?;
+            if !no_wait {
+                let waited =
+                    poll_snapshot(c, &volume, &snapshot, DELETE_TIMEOUT, |s| s.is_none()).await?;
+                if waited.is_err() {
+                    return Err(anyhow!(
+                        "{subject} is still being deleted after {} s (the replicas drop it in the background)",
+                        DELETE_TIMEOUT.as_secs()
+                    ));
+                }
+            }
+            let word = if no_wait {
+                "marked for deletion"
+            } else {
+                "deleted"
+            };
+            if json {
+                println!(
+                    "{:#}",
+                    json!({ "volume": volume, "name": snapshot, "deleted": !no_wait })
+                );
+            } else {
+                println!("snapshot {volume}@{snapshot} {word}");
+            }
+        }
+        SnapshotCmd::Restore { volume, snapshot } => {
+            let v = c
+                .restore_snapshot(pb::RestoreSnapshotRequest {
+                    snapshot: Some(snapshot_ref(&volume, &snapshot)),
+                })
+                .await
+                .map_err(|e| explain(e, &snapshot_subject(&volume, &snapshot)))?;
+            if json {
+                println!("{:#}", volume_json(&v));
+            } else {
+                println!(
+                    "volume {volume:?} restored to snapshot {snapshot:?} (chunks are refilled before their next I/O)"
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
 pub async fn run_volume(args: VolumeArgs) -> anyhow::Result<()> {
     let c = client(&args.conn)?;
     let json = args.conn.json;
@@ -359,6 +621,33 @@ pub async fn run_volume(args: VolumeArgs) -> anyhow::Result<()> {
             } else {
                 println!("volume {name:?} detached");
             }
+        }
+        VolumeCmd::Snapshot { cmd } => run_snapshot(&c, cmd, json).await?,
+        VolumeCmd::Clone {
+            name,
+            from,
+            size,
+            replicas,
+            qos,
+        } => {
+            let req = pb::CloneVolumeRequest {
+                name: name.clone(),
+                source: Some(volume_ref(&from.volume)),
+                snapshot: from.snapshot.clone().unwrap_or_default(),
+                size: size.unwrap_or(0),
+                replicas: replicas.unwrap_or(0),
+                qos: qos.given().then(|| qos.over(None)),
+            };
+            let v = c.clone_volume(req).await.map_err(|e| {
+                // NOT_FOUND is about the source; anything else about the new volume.
+                let subject = match (e.code(), &from.snapshot) {
+                    (Code::NotFound, Some(snap)) => snapshot_subject(&from.volume, snap),
+                    (Code::NotFound, None) => format!("volume {:?}", from.volume),
+                    _ => format!("volume {name:?}"),
+                };
+                explain(e, &subject)
+            })?;
+            print_volume(&v, json);
         }
         VolumeCmd::Delete { name } => {
             let req = pb::DeleteVolumeRequest {
@@ -578,6 +867,98 @@ fn volume_state(s: i32) -> String {
     }
 }
 
+fn snapshot_state(s: i32) -> String {
+    match pb::SnapshotState::try_from(s) {
+        Ok(pb::SnapshotState::SnapshotCreating) => "creating".into(),
+        Ok(pb::SnapshotState::SnapshotReady) => "ready".into(),
+        Ok(pb::SnapshotState::SnapshotDeleting) => "deleting".into(),
+        Ok(pb::SnapshotState::SnapshotFailed) => "failed".into(),
+        Ok(pb::SnapshotState::Unspecified) => "unknown".into(),
+        Err(_) => format!("unknown({s})"),
+    }
+}
+
+/// Milliseconds since the epoch as `2026-11-25 03:30:07 UTC`; `-` for 0 (unknown).
+fn utc(ms: u64) -> String {
+    if ms == 0 {
+        return "-".into();
+    }
+    let secs = ms / 1000;
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Days to a civil date (Howard Hinnant's algorithm, for dates after 1970).
+    let z = days + 719_468;
+    let era = z / 146_097;
+    let doe = z % 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + u64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02} UTC",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+fn snapshot_json(s: &pb::Snapshot) -> Value {
+    json!({
+        "id": s.id,
+        "volume_id": s.volume_id,
+        "volume_name": s.volume_name,
+        "name": s.name,
+        "state": snapshot_state(s.state),
+        "created_ms": s.created_ms,
+        "ready_ms": s.ready_ms,
+        "size": s.size,
+        "error": s.error,
+        "internal": s.internal,
+        "dependents": s.dependents,
+    })
+}
+
+/// What the table's NOTE column says: why it failed, what still copies from it.
+fn snapshot_note(s: &pb::Snapshot) -> String {
+    let mut notes = Vec::new();
+    if !s.error.is_empty() {
+        notes.push(s.error.clone());
+    }
+    if s.internal {
+        notes.push("internal (for a clone)".to_string());
+    }
+    if !s.dependents.is_empty() {
+        notes.push(format!(
+            "{} volume(s) still copying from it",
+            s.dependents.len()
+        ));
+    }
+    notes.join("; ")
+}
+
+fn snapshots_table(snaps: &[pb::Snapshot]) -> String {
+    let rows: Vec<Vec<String>> = snaps
+        .iter()
+        .map(|s| {
+            vec![
+                s.name.clone(),
+                s.id.to_string(),
+                snapshot_state(s.state),
+                human(s.size),
+                utc(s.created_ms),
+                snapshot_note(s),
+            ]
+        })
+        .collect();
+    table(&["NAME", "ID", "STATE", "SIZE", "CREATED", "NOTE"], &rows)
+}
+
+/// A volume's source in one word: `vol@snap` (a restore names its own volume).
+fn source_cell(src: &pb::VolumeSource) -> String {
+    format!("{}@{}", src.volume_name, src.snapshot_name)
+}
+
 fn node_state(s: i32) -> String {
     match pb::NodeState::try_from(s) {
         Ok(pb::NodeState::NodeUp) => "up".into(),
@@ -634,6 +1015,14 @@ fn volume_json(v: &pb::Volume) -> Value {
             "write_bps": q.write_bps,
             "burst_ms": q.burst_ms,
         })),
+        "snapshots": v.snapshots.iter().map(snapshot_json).collect::<Vec<_>>(),
+        "source": v.source.as_ref().map(|s| json!({
+            "volume_id": s.volume_id,
+            "snapshot_id": s.snapshot_id,
+            "chunks_left": s.chunks_left,
+            "volume_name": s.volume_name,
+            "snapshot_name": s.snapshot_name,
+        })),
     })
 }
 
@@ -659,6 +1048,7 @@ fn volumes_table(vols: &[pb::Volume]) -> String {
                 v.attachment
                     .as_ref()
                     .map_or_else(|| "-".into(), published_cell),
+                v.source.as_ref().map_or_else(|| "-".into(), source_cell),
                 qos_column(v.qos.as_ref()),
             ]
         })
@@ -676,6 +1066,7 @@ fn volumes_table(vols: &[pb::Volume]) -> String {
             "ATTACHED",
             "PORTAL",
             "PUBLISHED",
+            "SOURCE",
             "QOS",
         ],
         &rows,
@@ -766,6 +1157,23 @@ fn volume_text(v: &pb::Volume) -> String {
         }
         _ => f.push(("Attached to", "-".into())),
     }
+    if let Some(src) = &v.source {
+        let what = if src.volume_id == v.id {
+            format!("restore of snapshot {}", src.snapshot_name)
+        } else {
+            format!("clone of {}", source_cell(src))
+        };
+        f.push(("Source", format!("{what}, {} chunks left", src.chunks_left)));
+    }
+    let ready = v
+        .snapshots
+        .iter()
+        .filter(|s| is_state(s, pb::SnapshotState::SnapshotReady))
+        .count();
+    f.push((
+        "Snapshots",
+        format!("{} ({ready} ready)", v.snapshots.len()),
+    ));
     fields(&f)
 }
 
@@ -969,6 +1377,26 @@ mod tests {
         assert_eq!(ago(0), "-");
         assert_eq!(ago(1500), "1.5s");
         assert_eq!(ago(192_000), "3m12s");
+    }
+
+    #[test]
+    fn sources_parse_strictly() {
+        let src = |v: &str, s: Option<&str>| Source {
+            volume: v.into(),
+            snapshot: s.map(Into::into),
+        };
+        assert_eq!(parse_source("vol"), Ok(src("vol", None)));
+        assert_eq!(parse_source("vol@s1"), Ok(src("vol", Some("s1"))));
+        for bad in ["", "@", "@s", "vol@", "a@b@c"] {
+            assert!(parse_source(bad).is_err(), "{bad:?} parsed");
+        }
+    }
+
+    #[test]
+    fn utc_times() {
+        assert_eq!(utc(0), "-");
+        assert_eq!(utc(1_700_000_000_000), "2023-11-14 22:13:20 UTC");
+        assert_eq!(utc(951_782_400_000), "2000-02-29 00:00:00 UTC");
     }
 
     #[test]

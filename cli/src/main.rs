@@ -39,7 +39,7 @@ enum Command {
     Storage(storage::StorageArgs),
     /// Run the CSI driver (csi.ironsan.io) for Kubernetes: controller, node plugin, or both.
     Csi(csi::CsiArgs),
-    /// Create, list, inspect, resize and delete volumes (through the manager).
+    /// Create, list, inspect, resize, snapshot, clone and delete volumes (through the manager).
     Volume(admin::VolumeArgs),
     /// List and drain storage nodes (through the manager).
     Node(admin::NodeArgs),

@@ -1,7 +1,8 @@
 //! The operator commands as a process: `ironsan volume|node|status` against a fake manager in
 //! the test process. Requests carry the parsed values, tables have their columns, `--json`
 //! parses with the documented fields, and manager errors give one readable line and a
-//! non-zero exit.
+//! non-zero exit. Snapshot commands wait as the fake's snapshots progress (READY after a few
+//! listings, or FAILED).
 
 mod fake_manager;
 
@@ -44,6 +45,18 @@ fn fails(fake: &FakeManager, args: &[&str]) -> String {
         !out.status.success(),
         "ironsan {args:?} succeeded: {}",
         String::from_utf8_lossy(&out.stdout)
+    );
+    String::from_utf8(out.stderr).expect("utf-8 stderr")
+}
+
+/// Runs a command that must exit with `code` (1: refused, 2: usage); returns its stderr.
+fn exits(fake: &FakeManager, code: i32, args: &[&str]) -> String {
+    let out = ironsan(fake, args);
+    assert_eq!(
+        out.status.code(),
+        Some(code),
+        "ironsan {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8(out.stderr).expect("utf-8 stderr")
 }
@@ -121,6 +134,7 @@ fn volume_commands() {
             portal: "10.0.0.1:3260".into(),
             readonly: true,
             published: vec!["gw-a".into(), "node-b".into()],
+            work: false,
         });
     }
     let table = ok(&fake, &["volume", "list"]);
@@ -139,6 +153,7 @@ fn volume_commands() {
                 "ATTACHED",
                 "PORTAL",
                 "PUBLISHED",
+                "SOURCE",
                 "QOS"
             ],
             vec![
@@ -150,6 +165,7 @@ fn volume_commands() {
                 "32MiB",
                 "available",
                 "0",
+                "-",
                 "-",
                 "-",
                 "-",
@@ -167,6 +183,7 @@ fn volume_commands() {
                 "gw-a",
                 "10.0.0.1:3260",
                 "ro:gw-a,node-b",
+                "-",
                 "-"
             ],
         ],
@@ -567,4 +584,314 @@ fn volume_qos_commands() {
     );
     let err = fails(&fake, &["volume", "qos", "missing", "--write-iops", "1"]);
     assert_eq!(err.trim(), r#"error: volume "missing" not found"#);
+}
+
+/// The fake's snapshot `name` of volume `volume`.
+fn fake_snapshot<'a>(
+    s: &'a mut fake_manager::State,
+    volume: &str,
+    name: &str,
+) -> &'a mut pb::Snapshot {
+    s.volumes
+        .iter_mut()
+        .find(|v| v.name == volume)
+        .and_then(|v| v.snapshots.iter_mut().find(|x| x.name == name))
+        .unwrap_or_else(|| panic!("no snapshot {volume}@{name}"))
+}
+
+#[test]
+fn snapshot_commands() {
+    let fake = FakeManager::start();
+    ok(&fake, &["volume", "create", "vol1", "--size", "1GiB"]);
+
+    // Waits until READY: the fake keeps it CREATING for three listings, polled every 100 ms.
+    let out = ok(&fake, &["volume", "snapshot", "create", "vol1", "s1"]);
+    let secs = out
+        .trim()
+        .strip_prefix("snapshot vol1@s1 ready in ")
+        .and_then(|r| r.strip_suffix(" s"))
+        .and_then(|n| n.parse::<f64>().ok())
+        .unwrap_or_else(|| panic!("{out}"));
+    assert!(secs >= 0.3, "{out}");
+    {
+        let s = fake.state();
+        assert_eq!(
+            s.requests::<pb::CreateSnapshotRequest>("create_snapshot"),
+            vec![pb::CreateSnapshotRequest {
+                volume: Some(pb::VolumeRef {
+                    id: 0,
+                    name: "vol1".into()
+                }),
+                name: "s1".into(),
+            }]
+        );
+        let times = s.times("list_snapshots");
+        assert_eq!(times.len(), 4, "three CREATING listings, then READY");
+        assert!(times
+            .windows(2)
+            .all(|w| w[1] - w[0] >= std::time::Duration::from_millis(95)));
+    }
+
+    // --no-wait returns once requested, without polling.
+    let out = ok(
+        &fake,
+        &["volume", "snapshot", "create", "vol1", "s2", "--no-wait"],
+    );
+    assert_eq!(out.trim(), "snapshot vol1@s2 requested (creating)");
+    assert_eq!(fake.state().count("list_snapshots"), 4);
+
+    fake_snapshot(&mut fake.state(), "vol1", "s1").dependents = vec![7];
+    let table = ok(&fake, &["volume", "snapshot", "list", "vol1"]);
+    let lines: Vec<&str> = table.lines().collect();
+    assert_eq!(
+        rows(lines[0]),
+        vec![vec!["NAME", "ID", "STATE", "SIZE", "CREATED", "NOTE"]],
+        "{table}"
+    );
+    assert_eq!(lines.len(), 3, "{table}");
+    assert!(
+        lines[1].starts_with("s1  ")
+            && lines[1].contains(" ready ")
+            && lines[1].contains(" 1GiB ")
+            && lines[1].contains("2023-11-14 22:13:21 UTC")
+            && lines[1].ends_with("1 volume(s) still copying from it"),
+        "{table}"
+    );
+    assert!(
+        lines[2].starts_with("s2  ") && lines[2].contains(" creating "),
+        "{table}"
+    );
+    let list = json(&ok(
+        &fake,
+        &["volume", "snapshot", "list", "vol1", "--json"],
+    ));
+    let snaps = list["snapshots"].as_array().unwrap();
+    assert_eq!(snaps.len(), 2);
+    assert_eq!(snaps[0]["name"], "s1");
+    assert_eq!(snaps[0]["volume_name"], "vol1");
+    assert_eq!(snaps[0]["state"], "ready");
+    assert_eq!(snaps[0]["size"], GIB);
+    assert_eq!(snaps[0]["created_ms"], 1_700_000_001_000u64);
+    assert_eq!(snaps[0]["ready_ms"], 1_700_000_001_420u64);
+    assert_eq!(snaps[0]["dependents"], serde_json::json!([7]));
+    let v = json(&ok(&fake, &["volume", "get", "vol1", "--json"]));
+    assert_eq!(v["snapshots"].as_array().map(Vec::len), Some(2));
+    assert_eq!(v["source"], Value::Null);
+    let out = ok(&fake, &["volume", "get", "vol1"]);
+    assert!(
+        out.contains("Snapshots:") && out.contains("2 (1 ready)"),
+        "{out}"
+    );
+
+    // A snapshot that cannot be taken, one that takes too long.
+    fake.state().snapshot_error = Some("replica s3 did not answer".into());
+    let err = exits(&fake, 1, &["volume", "snapshot", "create", "vol1", "bad"]);
+    assert_eq!(
+        err.trim(),
+        r#"error: snapshot "vol1@bad" failed: replica s3 did not answer"#
+    );
+    {
+        let mut s = fake.state();
+        s.snapshot_error = None;
+        s.snapshot_polls = 1000;
+    }
+    let err = exits(
+        &fake,
+        1,
+        &[
+            "volume",
+            "snapshot",
+            "create",
+            "vol1",
+            "slow",
+            "--timeout",
+            "300ms",
+        ],
+    );
+    assert!(
+        err.starts_with(r#"error: snapshot "vol1@slow" is still being taken"#)
+            && err.trim().lines().count() == 1,
+        "{err}"
+    );
+    fake.state().snapshot_polls = 3;
+
+    // Refusals: one line, exit 1.
+    let err = exits(&fake, 1, &["volume", "snapshot", "create", "vol1", "s1"]);
+    assert_eq!(err.trim(), r#"error: snapshot "vol1@s1" already exists"#);
+    let err = exits(&fake, 1, &["volume", "snapshot", "create", "nope", "s1"]);
+    assert_eq!(err.trim(), r#"error: volume "nope" not found"#);
+    let err = exits(&fake, 1, &["volume", "snapshot", "list", "nope"]);
+    assert_eq!(err.trim(), r#"error: volume "nope" not found"#);
+    let err = exits(
+        &fake,
+        1,
+        &["volume", "snapshot", "delete", "vol1", "nosuch"],
+    );
+    assert_eq!(err.trim(), r#"error: snapshot "vol1@nosuch" not found"#);
+    let err = exits(&fake, 1, &["volume", "snapshot", "delete", "vol1", "s1"]);
+    assert_eq!(
+        err.trim(),
+        r#"error: snapshot "vol1@s1": volumes [7] still copy from it"#
+    );
+
+    // Delete waits until the record is gone; --no-wait only marks.
+    fake_snapshot(&mut fake.state(), "vol1", "s1")
+        .dependents
+        .clear();
+    let out = ok(&fake, &["volume", "snapshot", "delete", "vol1", "s1"]);
+    assert_eq!(out.trim(), "snapshot vol1@s1 deleted");
+    let list = json(&ok(
+        &fake,
+        &["volume", "snapshot", "list", "vol1", "--json"],
+    ));
+    let names: Vec<&str> = list["snapshots"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|s| s["name"].as_str())
+        .collect();
+    assert!(!names.contains(&"s1"), "{list}");
+    let out = ok(
+        &fake,
+        &["volume", "snapshot", "delete", "vol1", "s2", "--no-wait"],
+    );
+    assert_eq!(out.trim(), "snapshot vol1@s2 marked for deletion");
+    assert_eq!(
+        fake.state()
+            .requests::<pb::SnapshotRef>("delete_snapshot")
+            .last(),
+        Some(&pb::SnapshotRef {
+            id: 0,
+            volume: Some(pb::VolumeRef {
+                id: 0,
+                name: "vol1".into()
+            }),
+            name: "s2".into(),
+        })
+    );
+
+    // Restore rolls a detached volume back.
+    ok(&fake, &["volume", "snapshot", "create", "vol1", "s3"]);
+    let out = ok(&fake, &["volume", "snapshot", "restore", "vol1", "s3"]);
+    assert_eq!(
+        out.trim(),
+        r#"volume "vol1" restored to snapshot "s3" (chunks are refilled before their next I/O)"#
+    );
+    let out = ok(&fake, &["volume", "get", "vol1"]);
+    assert!(
+        out.contains("Source:") && out.contains("restore of snapshot s3, 16 chunks left"),
+        "{out}"
+    );
+    fake.state().volumes[0].attachment = Some(pb::Attachment {
+        gateway: "gw-a".into(),
+        ..Default::default()
+    });
+    let err = exits(&fake, 1, &["volume", "snapshot", "restore", "vol1", "s3"]);
+    assert_eq!(
+        err.trim(),
+        r#"error: snapshot "vol1@s3": the volume is attached"#
+    );
+}
+
+#[test]
+fn clone_commands() {
+    let fake = FakeManager::start();
+    ok(&fake, &["volume", "create", "src", "--size", "10GiB"]);
+    ok(&fake, &["volume", "snapshot", "create", "src", "s1"]);
+
+    let out = ok(&fake, &["volume", "clone", "c1", "--from", "src@s1"]);
+    assert!(
+        out.contains("Source:") && out.contains("clone of src@s1, 160 chunks left"),
+        "{out}"
+    );
+    assert!(
+        out.contains("Snapshots:") && out.contains("0 (0 ready)"),
+        "{out}"
+    );
+    let v = json(&ok(
+        &fake,
+        &[
+            "volume",
+            "clone",
+            "c2",
+            "--from",
+            "src",
+            "--size",
+            "20GiB",
+            "--replicas",
+            "2",
+            "--write-iops",
+            "100",
+            "--json",
+        ],
+    ));
+    assert_eq!(v["size"], 20 * GIB);
+    assert_eq!(v["replicas"], 2);
+    assert_eq!(v["qos"]["write_iops"], 100);
+    assert_eq!(v["source"]["volume_name"], "src");
+    assert_eq!(v["source"]["chunks_left"], 320);
+    let src = pb::VolumeRef {
+        id: 0,
+        name: "src".into(),
+    };
+    assert_eq!(
+        fake.state()
+            .requests::<pb::CloneVolumeRequest>("clone_volume"),
+        vec![
+            pb::CloneVolumeRequest {
+                name: "c1".into(),
+                source: Some(src.clone()),
+                snapshot: "s1".into(),
+                size: 0,
+                replicas: 0,
+                qos: None,
+            },
+            pb::CloneVolumeRequest {
+                name: "c2".into(),
+                source: Some(src),
+                snapshot: String::new(),
+                size: 20 * GIB,
+                replicas: 2,
+                qos: Some(pb::VolumeQos {
+                    write_iops: 100,
+                    ..Default::default()
+                }),
+            },
+        ]
+    );
+    let table = rows(&ok(&fake, &["volume", "list"]));
+    let source_col = table[0].iter().position(|h| h == "SOURCE").unwrap();
+    let cell = |name: &str| {
+        table
+            .iter()
+            .find(|r| r[0] == name)
+            .map(|r| r[source_col].clone())
+    };
+    assert_eq!(cell("c1").as_deref(), Some("src@s1"));
+    assert_eq!(cell("src").as_deref(), Some("-"));
+    let out = ok(&fake, &["volume", "get", "src"]);
+    assert!(out.contains("1 (1 ready)"), "{out}");
+
+    // --from is VOLUME or VOLUME@SNAPSHOT: anything else is a usage error, before any call.
+    let calls = fake.state().calls.len();
+    for bad in ["", "@s1", "src@", "src@s1@s2", "@"] {
+        let err = exits(&fake, 2, &["volume", "clone", "c9", "--from", bad]);
+        assert!(err.contains("--from"), "{bad:?}: {err}");
+    }
+    assert_eq!(fake.state().calls.len(), calls, "a call was made");
+
+    let err = exits(&fake, 1, &["volume", "clone", "c3", "--from", "nope"]);
+    assert_eq!(err.trim(), r#"error: volume "nope" not found"#);
+    let err = exits(&fake, 1, &["volume", "clone", "c3", "--from", "src@nope"]);
+    assert_eq!(err.trim(), r#"error: snapshot "src@nope" not found"#);
+    let err = exits(&fake, 1, &["volume", "clone", "c1", "--from", "src"]);
+    assert_eq!(err.trim(), r#"error: volume "c1" already exists"#);
+    let err = exits(
+        &fake,
+        1,
+        &[
+            "volume", "clone", "c3", "--from", "src@s1", "--size", "1GiB",
+        ],
+    );
+    assert!(err.starts_with("error: invalid request: size"), "{err}");
 }

@@ -4,6 +4,9 @@
 //! the wire too: a published volume's target appears on the gateway's portal, an unpublished
 //! one disappears, and an expansion shows in READ CAPACITY.
 //!
+//! Snapshots and clones go through the same socket: a snapshot is polled until ready as the
+//! csi-snapshotter does, listed and paged, cloned into volumes and deleted.
+//!
 //! Node operations need the kernel's iSCSI initiator: `csi_node.rs` checks their argument
 //! handling here and `csi_vm.rs` runs them for real inside a VM.
 
@@ -153,7 +156,115 @@ fn unpublish_req(volume: &str, node: &str) -> csi::ControllerUnpublishVolumeRequ
     }
 }
 
+fn snapshot_req(volume: &str, name: &str) -> csi::CreateSnapshotRequest {
+    csi::CreateSnapshotRequest {
+        source_volume_id: volume.to_string(),
+        name: name.to_string(),
+        ..Default::default()
+    }
+}
+
+/// A CreateVolume request of `bytes` (0: no range) with a content source.
+fn clone_req(
+    name: &str,
+    bytes: i64,
+    source: csi::volume_content_source::Type,
+) -> csi::CreateVolumeRequest {
+    let mut req = create_req(name, bytes, &[]);
+    if bytes == 0 {
+        req.capacity_range = None;
+    }
+    req.volume_content_source = Some(csi::VolumeContentSource {
+        r#type: Some(source),
+    });
+    req
+}
+
+fn from_snapshot(id: &str) -> csi::volume_content_source::Type {
+    csi::volume_content_source::Type::Snapshot(csi::volume_content_source::SnapshotSource {
+        snapshot_id: id.to_string(),
+    })
+}
+
+fn from_volume(id: &str) -> csi::volume_content_source::Type {
+    csi::volume_content_source::Type::Volume(csi::volume_content_source::VolumeSource {
+        volume_id: id.to_string(),
+    })
+}
+
 impl Cluster {
+    /// CreateSnapshot, repeated as the csi-snapshotter does until the answer is ready to use;
+    /// every answer names the same snapshot.
+    async fn snapshot(&mut self, volume: &str, name: &str) -> csi::Snapshot {
+        let start = Instant::now();
+        let mut first: Option<String> = None;
+        loop {
+            let called = Instant::now();
+            let snap = self
+                .c
+                .controller
+                .create_snapshot(snapshot_req(volume, name))
+                .await
+                .unwrap_or_else(|s| panic!("CreateSnapshot {volume} {name}: {s:?}"))
+                .into_inner()
+                .snapshot
+                .expect("CreateSnapshot answers a snapshot");
+            assert!(
+                called.elapsed() < Duration::from_secs(5),
+                "CreateSnapshot blocked for {:?}",
+                called.elapsed()
+            );
+            let id = first.get_or_insert_with(|| snap.snapshot_id.clone());
+            assert_eq!(
+                &snap.snapshot_id, id,
+                "a repeated CreateSnapshot names another snapshot"
+            );
+            if snap.ready_to_use {
+                return snap;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "snapshot {id} not ready to use after 60 s"
+            );
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+
+    async fn list_snapshots(
+        &mut self,
+        req: csi::ListSnapshotsRequest,
+    ) -> csi::ListSnapshotsResponse {
+        self.c
+            .controller
+            .list_snapshots(req)
+            .await
+            .unwrap_or_else(|s| panic!("ListSnapshots: {s:?}"))
+            .into_inner()
+    }
+
+    /// Snapshot ids ListSnapshots answers for `req`, following the pages.
+    async fn snapshot_ids(&mut self, mut req: csi::ListSnapshotsRequest) -> Vec<String> {
+        let mut ids = Vec::new();
+        loop {
+            let r = self.list_snapshots(req.clone()).await;
+            if req.max_entries > 0 {
+                assert!(
+                    r.entries.len() <= req.max_entries as usize,
+                    "page larger than max_entries"
+                );
+            }
+            ids.extend(
+                r.entries
+                    .into_iter()
+                    .filter_map(|e| e.snapshot.map(|s| s.snapshot_id)),
+            );
+            if r.next_token.is_empty() {
+                return ids;
+            }
+            req.starting_token = r.next_token;
+        }
+    }
+
     async fn create(&mut self, name: &str, bytes: i64, params: &[(&str, &str)]) -> csi::Volume {
         self.c
             .controller
@@ -300,23 +411,13 @@ async fn identity_and_capabilities() {
         T::GetCapacity,
         T::ExpandVolume,
         T::PublishReadonly,
+        // Without these the csi-snapshotter sidecar exits at start.
+        T::CreateDeleteSnapshot,
+        T::ListSnapshots,
+        T::CloneVolume,
     ] {
         assert!(caps.contains(&(want as i32)), "controller lacks {want:?}");
     }
-    // Not advertised until volume snapshots exist, and answered UNIMPLEMENTED.
-    assert!(!caps.contains(&(T::CreateDeleteSnapshot as i32)));
-    assert!(!caps.contains(&(T::CloneVolume as i32)));
-    expect_code(
-        "CreateSnapshot",
-        cl.c.controller
-            .create_snapshot(csi::CreateSnapshotRequest {
-                source_volume_id: "x".into(),
-                name: "s".into(),
-                ..Default::default()
-            })
-            .await,
-        Code::Unimplemented,
-    );
 
     // The probe follows the manager: stop the cluster and it must fail.
     let driver = cl.driver.take().expect("driver");
@@ -974,4 +1075,280 @@ async fn read_only_many_and_read_write_once_pod() {
         .controller_unpublish_volume(unpublish_req(&pod, "dev"))
         .await
         .expect("unpublish");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshot_lifecycle() {
+    let mut cl = cluster("csi-snapshots").await;
+    let vol = "pvc-snap-source";
+    let other = "pvc-snap-other";
+    cl.create(vol, 64 * MIB, &[]).await;
+    cl.create(other, 16 * MIB, &[]).await;
+
+    // CreateSnapshot: Kubernetes' name is the snapshot name; polled until ready to use.
+    let name = "snapshot-0a1b2c3d-1111-2222-3333-444455556666";
+    let id = format!("{vol}@{name}");
+    let snap = cl.snapshot(vol, name).await;
+    assert_eq!(snap.snapshot_id, id);
+    assert_eq!(snap.source_volume_id, vol);
+    assert_eq!(snap.size_bytes, 64 * MIB);
+    assert!(
+        snap.creation_time
+            .as_ref()
+            .is_some_and(|t| t.seconds > 1_700_000_000),
+        "{snap:?}"
+    );
+    // Repeated once ready: the same snapshot, still ready.
+    assert_eq!(cl.snapshot(vol, name).await, snap);
+    // Another CSI name maps to `csi-<md5>`.
+    let odd = cl.snapshot(vol, "Odd Snapshot Name").await;
+    assert!(
+        odd.snapshot_id.starts_with(&format!("{vol}@csi-")),
+        "{}",
+        odd.snapshot_id
+    );
+    let shown = admin(&cl.managers, &["volume", "snapshot", "list", vol, "--json"]);
+    assert!(shown.contains(name), "{shown}");
+
+    // The errors: the same name on another volume, an unknown volume, no name.
+    expect_code(
+        "CreateSnapshot of that name on another volume",
+        cl.c.controller
+            .create_snapshot(snapshot_req(other, name))
+            .await,
+        Code::AlreadyExists,
+    );
+    expect_code(
+        "CreateSnapshot of an unknown volume",
+        cl.c.controller
+            .create_snapshot(snapshot_req("pvc-nosuch", "snapshot-x"))
+            .await,
+        Code::NotFound,
+    );
+    expect_code(
+        "CreateSnapshot without a name",
+        cl.c.controller.create_snapshot(snapshot_req(vol, "")).await,
+        Code::InvalidArgument,
+    );
+
+    // ListSnapshots: by id, by source volume, all, in pages of one.
+    let by_id = cl
+        .list_snapshots(csi::ListSnapshotsRequest {
+            snapshot_id: id.clone(),
+            ..Default::default()
+        })
+        .await;
+    assert_eq!(by_id.entries.len(), 1, "{by_id:?}");
+    assert_eq!(by_id.entries[0].snapshot.as_ref(), Some(&snap));
+    for unknown in [
+        format!("{vol}@nosuch"),
+        "pvc-nosuch@x".into(),
+        "garbage".into(),
+    ] {
+        let r = cl
+            .list_snapshots(csi::ListSnapshotsRequest {
+                snapshot_id: unknown.clone(),
+                ..Default::default()
+            })
+            .await;
+        assert!(r.entries.is_empty(), "{unknown}: {r:?}");
+    }
+    let mut want = vec![id.clone(), odd.snapshot_id.clone()];
+    want.sort();
+    let by_source = cl
+        .snapshot_ids(csi::ListSnapshotsRequest {
+            source_volume_id: vol.into(),
+            ..Default::default()
+        })
+        .await;
+    assert_eq!(by_source, want);
+    let none = cl
+        .snapshot_ids(csi::ListSnapshotsRequest {
+            source_volume_id: other.into(),
+            ..Default::default()
+        })
+        .await;
+    assert!(none.is_empty(), "{none:?}");
+    let paged = cl
+        .snapshot_ids(csi::ListSnapshotsRequest {
+            max_entries: 1,
+            ..Default::default()
+        })
+        .await;
+    assert_eq!(paged, want, "every snapshot once, in id order");
+    expect_code(
+        "ListSnapshots with a token it never gave",
+        cl.c.controller
+            .list_snapshots(csi::ListSnapshotsRequest {
+                starting_token: "page-2".into(),
+                ..Default::default()
+            })
+            .await,
+        Code::Aborted,
+    );
+
+    // CreateVolume from the snapshot: its size at least, the source in the answer.
+    let restored =
+        cl.c.controller
+            .create_volume(clone_req("pvc-from-snap", 64 * MIB, from_snapshot(&id)))
+            .await
+            .expect("CreateVolume from a snapshot")
+            .into_inner()
+            .volume
+            .expect("volume");
+    assert_eq!(restored.volume_id, "pvc-from-snap");
+    assert_eq!(restored.capacity_bytes, 64 * MIB);
+    assert_eq!(
+        restored.content_source,
+        Some(csi::VolumeContentSource {
+            r#type: Some(from_snapshot(&id))
+        })
+    );
+    let again =
+        cl.c.controller
+            .create_volume(clone_req("pvc-from-snap", 64 * MIB, from_snapshot(&id)))
+            .await
+            .expect("CreateVolume from a snapshot, repeated")
+            .into_inner()
+            .volume
+            .expect("volume");
+    assert_eq!(again, restored);
+    let got = admin(&cl.managers, &["volume", "get", "pvc-from-snap", "--json"]);
+    let got: serde_json::Value = serde_json::from_str(&got).expect("volume get --json");
+    // Detached, the clone is not filled in the background: it keeps its source.
+    assert_eq!(got["source"]["volume_name"], vol, "{got}");
+    assert_eq!(got["source"]["snapshot_name"], name, "{got}");
+    expect_code(
+        "CreateVolume of that name from another source",
+        cl.c.controller
+            .create_volume(clone_req("pvc-from-snap", 64 * MIB, from_volume(other)))
+            .await,
+        Code::AlreadyExists,
+    );
+    // No size asked: the source's.
+    let sized =
+        cl.c.controller
+            .create_volume(clone_req("pvc-from-snap-unsized", 0, from_snapshot(&id)))
+            .await
+            .expect("CreateVolume from a snapshot without a range")
+            .into_inner()
+            .volume
+            .expect("volume");
+    assert_eq!(sized.capacity_bytes, 64 * MIB);
+    // Smaller than the source: OUT_OF_RANGE; unknown sources: NOT_FOUND.
+    expect_code(
+        "CreateVolume smaller than its snapshot",
+        cl.c.controller
+            .create_volume(clone_req("pvc-too-small", 32 * MIB, from_snapshot(&id)))
+            .await,
+        Code::OutOfRange,
+    );
+    for (what, source) in [
+        (
+            "an unknown snapshot",
+            from_snapshot(&format!("{vol}@nosuch")),
+        ),
+        ("a malformed snapshot id", from_snapshot("garbage")),
+        ("an unknown volume", from_volume("pvc-nosuch")),
+    ] {
+        expect_code(
+            &format!("CreateVolume from {what}"),
+            cl.c.controller
+                .create_volume(clone_req("pvc-orphan", 64 * MIB, source))
+                .await,
+            Code::NotFound,
+        );
+    }
+    assert!(!cl.volume_ids().await.contains(&"pvc-orphan".to_string()));
+
+    // CreateVolume from a volume: its present content.
+    let copy =
+        cl.c.controller
+            .create_volume(clone_req("pvc-from-vol", 128 * MIB, from_volume(vol)))
+            .await
+            .expect("CreateVolume from a volume")
+            .into_inner()
+            .volume
+            .expect("volume");
+    assert_eq!(copy.capacity_bytes, 128 * MIB);
+    assert_eq!(
+        copy.content_source,
+        Some(csi::VolumeContentSource {
+            r#type: Some(from_volume(vol))
+        })
+    );
+    expect_code(
+        "CreateVolume smaller than its source volume",
+        cl.c.controller
+            .create_volume(clone_req("pvc-too-small", 16 * MIB, from_volume(vol)))
+            .await,
+        Code::OutOfRange,
+    );
+
+    // DeleteSnapshot: refused while clones copy from it, then done, and repeatable.
+    expect_code(
+        "DeleteSnapshot while a clone copies from it",
+        cl.c.controller
+            .delete_snapshot(csi::DeleteSnapshotRequest {
+                snapshot_id: id.clone(),
+                ..Default::default()
+            })
+            .await,
+        Code::FailedPrecondition,
+    );
+    for v in ["pvc-from-snap", "pvc-from-snap-unsized"] {
+        cl.c.controller
+            .delete_volume(csi::DeleteVolumeRequest {
+                volume_id: v.into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_or_else(|s| panic!("DeleteVolume {v}: {s:?}"));
+    }
+    let start = Instant::now();
+    loop {
+        let r =
+            cl.c.controller
+                .delete_snapshot(csi::DeleteSnapshotRequest {
+                    snapshot_id: id.clone(),
+                    ..Default::default()
+                })
+                .await;
+        match r {
+            Ok(_) => break,
+            // The deleted clones' dependency may take a moment to go.
+            Err(s) if s.code() == Code::FailedPrecondition => {
+                assert!(start.elapsed() < Duration::from_secs(30), "{s:?}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(s) => panic!("DeleteSnapshot: {s:?}"),
+        }
+    }
+    for again in [id.clone(), format!("{vol}@nosuch"), "garbage".into()] {
+        cl.c.controller
+            .delete_snapshot(csi::DeleteSnapshotRequest {
+                snapshot_id: again.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_or_else(|s| panic!("DeleteSnapshot {again} again: {s:?}"));
+    }
+    let left = cl
+        .snapshot_ids(csi::ListSnapshotsRequest {
+            source_volume_id: vol.into(),
+            ..Default::default()
+        })
+        .await;
+    assert_eq!(
+        left,
+        vec![odd.snapshot_id.clone()],
+        "a deleted snapshot is not listed"
+    );
+    expect_code(
+        "DeleteSnapshot without an id",
+        cl.c.controller
+            .delete_snapshot(csi::DeleteSnapshotRequest::default())
+            .await,
+        Code::InvalidArgument,
+    );
 }

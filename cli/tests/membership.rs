@@ -25,6 +25,7 @@ fn chunk(volume_id: u64, index: u64, epoch: u64) -> pb::Chunk {
         epoch,
         replicas: vec!["elsewhere".into()],
         joining: String::new(),
+        fill: false,
     }
 }
 

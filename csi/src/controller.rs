@@ -15,11 +15,25 @@
 //!   gets ALREADY_EXISTS.
 //! - **Expand** is the manager's resize; the gateway announces the new size to initiators as
 //!   CAPACITY DATA HAS CHANGED and the node grows the filesystem (NodeExpandVolume).
-//! - **Snapshots** are not there yet: the capability is not advertised and the calls answer
-//!   UNIMPLEMENTED.
+//! - **Snapshots.** The snapshot id is `<volume>@<snapshot>` ([`crate::volume`]), the
+//!   snapshot name mapped from the CSI name, so CreateSnapshot is idempotent like
+//!   CreateVolume: the same name on the same volume answers that snapshot, on another volume
+//!   ALREADY_EXISTS. The manager answers a snapshot request at once in state CREATING while
+//!   the gateway holding the volume takes it; CreateSnapshot waits up to
+//!   [`SNAPSHOT_WAIT`] for READY and otherwise answers `ready_to_use: false` (the
+//!   csi-snapshotter calls again until it is true). A FAILED snapshot is deleted and reported
+//!   INTERNAL, so the retry starts afresh. DeleteSnapshot only marks the snapshot: the
+//!   replicas drop it in the background and it is no longer listed; a snapshot that clones
+//!   still copy from is FAILED_PRECONDITION. ListSnapshots shows CREATING and READY ones
+//!   (not the internal snapshots volume clones take), paged like ListVolumes.
+//! - **Clones.** CreateVolume with a content source is the manager's `CloneVolume` from the
+//!   snapshot, or from the source volume's present content: the new volume is usable at once
+//!   (chunks are filled from the source before their first I/O). It is at least the source's
+//!   size (OUT_OF_RANGE otherwise) and keeps the source's chunk size. A repeated request
+//!   must name the same source, unless the volume has none left (fully copied).
 
 use std::collections::HashMap;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ironsan_common::manager_client::{ClientError, Code as MgrCode, ManagerClient};
 use ironsan_common::proto::manager as pb;
@@ -36,6 +50,55 @@ use crate::volume::{self, Params, SizeError, CTX_FS_TYPE};
 /// ListVolumes tokens are `after:` + the last volume id returned, so a page boundary
 /// survives volumes being created or deleted in between.
 const TOKEN_PREFIX: &str = "after:";
+
+/// How long CreateSnapshot waits for a snapshot to be READY before answering that it is not
+/// yet (the sidecar calls again): short enough to keep its workers free.
+pub const SNAPSHOT_WAIT: Duration = Duration::from_secs(2);
+/// How often CreateSnapshot looks meanwhile.
+const SNAPSHOT_POLL: Duration = Duration::from_millis(100);
+
+/// What a CreateVolume's content source names: a volume, and one of its snapshots or not.
+struct CloneSource {
+    volume: String,
+    snapshot: Option<String>,
+}
+
+impl CloneSource {
+    fn from_request(src: &volume_content_source::Type) -> Result<CloneSource, Status> {
+        match src {
+            volume_content_source::Type::Snapshot(s) => {
+                let (volume, snapshot) =
+                    volume::split_snapshot_id(&s.snapshot_id).ok_or_else(|| {
+                        Status::not_found(format!("snapshot {} does not exist", s.snapshot_id))
+                    })?;
+                Ok(CloneSource {
+                    volume: volume.to_string(),
+                    snapshot: Some(snapshot.to_string()),
+                })
+            }
+            volume_content_source::Type::Volume(v) => Ok(CloneSource {
+                volume: v.volume_id.clone(),
+                snapshot: None,
+            }),
+        }
+    }
+
+    /// Whether volume `v` was made from this source. Its source is cleared once every chunk
+    /// is copied, and then nothing tells: it is taken as made from it.
+    fn made(&self, v: &pb::Volume) -> bool {
+        v.source.as_ref().is_none_or(|s| {
+            s.volume_name == self.volume
+                && self.snapshot.as_ref().is_none_or(|n| *n == s.snapshot_name)
+        })
+    }
+
+    fn describe(&self) -> String {
+        match &self.snapshot {
+            Some(s) => format!("snapshot {}", volume::snapshot_id(&self.volume, s)),
+            None => format!("volume {}", self.volume),
+        }
+    }
+}
 
 pub struct ControllerService {
     mgr: ManagerClient,
@@ -70,6 +133,73 @@ impl ControllerService {
         }
     }
 
+    /// The snapshots of volume `volume` (None: of every volume); an unknown volume has none.
+    async fn snapshots(&self, volume: Option<&str>) -> Result<Vec<pb::Snapshot>, Status> {
+        let req = pb::ListSnapshotsRequest {
+            volume: volume.map(Self::vref),
+            id: 0,
+        };
+        match self.mgr.list_snapshots(req).await {
+            Ok(r) => Ok(r.snapshots),
+            Err(e) if e.code() == MgrCode::NotFound => Ok(Vec::new()),
+            Err(e) => Err(manager_status("list snapshots", &e)),
+        }
+    }
+
+    /// The snapshot a CSI snapshot id names, or None (also for an id this driver never makes).
+    async fn find_snapshot(&self, id: &str) -> Result<Option<pb::Snapshot>, Status> {
+        let Some((volume, name)) = volume::split_snapshot_id(id) else {
+            return Ok(None);
+        };
+        let mut found = self.snapshots(Some(volume)).await?;
+        found.retain(|s| s.name == name);
+        Ok(found.pop().map(|s| pb::Snapshot {
+            // A view field: filled here in case the manager left it out.
+            volume_name: volume.to_string(),
+            ..s
+        }))
+    }
+
+    /// Asks the manager for a clone of `src` named `id`: the request's checks need the
+    /// source, so it is looked up first (NOT_FOUND when missing).
+    async fn clone_volume(
+        &self,
+        id: &str,
+        src: &CloneSource,
+        range: Option<&CapacityRange>,
+        params: &Params,
+    ) -> Result<Result<pb::Volume, ClientError>, Status> {
+        let missing = || Status::not_found(format!("source {} does not exist", src.describe()));
+        let from = self.find(&src.volume).await?.ok_or_else(missing)?;
+        let size = match &src.snapshot {
+            Some(name) => {
+                let id = volume::snapshot_id(&src.volume, name);
+                self.find_snapshot(&id).await?.ok_or_else(missing)?.size
+            }
+            None => from.size,
+        };
+        if params.chunk_size != 0 && params.chunk_size != from.chunk_size {
+            return Err(invalid(format!(
+                "a volume made from {} keeps its chunk size {}, not {}",
+                src.describe(),
+                from.chunk_size,
+                params.chunk_size
+            )));
+        }
+        let size = volume::clone_size(range, size).map_err(size_status)?;
+        Ok(self
+            .mgr
+            .clone_volume(pb::CloneVolumeRequest {
+                name: id.to_string(),
+                source: Some(Self::vref(&src.volume)),
+                snapshot: src.snapshot.clone().unwrap_or_default(),
+                size,
+                replicas: params.replicas,
+                qos: params.qos,
+            })
+            .await)
+    }
+
     /// The portal of the gateway with this id (NOT_FOUND when no such gateway registered).
     async fn gateway_portal(&self, gateway: &str) -> Result<String, Status> {
         match self
@@ -102,6 +232,57 @@ fn cap(t: rpc::Type) -> ControllerServiceCapability {
     ControllerServiceCapability {
         r#type: Some(CapType::Rpc(Rpc { r#type: t as i32 })),
     }
+}
+
+fn is_state(s: &pb::Snapshot, state: pb::SnapshotState) -> bool {
+    s.state == state as i32
+}
+
+fn csi_snapshot(s: &pb::Snapshot) -> Snapshot {
+    Snapshot {
+        size_bytes: s.size as i64,
+        snapshot_id: volume::snapshot_id(&s.volume_name, &s.name),
+        source_volume_id: s.volume_name.clone(),
+        creation_time: Some(prost_types::Timestamp {
+            seconds: (s.created_ms / 1000) as i64,
+            nanos: (s.created_ms % 1000 * 1_000_000) as i32,
+        }),
+        ready_to_use: is_state(s, pb::SnapshotState::SnapshotReady),
+        group_snapshot_id: String::new(),
+    }
+}
+
+/// One page of `items`: sorted by `key`, those after the starting token's key, at most
+/// `max_entries` (0: all), and the token of the next page (`after:` + the last key, so a page
+/// boundary survives entries coming and going in between; empty after the last page).
+fn page<T>(
+    mut items: Vec<T>,
+    key: impl Fn(&T) -> String,
+    max_entries: i32,
+    starting_token: &str,
+) -> Result<(Vec<T>, String), Status> {
+    if max_entries < 0 {
+        return Err(invalid("max_entries must not be negative"));
+    }
+    if !starting_token.is_empty() {
+        let after = starting_token.strip_prefix(TOKEN_PREFIX).ok_or_else(|| {
+            Status::aborted(format!(
+                "starting_token {starting_token:?} is not one this driver gave"
+            ))
+        })?;
+        items.retain(|i| key(i).as_str() > after);
+    }
+    items.sort_by_key(&key);
+    let n = match max_entries {
+        0 => items.len(),
+        n => (n as usize).min(items.len()),
+    };
+    let next_token = match items.get(n) {
+        Some(_) if n > 0 => format!("{TOKEN_PREFIX}{}", key(&items[n - 1])),
+        _ => String::new(),
+    };
+    items.truncate(n);
+    Ok((items, next_token))
 }
 
 fn size_status(e: SizeError) -> Status {
@@ -172,12 +353,17 @@ impl Controller for ControllerService {
                 "mutable parameters (VolumeAttributesClass) are not supported",
             ));
         }
-        if req.volume_content_source.is_some() {
-            return Err(invalid(
-                "creating a volume from a snapshot or another volume is not supported yet",
-            ));
-        }
-        let size = volume::size_for(req.capacity_range.as_ref()).map_err(size_status)?;
+        let source = req
+            .volume_content_source
+            .as_ref()
+            .and_then(|s| s.r#type.as_ref())
+            .map(CloneSource::from_request)
+            .transpose()?;
+        // A clone's size depends on its source's, known once that is looked up.
+        let size = match source {
+            Some(_) => 0,
+            None => volume::size_for(req.capacity_range.as_ref()).map_err(size_status)?,
+        };
         let id = volume::volume_id_for(&req.name);
         let mut ctx = HashMap::new();
         if !params.fs_type.is_empty() {
@@ -198,7 +384,10 @@ impl Controller for ControllerService {
             } else if params.chunk_size != 0 && params.chunk_size != v.chunk_size {
                 Some(format!("its chunk size is {}", v.chunk_size))
             } else {
-                None
+                source
+                    .as_ref()
+                    .filter(|s| !s.made(v))
+                    .map(|s| format!("it is not made from {}", s.describe()))
             };
             match mismatch {
                 Some(why) => Err(Status::already_exists(format!(
@@ -215,19 +404,27 @@ impl Controller for ControllerService {
                 v
             }
             None => {
-                let created = self
-                    .mgr
-                    .create_volume(pb::CreateVolumeRequest {
-                        name: id.clone(),
-                        size,
-                        replicas: params.replicas,
-                        chunk_size: params.chunk_size,
-                        qos: params.qos,
-                    })
-                    .await;
+                let created = match &source {
+                    Some(src) => {
+                        self.clone_volume(&id, src, req.capacity_range.as_ref(), &params)
+                            .await?
+                    }
+                    None => {
+                        self.mgr
+                            .create_volume(pb::CreateVolumeRequest {
+                                name: id.clone(),
+                                size,
+                                replicas: params.replicas,
+                                chunk_size: params.chunk_size,
+                                qos: params.qos,
+                            })
+                            .await
+                    }
+                };
                 match created {
                     Ok(v) => {
-                        tracing::info!(volume = %id, name = %req.name, size, replicas = v.replicas, "CSI volume created");
+                        let from = source.as_ref().map(CloneSource::describe);
+                        tracing::info!(volume = %id, name = %req.name, size = v.size, replicas = v.replicas, ?from, "CSI volume created");
                         v
                     }
                     // A concurrent or retried create of the same name (the manager may have
@@ -245,6 +442,7 @@ impl Controller for ControllerService {
         };
         let mut vol = self.csi_volume(&v, ctx);
         vol.accessible_topology = topology;
+        vol.content_source = req.volume_content_source;
         Ok(Response::new(CreateVolumeResponse { volume: Some(vol) }))
     }
 
@@ -433,36 +631,20 @@ impl Controller for ControllerService {
         request: Request<ListVolumesRequest>,
     ) -> Result<Response<ListVolumesResponse>, Status> {
         let req = request.into_inner();
-        if req.max_entries < 0 {
-            return Err(invalid("max_entries must not be negative"));
-        }
-        let after = match req.starting_token.as_str() {
-            "" => None,
-            t => Some(t.strip_prefix(TOKEN_PREFIX).ok_or_else(|| {
-                Status::aborted(format!("starting_token {t:?} is not one this driver gave"))
-            })?),
-        };
         let mut vols = self
             .mgr
             .list_volumes(pb::ListVolumesRequest {})
             .await
             .map_err(|e| manager_status("list volumes", &e))?
             .volumes;
-        vols.retain(|v| {
-            v.state != pb::VolumeState::VolumeDeleting as i32
-                && after.is_none_or(|a| v.name.as_str() > a)
-        });
-        vols.sort_by(|a, b| a.name.cmp(&b.name));
-        let page = match req.max_entries {
-            0 => vols.len(),
-            n => (n as usize).min(vols.len()),
-        };
-        let next_token = if page < vols.len() {
-            format!("{TOKEN_PREFIX}{}", vols[page - 1].name)
-        } else {
-            String::new()
-        };
-        let entries = vols[..page]
+        vols.retain(|v| v.state != pb::VolumeState::VolumeDeleting as i32);
+        let (vols, next_token) = page(
+            vols,
+            |v| v.name.clone(),
+            req.max_entries,
+            &req.starting_token,
+        )?;
+        let entries = vols
             .iter()
             .map(|v| list_volumes_response::Entry {
                 volume: Some(self.csi_volume(v, HashMap::new())),
@@ -545,6 +727,9 @@ impl Controller for ControllerService {
             GetVolume,
             VolumeCondition,
             SingleNodeMultiWriter,
+            CreateDeleteSnapshot,
+            ListSnapshots,
+            CloneVolume,
         ]
         .into_iter()
         .map(cap)
@@ -556,23 +741,163 @@ impl Controller for ControllerService {
 
     async fn create_snapshot(
         &self,
-        _: Request<CreateSnapshotRequest>,
+        request: Request<CreateSnapshotRequest>,
     ) -> Result<Response<CreateSnapshotResponse>, Status> {
-        Err(Status::unimplemented("snapshots are not supported yet"))
+        let req = request.into_inner();
+        if req.name.is_empty() {
+            return Err(invalid("CreateSnapshot needs a name"));
+        }
+        if req.source_volume_id.is_empty() {
+            return Err(invalid("CreateSnapshot needs a source volume id"));
+        }
+        let source = req.source_volume_id.as_str();
+        let name = volume::volume_id_for(&req.name);
+        let id = volume::snapshot_id(source, &name);
+        if self.find(source).await?.is_none() {
+            return Err(Status::not_found(format!("volume {source} does not exist")));
+        }
+        // The snapshot name comes from the CSI name, unique across volumes: the same name on
+        // another volume is another snapshot.
+        let same_name: Vec<pb::Snapshot> = self
+            .snapshots(None)
+            .await?
+            .into_iter()
+            .filter(|s| s.name == name)
+            .collect();
+        if let Some(other) = same_name.iter().find(|s| s.volume_name != source) {
+            return Err(Status::already_exists(format!(
+                "snapshot name {:?} is taken by snapshot {} of volume {}",
+                req.name,
+                volume::snapshot_id(&other.volume_name, &name),
+                other.volume_name
+            )));
+        }
+        let gone = || Status::aborted(format!("snapshot {id} came and went; retry"));
+        let mut snap = match self.find_snapshot(&id).await? {
+            Some(s) => s,
+            None => match self
+                .mgr
+                .create_snapshot(pb::CreateSnapshotRequest {
+                    volume: Some(Self::vref(source)),
+                    name: name.clone(),
+                })
+                .await
+            {
+                Ok(_) => {
+                    tracing::info!(snapshot = %id, name = %req.name, "CSI snapshot requested");
+                    self.find_snapshot(&id).await?.ok_or_else(gone)?
+                }
+                // A concurrent or retried request of the same name.
+                Err(e) if e.code() == MgrCode::AlreadyExists => {
+                    self.find_snapshot(&id).await?.ok_or_else(gone)?
+                }
+                Err(e) => return Err(manager_status("take the snapshot", &e)),
+            },
+        };
+        let deadline = Instant::now() + SNAPSHOT_WAIT;
+        while is_state(&snap, pb::SnapshotState::SnapshotCreating) && Instant::now() < deadline {
+            tokio::time::sleep(SNAPSHOT_POLL).await;
+            snap = self.find_snapshot(&id).await?.ok_or_else(gone)?;
+        }
+        match pb::SnapshotState::try_from(snap.state) {
+            Ok(pb::SnapshotState::SnapshotFailed) => {
+                // Gone, the retry the sidecar makes takes a new one.
+                let deleted = self
+                    .mgr
+                    .delete_snapshot(pb::SnapshotRef {
+                        id: snap.id,
+                        volume: None,
+                        name: String::new(),
+                    })
+                    .await;
+                if let Err(e) = deleted {
+                    tracing::warn!(snapshot = %id, error = %e, "could not delete a failed snapshot");
+                }
+                Err(Status::internal(format!(
+                    "snapshot {id} failed: {}",
+                    snap.error
+                )))
+            }
+            Ok(pb::SnapshotState::SnapshotDeleting) => Err(Status::aborted(format!(
+                "snapshot {id} of the same name is still being deleted; retry"
+            ))),
+            _ => Ok(Response::new(CreateSnapshotResponse {
+                snapshot: Some(csi_snapshot(&snap)),
+            })),
+        }
     }
 
     async fn delete_snapshot(
         &self,
-        _: Request<DeleteSnapshotRequest>,
+        request: Request<DeleteSnapshotRequest>,
     ) -> Result<Response<DeleteSnapshotResponse>, Status> {
-        Err(Status::unimplemented("snapshots are not supported yet"))
+        let id = request.into_inner().snapshot_id;
+        if id.is_empty() {
+            return Err(invalid("DeleteSnapshot needs a snapshot id"));
+        }
+        let snap = self.find_snapshot(&id).await?;
+        let Some(snap) = snap.filter(|s| !is_state(s, pb::SnapshotState::SnapshotDeleting)) else {
+            return Ok(Response::new(DeleteSnapshotResponse {}));
+        };
+        // By id: ids are never reused, so a stale request cannot hit a newer snapshot.
+        let deleted = self
+            .mgr
+            .delete_snapshot(pb::SnapshotRef {
+                id: snap.id,
+                volume: None,
+                name: String::new(),
+            })
+            .await;
+        match deleted {
+            Ok(_) => tracing::info!(snapshot = %id, "CSI snapshot deleted"),
+            Err(e) if e.code() == MgrCode::NotFound => {}
+            // FAILED_PRECONDITION (clones still copy from it) carries over.
+            Err(e) => return Err(manager_status("delete the snapshot", &e)),
+        }
+        Ok(Response::new(DeleteSnapshotResponse {}))
     }
 
     async fn list_snapshots(
         &self,
-        _: Request<ListSnapshotsRequest>,
+        request: Request<ListSnapshotsRequest>,
     ) -> Result<Response<ListSnapshotsResponse>, Status> {
-        Err(Status::unimplemented("snapshots are not supported yet"))
+        let req = request.into_inner();
+        let source = req.source_volume_id.as_str();
+        let mut snaps = if !req.snapshot_id.is_empty() {
+            let found = self.find_snapshot(&req.snapshot_id).await?;
+            found
+                .into_iter()
+                .filter(|s| source.is_empty() || s.volume_name == source)
+                .collect()
+        } else if !source.is_empty() {
+            match volume::valid_volume_id(source) {
+                true => self.snapshots(Some(source)).await?,
+                false => Vec::new(),
+            }
+        } else {
+            self.snapshots(None).await?
+        };
+        snaps.retain(|s| {
+            !s.internal
+                && (is_state(s, pb::SnapshotState::SnapshotReady)
+                    || is_state(s, pb::SnapshotState::SnapshotCreating))
+        });
+        let (snaps, next_token) = page(
+            snaps,
+            |s| volume::snapshot_id(&s.volume_name, &s.name),
+            req.max_entries,
+            &req.starting_token,
+        )?;
+        let entries = snaps
+            .iter()
+            .map(|s| list_snapshots_response::Entry {
+                snapshot: Some(csi_snapshot(s)),
+            })
+            .collect();
+        Ok(Response::new(ListSnapshotsResponse {
+            entries,
+            next_token,
+        }))
     }
 
     async fn controller_expand_volume(
@@ -687,6 +1012,47 @@ mod tests {
             preferred: vec![seg("c")],
         };
         assert_eq!(accessible_topology(Some(&req)), vec![seg("c")]);
+    }
+
+    #[test]
+    fn pages_follow_the_token() {
+        let items = vec!["c", "a", "d", "b"];
+        let key = |s: &&str| s.to_string();
+        let (p, t) = page(items.clone(), key, 3, "").unwrap();
+        assert_eq!((p, t.as_str()), (vec!["a", "b", "c"], "after:c"));
+        let (p, t) = page(items.clone(), key, 3, &t).unwrap();
+        assert_eq!((p, t.as_str()), (vec!["d"], ""));
+        let (p, t) = page(items.clone(), key, 0, "").unwrap();
+        assert_eq!((p.len(), t.as_str()), (4, ""));
+        let (p, t) = page(items.clone(), key, 4, "").unwrap();
+        assert_eq!((p.len(), t.as_str()), (4, ""));
+        let e = page(items.clone(), key, 1, "bogus").unwrap_err();
+        assert_eq!(e.code(), tonic011::Code::Aborted);
+        let e = page(items, key, -1, "").unwrap_err();
+        assert_eq!(e.code(), tonic011::Code::InvalidArgument);
+    }
+
+    #[test]
+    fn clone_sources_match_by_name() {
+        let src = CloneSource {
+            volume: "v".into(),
+            snapshot: Some("s".into()),
+        };
+        let mut v = pb::Volume::default();
+        assert!(src.made(&v), "a fully copied clone has no source left");
+        v.source = Some(pb::VolumeSource {
+            volume_name: "v".into(),
+            snapshot_name: "s".into(),
+            ..Default::default()
+        });
+        assert!(src.made(&v));
+        v.source.as_mut().unwrap().snapshot_name = "t".into();
+        assert!(!src.made(&v));
+        let whole = CloneSource {
+            volume: "v".into(),
+            snapshot: None,
+        };
+        assert!(whole.made(&v));
     }
 
     #[test]

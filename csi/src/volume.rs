@@ -5,13 +5,19 @@
 //!   digit); any other name maps to `csi-` and the MD5 of the name in hex. The mapping is a
 //!   pure function of the name, so CreateVolume is idempotent without any stored table, and
 //!   the volume id is the IronSAN name (what `ironsan volume list` shows).
+//! - **Snapshot id.** `<volume name>@<snapshot name>`, the snapshot name mapped from the CSI
+//!   name like a volume name (Kubernetes' `snapshot-<uid>` is used as is): `@` is in neither,
+//!   so the id splits back unambiguously, and both halves are what `ironsan volume snapshot
+//!   list` shows.
 //! - **Capacity.** The requested `required_bytes` is rounded up to a whole MiB (1 GiB when no
 //!   range is given); the result must not exceed `limit_bytes` or [`MAX_VOLUME_SIZE`].
 //! - **Parameters.** `replicas` (1-5), `chunkSize` (a size such as `64MiB`) and `fsType`
 //!   (`ext4`/`xfs`, used when the capability names none); QoS limits `readIOPS`, `writeIOPS`,
 //!   `readBandwidth`, `writeBandwidth` (sizes per second, e.g. `100MiB`) and `qosBurst` (whole
 //!   milliseconds or seconds: `500ms`, `2s`), checked by the manager like
-//!   `ironsan volume create`'s. Keys under `csi.storage.k8s.io/`
+//!   `ironsan volume create`'s. A volume made from a snapshot or another volume is at least
+//!   the source's size: the source's size when no size is required, and a range below it is
+//!   OUT_OF_RANGE. Keys under `csi.storage.k8s.io/`
 //!   are Kubernetes' own and ignored; any other key is an error, so a misspelled parameter in
 //!   a StorageClass is reported instead of silently doing nothing.
 
@@ -54,6 +60,17 @@ pub fn valid_volume_id(id: &str) -> bool {
         && id
             .bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+}
+
+/// The CSI snapshot id of a volume's snapshot.
+pub fn snapshot_id(volume: &str, snapshot: &str) -> String {
+    format!("{volume}@{snapshot}")
+}
+
+/// (volume, snapshot) of a snapshot id this driver could have made; None for any other.
+pub fn split_snapshot_id(id: &str) -> Option<(&str, &str)> {
+    id.split_once('@')
+        .filter(|(v, s)| valid_volume_id(v) && valid_volume_id(s))
 }
 
 /// The target IQN the gateway exports a volume under.
@@ -102,6 +119,26 @@ pub fn size_for(range: Option<&CapacityRange>) -> Result<u64, SizeError> {
     if size > MAX_VOLUME_SIZE {
         return Err(SizeError::OutOfRange(format!(
             "{size} bytes is above the largest volume ({MAX_VOLUME_SIZE} bytes)"
+        )));
+    }
+    Ok(size)
+}
+
+/// The size of a volume made from a source of `source` bytes (see the module doc).
+pub fn clone_size(range: Option<&CapacityRange>, source: u64) -> Result<u64, SizeError> {
+    let size = match range {
+        Some(r) if r.required_bytes != 0 => size_for(range)?,
+        _ => source,
+    };
+    let limit = range.map_or(0, |r| r.limit_bytes.max(0) as u64);
+    if size < source || (limit != 0 && size > limit) {
+        return Err(SizeError::OutOfRange(format!(
+            "the source is {source} bytes: a volume made from it cannot be {}",
+            if size < source {
+                format!("{size} bytes")
+            } else {
+                format!("at most {limit} bytes")
+            }
         )));
     }
     Ok(size)
@@ -266,6 +303,31 @@ mod tests {
         assert!(size_fits(1 << 30, range(1 << 30, 0).as_ref()));
         assert!(!size_fits(1 << 30, range(2 << 30, 0).as_ref()));
         assert!(!size_fits(2 << 30, range(0, 1 << 30).as_ref()));
+    }
+
+    #[test]
+    fn snapshot_ids_split_back() {
+        let id = snapshot_id("pvc-1", &volume_id_for("snapshot-2"));
+        assert_eq!(id, "pvc-1@snapshot-2");
+        assert_eq!(split_snapshot_id(&id), Some(("pvc-1", "snapshot-2")));
+        for bad in ["pvc-1", "@s", "v@", "v@s@t", "V@s", "v@S"] {
+            assert_eq!(split_snapshot_id(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn clones_are_at_least_their_source() {
+        assert_eq!(clone_size(None, 5 << 20), Ok(5 << 20));
+        assert_eq!(clone_size(range(0, 0).as_ref(), 5 << 20), Ok(5 << 20));
+        assert_eq!(clone_size(range(8 << 20, 0).as_ref(), 5 << 20), Ok(8 << 20));
+        assert!(matches!(
+            clone_size(range(4 << 20, 0).as_ref(), 5 << 20),
+            Err(SizeError::OutOfRange(_))
+        ));
+        assert!(matches!(
+            clone_size(range(0, 4 << 20).as_ref(), 5 << 20),
+            Err(SizeError::OutOfRange(_))
+        ));
     }
 
     #[test]

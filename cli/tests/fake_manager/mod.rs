@@ -1,7 +1,9 @@
 //! Test fixture: a fake `Manager` gRPC server in the test process. It records every request,
 //! keeps just enough state to answer the CLI and the storage daemon plausibly (volumes by
 //! name, registered nodes, a canned cluster status) and can be told to fail a method with a
-//! status. It is not the manager: the real one is tested against these same clients in the
+//! status. Snapshots progress by themselves as they are listed: a CREATING one becomes READY
+//! (or FAILED, with [`State::snapshot_error`]) and a DELETING one disappears after
+//! [`State::snapshot_polls`] listings, like a gateway doing the work. It is not the manager: the real one is tested against these same clients in the
 //! manager's own suite.
 //!
 //! The server runs on a runtime of its own (a background thread), so tests may block on it:
@@ -34,7 +36,14 @@ pub struct State {
     pub resync_chunks: Vec<pb::Chunk>,
     /// Sent with every heartbeat answer.
     pub recovery_pending: u64,
+    /// Listings a CREATING or DELETING snapshot stays so before it moves on.
+    pub snapshot_polls: usize,
+    /// Snapshots being taken fail with this error instead of becoming READY.
+    pub snapshot_error: Option<String>,
+    /// Listings each snapshot has been seen in its present state.
+    snapshot_seen: HashMap<u64, usize>,
     next_volume_id: u64,
+    next_snapshot_id: u64,
 }
 
 impl State {
@@ -65,6 +74,89 @@ impl State {
             .iter()
             .position(|v| (r.id != 0 && v.id == r.id) || (r.id == 0 && v.name == r.name))
     }
+
+    /// The volume's index, or NOT_FOUND.
+    fn volume(&self, r: Option<&pb::VolumeRef>) -> Result<usize, Status> {
+        let r = r.cloned().unwrap_or_default();
+        self.find_volume(&r).ok_or_else(|| volume_not_found(&r))
+    }
+
+    /// (volume index, snapshot index) of a snapshot named by id or by volume and name.
+    fn find_snapshot(&self, r: &pb::SnapshotRef) -> Result<(usize, usize), Status> {
+        let not_found = || Status::not_found(format!("no snapshot {:?} (id {})", r.name, r.id));
+        if r.id != 0 {
+            return self
+                .volumes
+                .iter()
+                .enumerate()
+                .find_map(|(vi, v)| {
+                    let si = v.snapshots.iter().position(|s| s.id == r.id)?;
+                    Some((vi, si))
+                })
+                .ok_or_else(not_found);
+        }
+        let vi = self.volume(r.volume.as_ref())?;
+        let si = self.volumes[vi]
+            .snapshots
+            .iter()
+            .position(|s| s.name == r.name)
+            .ok_or_else(not_found)?;
+        Ok((vi, si))
+    }
+
+    /// One listing's worth of the gateway's work: snapshots seen `snapshot_polls` times in
+    /// CREATING become READY (or FAILED), in DELETING go.
+    fn advance_snapshots(&mut self) {
+        let polls = self.snapshot_polls;
+        let error = self.snapshot_error.clone();
+        let seen = &mut self.snapshot_seen;
+        for v in &mut self.volumes {
+            v.snapshots.retain_mut(|s| {
+                let n = seen.entry(s.id).or_default();
+                *n += 1;
+                if *n <= polls {
+                    return true;
+                }
+                *n = 0;
+                match pb::SnapshotState::try_from(s.state) {
+                    Ok(pb::SnapshotState::SnapshotCreating) => {
+                        match &error {
+                            Some(e) => {
+                                s.state = pb::SnapshotState::SnapshotFailed as i32;
+                                s.error = e.clone();
+                            }
+                            None => {
+                                s.state = pb::SnapshotState::SnapshotReady as i32;
+                                s.ready_ms = s.created_ms + 420;
+                            }
+                        }
+                        true
+                    }
+                    Ok(pb::SnapshotState::SnapshotDeleting) => false,
+                    _ => true,
+                }
+            });
+        }
+    }
+
+    /// A new volume (ids from the fake's counter) holding `template`'s other fields.
+    fn add_volume(&mut self, template: pb::Volume) -> Result<pb::Volume, Status> {
+        if self.volumes.iter().any(|v| v.name == template.name) {
+            return Err(Status::already_exists(format!(
+                "volume {:?} exists",
+                template.name
+            )));
+        }
+        let v = pb::Volume {
+            id: self.next_volume_id,
+            state: pb::VolumeState::VolumeAvailable as i32,
+            created_ms: 1_700_000_000_000,
+            ..template
+        };
+        self.next_volume_id += 1;
+        self.volumes.push(v.clone());
+        Ok(v)
+    }
 }
 
 struct Shared {
@@ -92,7 +184,9 @@ impl FakeManager {
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
                 heartbeat_interval_ms: 1000,
+                snapshot_polls: 3,
                 next_volume_id: 1,
+                next_snapshot_id: 1,
                 ..Default::default()
             }),
             changed: Condvar::new(),
@@ -188,14 +282,7 @@ fn volume_not_found(r: &pb::VolumeRef) -> Status {
 impl Manager for Svc {
     async fn create_volume(&self, req: Request<pb::CreateVolumeRequest>) -> Answer<pb::Volume> {
         self.handle("create_volume", req, |s, r| {
-            if s.volumes.iter().any(|v| v.name == r.name) {
-                return Err(Status::already_exists(format!(
-                    "volume {:?} exists",
-                    r.name
-                )));
-            }
-            let v = pb::Volume {
-                id: s.next_volume_id,
+            s.add_volume(pb::Volume {
                 name: r.name,
                 size: r.size,
                 replicas: if r.replicas == 0 { 3 } else { r.replicas },
@@ -204,14 +291,9 @@ impl Manager for Svc {
                 } else {
                     r.chunk_size
                 },
-                state: pb::VolumeState::VolumeAvailable as i32,
-                created_ms: 1_700_000_000_000,
                 qos: r.qos,
                 ..Default::default()
-            };
-            s.next_volume_id += 1;
-            s.volumes.push(v.clone());
-            Ok(v)
+            })
         })
     }
 
@@ -269,6 +351,162 @@ impl Manager for Svc {
                 .ok_or_else(|| volume_not_found(&vref))?;
             s.volumes.remove(i);
             Ok(pb::DeleteVolumeResponse {})
+        })
+    }
+
+    async fn create_snapshot(
+        &self,
+        req: Request<pb::CreateSnapshotRequest>,
+    ) -> Answer<pb::Snapshot> {
+        self.handle("create_snapshot", req, |s, r| {
+            let vi = s.volume(r.volume.as_ref())?;
+            let v = &s.volumes[vi];
+            if v.state == pb::VolumeState::VolumeDeleting as i32 {
+                return Err(Status::failed_precondition("the volume is being deleted"));
+            }
+            if v.snapshots.iter().any(|x| x.name == r.name) {
+                return Err(Status::already_exists(format!(
+                    "volume {:?} has a snapshot {:?}",
+                    v.name, r.name
+                )));
+            }
+            let snap = pb::Snapshot {
+                id: s.next_snapshot_id,
+                volume_id: v.id,
+                name: r.name,
+                state: pb::SnapshotState::SnapshotCreating as i32,
+                created_ms: 1_700_000_000_000 + 1000 * s.next_snapshot_id,
+                size: v.size,
+                volume_name: v.name.clone(),
+                ..Default::default()
+            };
+            s.next_snapshot_id += 1;
+            s.volumes[vi].snapshots.push(snap.clone());
+            Ok(snap)
+        })
+    }
+
+    async fn list_snapshots(
+        &self,
+        req: Request<pb::ListSnapshotsRequest>,
+    ) -> Answer<pb::ListSnapshotsResponse> {
+        self.handle("list_snapshots", req, |s, r| {
+            s.advance_snapshots();
+            let only = match &r.volume {
+                Some(v) => Some(s.volume(Some(v))?),
+                None => None,
+            };
+            let snapshots = s
+                .volumes
+                .iter()
+                .enumerate()
+                .filter(|(vi, _)| only.is_none_or(|o| o == *vi))
+                .flat_map(|(_, v)| v.snapshots.iter())
+                .filter(|x| r.id == 0 || x.id == r.id)
+                .cloned()
+                .collect();
+            Ok(pb::ListSnapshotsResponse { snapshots })
+        })
+    }
+
+    async fn delete_snapshot(&self, req: Request<pb::SnapshotRef>) -> Answer<pb::Snapshot> {
+        self.handle("delete_snapshot", req, |s, r| {
+            let (vi, si) = s.find_snapshot(&r)?;
+            let snap = &mut s.volumes[vi].snapshots[si];
+            if !snap.dependents.is_empty() {
+                return Err(Status::failed_precondition(format!(
+                    "volumes {:?} still copy from it",
+                    snap.dependents
+                )));
+            }
+            snap.state = pb::SnapshotState::SnapshotDeleting as i32;
+            let snap = snap.clone();
+            s.snapshot_seen.insert(snap.id, 0);
+            Ok(snap)
+        })
+    }
+
+    async fn snapshot_done(&self, req: Request<pb::SnapshotDoneRequest>) -> Answer<pb::Snapshot> {
+        self.handle("snapshot_done", req, |_, _| {
+            Err(Status::unimplemented("snapshot_done"))
+        })
+    }
+
+    async fn clone_volume(&self, req: Request<pb::CloneVolumeRequest>) -> Answer<pb::Volume> {
+        self.handle("clone_volume", req, |s, r| {
+            let vi = s.volume(r.source.as_ref())?;
+            let src = s.volumes[vi].clone();
+            let (snapshot_id, snapshot_name, snap_size) = if r.snapshot.is_empty() {
+                // The real manager takes an internal snapshot; the fake only names one.
+                (0, format!("clone-{}", r.name), src.size)
+            } else {
+                let snap = src
+                    .snapshots
+                    .iter()
+                    .find(|x| x.name == r.snapshot)
+                    .ok_or_else(|| Status::not_found(format!("no snapshot {:?}", r.snapshot)))?;
+                if snap.state != pb::SnapshotState::SnapshotReady as i32 {
+                    return Err(Status::failed_precondition("the snapshot is not ready"));
+                }
+                (snap.id, snap.name.clone(), snap.size)
+            };
+            if r.size != 0 && r.size < snap_size {
+                return Err(Status::invalid_argument(format!(
+                    "size {} is below the source's {snap_size}",
+                    r.size
+                )));
+            }
+            let size = if r.size == 0 { snap_size } else { r.size };
+            s.add_volume(pb::Volume {
+                name: r.name,
+                size,
+                replicas: if r.replicas == 0 {
+                    src.replicas
+                } else {
+                    r.replicas
+                },
+                chunk_size: src.chunk_size,
+                qos: r.qos,
+                source: Some(pb::VolumeSource {
+                    volume_id: src.id,
+                    snapshot_id,
+                    chunks_left: size.div_ceil(src.chunk_size.max(1)),
+                    volume_name: src.name,
+                    snapshot_name,
+                }),
+                ..Default::default()
+            })
+        })
+    }
+
+    async fn restore_snapshot(
+        &self,
+        req: Request<pb::RestoreSnapshotRequest>,
+    ) -> Answer<pb::Volume> {
+        self.handle("restore_snapshot", req, |s, r| {
+            let (vi, si) = s.find_snapshot(&r.snapshot.unwrap_or_default())?;
+            let v = &mut s.volumes[vi];
+            if v.attachment.is_some() {
+                return Err(Status::failed_precondition("the volume is attached"));
+            }
+            let snap = v.snapshots[si].clone();
+            if snap.state != pb::SnapshotState::SnapshotReady as i32 {
+                return Err(Status::failed_precondition("the snapshot is not ready"));
+            }
+            v.source = Some(pb::VolumeSource {
+                volume_id: v.id,
+                snapshot_id: snap.id,
+                chunks_left: snap.size.div_ceil(v.chunk_size.max(1)),
+                volume_name: v.name.clone(),
+                snapshot_name: snap.name,
+            });
+            Ok(v.clone())
+        })
+    }
+
+    async fn source_copied(&self, req: Request<pb::SourceCopiedRequest>) -> Answer<pb::Chunk> {
+        self.handle("source_copied", req, |_, _| {
+            Err(Status::unimplemented("source_copied"))
         })
     }
 
