@@ -75,11 +75,33 @@ fn wait_for(what: &str, within: Duration, mut check: impl FnMut() -> bool) {
     }
 }
 
+/// `qemu-io -r` (read-only: a snapshot's LUN is write-protected, which qemu refuses to open
+/// read-write) checking `len` bytes of `pattern` at `offset`.
+fn verify_ro(url: &str, offset: u64, len: u64, pattern: u8) -> support::Run {
+    let r = support::run(
+        "qemu-io",
+        [
+            "-r".to_string(),
+            "-f".into(),
+            "raw".into(),
+            "-c".into(),
+            format!("read -P 0x{pattern:02x} {offset} {len}"),
+            url.to_string(),
+        ],
+    );
+    assert!(
+        !r.ok() || !format!("{}{}", r.stdout, r.stderr).contains("Pattern verification failed"),
+        "{}",
+        r.describe()
+    );
+    r
+}
+
 /// Waits until the gateway exports `target` (snapshots appear on its next poll).
 fn wait_target(c: &Cluster, target: &str) {
     let u = url(c, target);
     wait_for(&format!("target {target}"), Duration::from_secs(15), || {
-        support::qemu_io(&u, &["read 0 512".into()]).ok()
+        support::run("qemu-io", ["-r", "-f", "raw", "-c", "read 0 512", u.as_str()]).ok()
     });
 }
 
@@ -163,13 +185,21 @@ fn snapshot_clone_restore_and_rebuild() {
     qemu_write(&base, 0, 32 * MIB, 0xbb).expect_ok("pattern B");
     let s1 = url(&c, "base:s1");
     wait_target(&c, "base:s1");
-    qemu_verify(&s1, 0, 64 * MIB, 0xaa).expect_ok("the snapshot reads A");
+    verify_ro(&s1, 0, 64 * MIB, 0xaa).expect_ok("the snapshot reads A");
     qemu_verify(&base, 0, 32 * MIB, 0xbb).expect_ok("the volume reads B");
     qemu_verify(&base, 32 * MIB, 32 * MIB, 0xaa).expect_ok("and A beyond B");
-    qemu_write(&s1, 0, 4096, 0x11).expect_fail("a snapshot target refuses writes");
+    // Writes get DATA PROTECT.
+    let mut ro = Session::connect(
+        &c.portal(1),
+        &SessionConfig::new("iqn.2026-11.io.ironsan.test:ro", &iqn("base:s1")),
+    )
+    .expect("login to the snapshot");
+    let denied = ro.write(0, &[0x11; 4096], false).expect_err("a snapshot refuses writes");
+    assert_eq!(denied.sense_key(), Some(7), "{denied}");
+    ro.logout();
     let listed = snapshots(&c, "base");
     assert_eq!(listed.len(), 1, "{listed:?}");
-    assert_eq!(listed[0]["state"], "SNAPSHOT_READY", "{listed:?}");
+    assert_eq!(listed[0]["state"], "ready", "{listed:?}");
     assert_eq!(listed[0]["size"].as_u64(), Some(64 * MIB), "{listed:?}");
 
     // A clone of the snapshot: A at once, its own writes, its source untouched.
@@ -187,13 +217,29 @@ fn snapshot_clone_restore_and_rebuild() {
 
     // Node loss after the snapshot: rebuilt replicas get the snapshot too.
     let s1_id = snapshot_id(&c, "base", "s1");
-    let holder = c.volume("base");
-    assert!(holder["id"].as_u64().is_some(), "{holder}");
-    c.kill(Node::Storage(1));
+    // A node holding chunk 0 of the volume (and so its snapshot) goes.
+    let mgr = c.client();
+    let map = c
+        .block_on(mgr.get_chunks(pb::GetChunksRequest {
+            volume: Some(pb::VolumeRef {
+                id: 0,
+                name: "base".into(),
+            }),
+            first: 0,
+            count: 1,
+        }))
+        .expect("chunk map");
+    let victim: u32 = map.chunks[0].replicas[0]
+        .strip_prefix('s')
+        .and_then(|n| n.parse().ok())
+        .expect("storage node ids are sN");
+    c.kill(Node::Storage(victim));
+    c.wait_degraded(Duration::from_secs(30))
+        .expect("the killed node's chunks degraded");
     c.wait_full_redundancy(Duration::from_secs(120))
         .expect("redundancy restored");
     check_snapshot_on_every_replica(&c, "base", s1_id, 64 * MIB, 0xaa);
-    qemu_verify(&s1, 0, 64 * MIB, 0xaa).expect_ok("the snapshot still reads A after rebuild");
+    verify_ro(&s1, 0, 64 * MIB, 0xaa).expect_ok("the snapshot still reads A after rebuild");
     qemu_verify(&base, 0, 32 * MIB, 0xbb).expect_ok("the volume still reads B");
     let report = c.compare_replicas("base").expect("compare");
     assert_eq!(report.details, Vec::<String>::new(), "replicas differ");
