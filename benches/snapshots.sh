@@ -9,9 +9,10 @@
 # short randwrite burst on `snapped` (so every snapshot has blocks of its own to copy), and a
 # snapshot of it, timed from the command's start to READY; the gateway's pause (its log's
 # `pause_ms`) is reported beside it. Then 4k randwrite at QD32 runs on `plain` and `snapped` in
-# turn, twice: the first pass after the last snapshot pays the copy-on-write of every block it
+# turn: the first pass after the last snapshot pays the copy-on-write of every block it
 # overwrites first (one 4 KiB read, a synced 4 KiB copy and a synced record per block, on each
-# replica); the second pass is the steady state (no copy left for the blocks already written).
+# replica). Then both volumes are overwritten sequentially once (timed: on `snapped` that
+# copies every block left), and the steady pass runs on both: 10 snapshots and no copy left.
 # The table shows IOPS, mean and p99 latency per volume and pass, and the ratio snapped/plain.
 #
 # --json FILE writes every figure. Only processes this script started are stopped. Needs fio
@@ -128,12 +129,24 @@ done
 
 # ----------------------------------------------------------------------------- writes
 declare -A RES=()
-for pass in first steady; do
+randwrite() {   # randwrite PASS: 4k randwrite QD32 on both volumes, snapped first
+    local v
     for v in snapped plain; do
-        say "4k randwrite QD32 on $v ($pass pass, ${RUNTIME} s)"
-        RES[$v-$pass]=$(run_job "$v-$pass" "${URL[$v]}" randwrite-4k-qd32) || die "randwrite on $v failed"
+        say "4k randwrite QD32 on $v ($1 pass, ${RUNTIME} s)"
+        RES[$v-$1]=$(run_job "$v-$1" "${URL[$v]}" randwrite-4k-qd32) || die "randwrite on $v failed"
     done
+}
+randwrite first
+# Overwrite everything once: on `snapped` every block not yet copied since the last snapshot
+# is copied now, so the next pass measures writes with 10 snapshots and nothing left to copy.
+declare -A REWRITE=()
+for v in snapped plain; do
+    say "sequential 1M overwrite of all of $v"
+    t0=$(now)
+    run_job "$v-rewrite" "${URL[$v]}" prefill > /dev/null || die "overwrite of $v failed"
+    REWRITE[$v]=$(secs "$t0" "$(now)")
 done
+randwrite steady
 
 # ----------------------------------------------------------------------------- report
 stats() { printf '%s\n' "$@" | awk 'NF {n++; s += $1; if (min == "" || $1 < min) min = $1; if ($1 > max) max = $1}
@@ -141,6 +154,7 @@ stats() { printf '%s\n' "$@" | awk 'NF {n++; s += $1; if (min == "" || $1 < min)
 echo
 echo "snapshot create (command start to READY, s): $(stats "${CREATE[@]}")"
 echo "gateway write pause (ms):                    $(stats "${PAUSE[@]}")"
+echo "sequential overwrite of all ${SIZE}: plain ${REWRITE[plain]} s, snapped ${REWRITE[snapped]} s"
 echo
 printf '%-8s %-8s %10s %10s %10s %8s\n' pass volume IOPS mean_us p99_us ratio
 for pass in first steady; do
@@ -154,6 +168,8 @@ if [ -n "$JSON_OUT" ]; then
     jq -n --arg c "${CREATE[*]}" --arg p "${PAUSE[*]}" \
         --arg pf "${RES[plain-first]}" --arg sf "${RES[snapped-first]}" \
         --arg ps "${RES[plain-steady]}" --arg ss "${RES[snapped-steady]}" \
+        --arg rp "${REWRITE[plain]}" --arg rs "${REWRITE[snapped]}" \
         '{create_s: ($c | split(" ") | map(tonumber)), pause_ms: ($p | split(" ") | map(select(. != "") | tonumber)),
-          plain_first: $pf, snapped_first: $sf, plain_steady: $ps, snapped_steady: $ss}' > "$JSON_OUT"
+          plain_first: $pf, snapped_first: $sf, plain_steady: $ps, snapped_steady: $ss,
+          rewrite_s: {plain: ($rp | tonumber), snapped: ($rs | tonumber)}}' > "$JSON_OUT"
 fi
