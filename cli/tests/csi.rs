@@ -588,9 +588,9 @@ async fn create_list_validate_delete() {
         )),
     });
     expect_code(
-        "content source",
+        "a clone smaller than its source",
         cl.c.controller.create_volume(source).await,
-        Code::InvalidArgument,
+        Code::OutOfRange,
     );
     // Placement impossible (5 replicas on 3 storage daemons): refused, and no volume left.
     expect_code(
