@@ -409,6 +409,8 @@ impl Service {
     /// is refused with its error.
     async fn wait_ready(&self, id: u64) -> Result<(), Status> {
         let deadline = Instant::now() + SNAPSHOT_WAIT;
+        // A follower may not have applied the snapshot's creation yet: catch up first.
+        self.read().await?;
         loop {
             let found = self
                 .node()

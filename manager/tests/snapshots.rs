@@ -307,19 +307,7 @@ fn the_work_gateway_is_the_one_after_the_last_holder() {
     attach(&mut st, T0 + DEFAULT_LEASE_MS, "g2");
     assert_eq!(st.pick_gateway(1).expect("wraps"), "g1");
 
-    let mut bare = State::new();
-    bare.apply(&Command {
-        now_ms: T0,
-        op: Some(Op::CreateVolume(pb::CreateVolumeCmd {
-            name: "v".into(),
-            size: MIB,
-            replicas: 1,
-            chunk_size: MIB,
-            qos: None,
-            placement: Vec::new(),
-        })),
-    });
-    let e = bare.pick_gateway(1).expect_err("no gateway");
+    let e = State::new().pick_gateway(1).expect_err("no gateway");
     assert_eq!(e.code, Code::FailedPrecondition);
     assert_eq!(e.message, "no gateway is registered to take the snapshot");
 }
