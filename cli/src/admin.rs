@@ -407,9 +407,8 @@ async fn run_snapshot(c: &ManagerClient, cmd: SnapshotCmd, json: bool) -> anyhow
                     Ok(None) => return Err(anyhow!("{subject} was deleted while being taken")),
                     Err(_) => {
                         return Err(anyhow!(
-                            "{subject} is still being taken after {:.0} s (it stays requested; \
-                             `ironsan volume snapshot list {volume}` shows when it is ready)",
-                            timeout.as_secs_f64()
+                            "{subject} is still being taken after {timeout:?} (it stays requested; \
+                             `ironsan volume snapshot list {volume}` shows when it is ready)"
                         ))
                     }
                 }
@@ -461,8 +460,7 @@ async fn run_snapshot(c: &ManagerClient, cmd: SnapshotCmd, json: bool) -> anyhow
                     poll_snapshot(c, &volume, &snapshot, DELETE_TIMEOUT, |s| s.is_none()).await?;
                 if waited.is_err() {
                     return Err(anyhow!(
-                        "{subject} is still being deleted after {} s (the replicas drop it in the background)",
-                        DELETE_TIMEOUT.as_secs()
+                        "{subject} is still being deleted after {DELETE_TIMEOUT:?} (the replicas drop it in the background)"
                     ));
                 }
             }

@@ -709,7 +709,7 @@ fn snapshot_commands() {
         ],
     );
     assert!(
-        err.starts_with(r#"error: snapshot "vol1@slow" is still being taken"#)
+        err.starts_with(r#"error: snapshot "vol1@slow" is still being taken after 300ms"#)
             && err.trim().lines().count() == 1,
         "{err}"
     );

@@ -5,13 +5,16 @@
 //! one disappears, and an expansion shows in READ CAPACITY.
 //!
 //! Snapshots and clones go through the same socket: a snapshot is polled until ready as the
-//! csi-snapshotter does, listed and paged, cloned into volumes and deleted.
+//! csi-snapshotter does, listed and paged, cloned into volumes and deleted. What a real
+//! cluster does not readily show (a snapshot that fails, one slower than CreateSnapshot
+//! waits, a source volume being deleted) is driven by the fake manager of the admin tests.
 //!
 //! Node operations need the kernel's iSCSI initiator: `csi_node.rs` checks their argument
 //! handling here and `csi_vm.rs` runs them for real inside a VM.
 
 #[path = "support/csi.rs"]
 mod csi_support;
+mod fake_manager;
 mod support;
 
 use std::collections::HashMap;
@@ -588,9 +591,9 @@ async fn create_list_validate_delete() {
         )),
     });
     expect_code(
-        "content source",
+        "a clone smaller than its source",
         cl.c.controller.create_volume(source).await,
-        Code::InvalidArgument,
+        Code::OutOfRange,
     );
     // Placement impossible (5 replicas on 3 storage daemons): refused, and no volume left.
     expect_code(
@@ -1350,5 +1353,139 @@ async fn snapshot_lifecycle() {
             .delete_snapshot(csi::DeleteSnapshotRequest::default())
             .await,
         Code::InvalidArgument,
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshot_outcomes_from_a_fake_manager() {
+    use ironsan_common::proto::manager as pb;
+    let fake = fake_manager::FakeManager::start();
+    {
+        let mut s = fake.state();
+        for (id, name, state) in [
+            (1, "pvc-a", pb::VolumeState::VolumeAvailable),
+            (2, "pvc-going", pb::VolumeState::VolumeDeleting),
+        ] {
+            s.volumes.push(pb::Volume {
+                id,
+                name: name.into(),
+                size: 64 << 20,
+                replicas: 3,
+                chunk_size: 64 << 20,
+                state: state as i32,
+                ..Default::default()
+            });
+        }
+    }
+    let dir = TestDir::new("csi-fake-snapshots");
+    let endpoint = format!("unix://{}", dir.path().join("csi.sock").display());
+    let _driver = CsiDriver::start(
+        &endpoint,
+        &[
+            "--mode",
+            "controller",
+            "--node-id",
+            "ctl",
+            "--manager",
+            &fake.addr,
+            "--metrics",
+            "127.0.0.1:0",
+        ],
+    );
+    let mut c = clients(&endpoint).await;
+
+    // Slower than CreateSnapshot waits: answered not ready, in about 2 s, and again the same.
+    fake.state().snapshot_polls = 1000;
+    for _ in 0..2 {
+        let start = Instant::now();
+        let snap = c
+            .controller
+            .create_snapshot(snapshot_req("pvc-a", "snapshot-slow"))
+            .await
+            .expect("CreateSnapshot of a slow snapshot")
+            .into_inner()
+            .snapshot
+            .expect("snapshot");
+        let took = start.elapsed();
+        assert!(!snap.ready_to_use, "{snap:?}");
+        assert_eq!(snap.snapshot_id, "pvc-a@snapshot-slow");
+        assert!(
+            took >= Duration::from_millis(1900) && took < Duration::from_secs(5),
+            "{took:?}"
+        );
+    }
+    assert_eq!(fake.state().count("create_snapshot"), 1);
+    // Listed while being taken, not ready to use.
+    let listed = c
+        .controller
+        .list_snapshots(csi::ListSnapshotsRequest::default())
+        .await
+        .expect("ListSnapshots")
+        .into_inner();
+    assert_eq!(listed.entries.len(), 1, "{listed:?}");
+    assert_eq!(
+        listed.entries[0].snapshot.as_ref().map(|s| s.ready_to_use),
+        Some(false)
+    );
+
+    // FAILED: INTERNAL with the reason, and deleted so that the retry starts afresh.
+    {
+        let mut s = fake.state();
+        s.snapshot_polls = 0;
+        s.snapshot_error = Some("replica node2 refused it".into());
+    }
+    let r = c
+        .controller
+        .create_snapshot(snapshot_req("pvc-a", "snapshot-bad"))
+        .await;
+    let status = r.expect_err("CreateSnapshot of a failing snapshot");
+    assert_eq!(status.code(), Code::Internal, "{status:?}");
+    assert!(
+        status.message().contains("replica node2 refused it"),
+        "{status:?}"
+    );
+    let deleted = fake.state().requests::<pb::SnapshotRef>("delete_snapshot");
+    assert_eq!(deleted.len(), 1, "{deleted:?}");
+    assert_ne!(deleted[0].id, 0, "deleted by id");
+    fake.state().snapshot_error = None;
+    let retried = c
+        .controller
+        .create_snapshot(snapshot_req("pvc-a", "snapshot-bad"))
+        .await
+        .expect("CreateSnapshot retried")
+        .into_inner()
+        .snapshot
+        .expect("snapshot");
+    assert!(retried.ready_to_use, "{retried:?}");
+    assert_eq!(fake.state().count("create_snapshot"), 3);
+
+    // The source volume being deleted: the manager's FAILED_PRECONDITION passes through.
+    expect_code(
+        "CreateSnapshot of a volume being deleted",
+        c.controller
+            .create_snapshot(snapshot_req("pvc-going", "snapshot-late"))
+            .await,
+        Code::FailedPrecondition,
+    );
+
+    // A snapshot clones still copy from: DeleteSnapshot is FAILED_PRECONDITION.
+    {
+        let mut s = fake.state();
+        let snap = s.volumes[0]
+            .snapshots
+            .iter_mut()
+            .find(|x| x.name == "snapshot-bad")
+            .expect("the retried snapshot");
+        snap.dependents = vec![9];
+    }
+    expect_code(
+        "DeleteSnapshot with dependents",
+        c.controller
+            .delete_snapshot(csi::DeleteSnapshotRequest {
+                snapshot_id: "pvc-a@snapshot-bad".into(),
+                ..Default::default()
+            })
+            .await,
+        Code::FailedPrecondition,
     );
 }

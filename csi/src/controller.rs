@@ -120,6 +120,15 @@ impl ControllerService {
         }
     }
 
+    /// A snapshot by id: ids are never reused, so a stale request cannot hit a newer one.
+    fn snapshot_ref(id: u64) -> pb::SnapshotRef {
+        pb::SnapshotRef {
+            id,
+            volume: None,
+            name: String::new(),
+        }
+    }
+
     /// The volume, or None when the manager does not know it.
     async fn find(&self, id: &str) -> Result<Option<pb::Volume>, Status> {
         if !volume::valid_volume_id(id) {
@@ -773,7 +782,8 @@ impl Controller for ControllerService {
             )));
         }
         let gone = || Status::aborted(format!("snapshot {id} came and went; retry"));
-        let mut snap = match self.find_snapshot(&id).await? {
+        // What is left of `same_name` is this volume's snapshot of that name, if any.
+        let mut snap = match same_name.into_iter().next() {
             Some(s) => s,
             None => match self
                 .mgr
@@ -783,9 +793,12 @@ impl Controller for ControllerService {
                 })
                 .await
             {
-                Ok(_) => {
+                Ok(s) => {
                     tracing::info!(snapshot = %id, name = %req.name, "CSI snapshot requested");
-                    self.find_snapshot(&id).await?.ok_or_else(gone)?
+                    pb::Snapshot {
+                        volume_name: source.to_string(),
+                        ..s
+                    }
                 }
                 // A concurrent or retried request of the same name.
                 Err(e) if e.code() == MgrCode::AlreadyExists => {
@@ -802,14 +815,7 @@ impl Controller for ControllerService {
         match pb::SnapshotState::try_from(snap.state) {
             Ok(pb::SnapshotState::SnapshotFailed) => {
                 // Gone, the retry the sidecar makes takes a new one.
-                let deleted = self
-                    .mgr
-                    .delete_snapshot(pb::SnapshotRef {
-                        id: snap.id,
-                        volume: None,
-                        name: String::new(),
-                    })
-                    .await;
+                let deleted = self.mgr.delete_snapshot(Self::snapshot_ref(snap.id)).await;
                 if let Err(e) = deleted {
                     tracing::warn!(snapshot = %id, error = %e, "could not delete a failed snapshot");
                 }
@@ -839,15 +845,7 @@ impl Controller for ControllerService {
         let Some(snap) = snap.filter(|s| !is_state(s, pb::SnapshotState::SnapshotDeleting)) else {
             return Ok(Response::new(DeleteSnapshotResponse {}));
         };
-        // By id: ids are never reused, so a stale request cannot hit a newer snapshot.
-        let deleted = self
-            .mgr
-            .delete_snapshot(pb::SnapshotRef {
-                id: snap.id,
-                volume: None,
-                name: String::new(),
-            })
-            .await;
+        let deleted = self.mgr.delete_snapshot(Self::snapshot_ref(snap.id)).await;
         match deleted {
             Ok(_) => tracing::info!(snapshot = %id, "CSI snapshot deleted"),
             Err(e) if e.code() == MgrCode::NotFound => {}
