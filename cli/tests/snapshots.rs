@@ -101,7 +101,11 @@ fn verify_ro(url: &str, offset: u64, len: u64, pattern: u8) -> support::Run {
 fn wait_target(c: &Cluster, target: &str) {
     let u = url(c, target);
     wait_for(&format!("target {target}"), Duration::from_secs(15), || {
-        support::run("qemu-io", ["-r", "-f", "raw", "-c", "read 0 512", u.as_str()]).ok()
+        support::run(
+            "qemu-io",
+            ["-r", "-f", "raw", "-c", "read 0 512", u.as_str()],
+        )
+        .ok()
     });
 }
 
@@ -194,7 +198,9 @@ fn snapshot_clone_restore_and_rebuild() {
         &SessionConfig::new("iqn.2026-11.io.ironsan.test:ro", &iqn("base:s1")),
     )
     .expect("login to the snapshot");
-    let denied = ro.write(0, &[0x11; 4096], false).expect_err("a snapshot refuses writes");
+    let denied = ro
+        .write(0, &[0x11; 4096], false)
+        .expect_err("a snapshot refuses writes");
     assert_eq!(denied.sense_key(), Some(7), "{denied}");
     ro.logout();
     let listed = snapshots(&c, "base");
@@ -211,9 +217,11 @@ fn snapshot_clone_restore_and_rebuild() {
     qemu_write(&copy, 0, 4 * MIB, 0xcc).expect_ok("write to the clone");
     qemu_verify(&copy, 0, 4 * MIB, 0xcc).expect_ok("the clone's own write");
     qemu_verify(&base, 0, 4 * MIB, 0xbb).expect_ok("the source is untouched");
-    wait_for("the clone to be independent", Duration::from_secs(60), || {
-        c.volume("copy")["source"].is_null()
-    });
+    wait_for(
+        "the clone to be independent",
+        Duration::from_secs(60),
+        || c.volume("copy")["source"].is_null(),
+    );
 
     // Node loss after the snapshot: rebuilt replicas get the snapshot too.
     let s1_id = snapshot_id(&c, "base", "s1");
@@ -245,14 +253,28 @@ fn snapshot_clone_restore_and_rebuild() {
     assert_eq!(report.details, Vec::<String>::new(), "replicas differ");
 
     // Bad input, nothing half-done.
-    refused(&c, &["volume", "snapshot", "create", "nosuch", "x"], "not found");
-    refused(&c, &["volume", "snapshot", "create", "base", "s1"], "exists");
     refused(
         &c,
-        &["volume", "clone", "small", "--from", "base@s1", "--size", "32MiB"],
+        &["volume", "snapshot", "create", "nosuch", "x"],
+        "not found",
+    );
+    refused(
+        &c,
+        &["volume", "snapshot", "create", "base", "s1"],
+        "exists",
+    );
+    refused(
+        &c,
+        &[
+            "volume", "clone", "small", "--from", "base@s1", "--size", "32MiB",
+        ],
         "smaller",
     );
-    refused(&c, &["volume", "snapshot", "restore", "base", "s1"], "detach");
+    refused(
+        &c,
+        &["volume", "snapshot", "restore", "base", "s1"],
+        "detach",
+    );
     c.admin(&["volume", "clone", "lazy", "--from", "base@s1"])
         .expect_ok("a clone left unattached");
     refused(&c, &["volume", "snapshot", "delete", "base", "s1"], "lazy");
@@ -304,9 +326,11 @@ fn snapshot_clone_restore_and_rebuild() {
         .expect_ok("clone of the present");
     c.attach("now", 1, Duration::from_secs(30));
     qemu_verify(&url(&c, "now"), 0, 32 * MIB, 0xbb).expect_ok("clone of the present reads B");
-    wait_for("the internal snapshot to go", Duration::from_secs(60), || {
-        snapshots(&c, "base").iter().all(|s| s["name"] == "s2")
-    });
+    wait_for(
+        "the internal snapshot to go",
+        Duration::from_secs(60),
+        || snapshots(&c, "base").iter().all(|s| s["name"] == "s2"),
+    );
 }
 
 /// Block `b`'s counter as the writer wrote it (8 bytes little endian, then the same repeated).

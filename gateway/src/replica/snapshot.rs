@@ -118,7 +118,10 @@ impl Volume {
         }
         let work: Vec<(u64, bool)> = {
             // A list read before our own report committed must not start the work again.
-            let done = self.snapshots_done.lock().unwrap_or_else(|p| p.into_inner());
+            let done = self
+                .snapshots_done
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
             v.snapshots
                 .iter()
                 .filter_map(|s| Some((s.id, pending(s)?)))
