@@ -31,6 +31,12 @@
 //!
 //! QoS limits (`Volume.qos`) are followed too: set on a target before it is exported, and
 //! changed live on the poll that brings new values (so within `poll`), sessions untouched.
+//!
+//! Snapshot work named in the volume's record (a snapshot to take or delete, chunks to fill
+//! for a clone or restore) is started on every poll (`replica/snapshot.rs`), and each READY
+//! snapshot is exported write-protected as `VOLUME:SNAPSHOT`. A `work` attachment (the manager
+//! lending a detached volume to this gateway for snapshot work) is opened but not exported,
+//! and detached once its work is done.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
