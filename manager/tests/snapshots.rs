@@ -132,16 +132,7 @@ fn epoch(st: &State, name: &str) -> u64 {
 }
 
 fn attach(st: &mut State, now: u64, gateway: &str) -> apply_result::Result {
-    run(
-        st,
-        now,
-        Op::Attach(pb::AttachCmd {
-            volume: vref("v"),
-            gateway: gateway.into(),
-            lease_ms: 0,
-            portal: String::new(),
-        }),
-    )
+    run(st, now, attach_op("v", gateway))
 }
 
 fn detach(st: &mut State) {
@@ -548,16 +539,7 @@ fn copies_clear_the_source_and_release_an_internal_snapshot() {
     snapshot(run(&mut st, T0, done(s.id, e, false, "")));
     let c = volume(run(&mut st, T0, clone_op("c", s.id, 0, 2)));
     // The clone's own gateway copies.
-    let ca = attachment(run(
-        &mut st,
-        T0,
-        Op::Attach(pb::AttachCmd {
-            volume: vref("c"),
-            gateway: "g2".into(),
-            lease_ms: 0,
-            portal: String::new(),
-        }),
-    ));
+    let ca = attachment(run(&mut st, T0, attach_op("c", "g2")));
     refused(
         &mut st,
         T0,
@@ -592,16 +574,7 @@ fn copies_clear_the_source_and_release_an_internal_snapshot() {
 fn a_snapshot_of_an_operator_stays_after_its_clone_is_filled() {
     let mut st = with_ready_snapshot();
     let c = volume(run(&mut st, T0, clone_op("c", 1, 0, 2)));
-    let a = attachment(run(
-        &mut st,
-        T0,
-        Op::Attach(pb::AttachCmd {
-            volume: vref("c"),
-            gateway: "g2".into(),
-            lease_ms: 0,
-            portal: String::new(),
-        }),
-    ));
+    let a = attachment(run(&mut st, T0, attach_op("c", "g2")));
     for i in 0..2 {
         chunk(run(&mut st, T0, copied(c.id, i, a.writer_epoch)));
     }
@@ -685,16 +658,7 @@ fn a_source_volume_outlives_its_fills_and_takes_its_snapshots_along() {
     let del = |name: &str| Op::DeleteVolume(pb::DeleteVolumeCmd { volume: vref(name) });
     let m = refused(&mut st, T0, del("v"), Code::FailedPrecondition);
     assert_eq!(m, "volume \"c\" is still being filled from it");
-    let a = attachment(run(
-        &mut st,
-        T0,
-        Op::Attach(pb::AttachCmd {
-            volume: vref("c"),
-            gateway: "g2".into(),
-            lease_ms: 0,
-            portal: String::new(),
-        }),
-    ));
+    let a = attachment(run(&mut st, T0, attach_op("c", "g2")));
     for i in 0..2 {
         chunk(run(&mut st, T0, copied(c.id, i, a.writer_epoch)));
     }
@@ -735,7 +699,12 @@ fn attaches_and_publications_meet_a_work_attachment() {
     let mut st = cluster();
     snapshot(run(&mut st, T0, take("v", "a", "g1")));
     let w = view(&st, "v").attachment.expect("work");
-    let m = refused(&mut st, T0 + 1, attach_op("g2"), Code::FailedPrecondition);
+    let m = refused(
+        &mut st,
+        T0 + 1,
+        attach_op("v", "g2"),
+        Code::FailedPrecondition,
+    );
     assert_eq!(
         m,
         "volume \"v\" is busy with snapshot work on gateway g1; retry"
@@ -780,9 +749,9 @@ fn a_lapsed_work_attachment_is_replaced() {
     assert!(!p.work && p.gateway == "g2" && p.published == ["g2"]);
 }
 
-fn attach_op(gateway: &str) -> Op {
+fn attach_op(volume: &str, gateway: &str) -> Op {
     Op::Attach(pb::AttachCmd {
-        volume: vref("v"),
+        volume: vref(volume),
         gateway: gateway.into(),
         lease_ms: 0,
         portal: String::new(),
@@ -891,7 +860,7 @@ fn fuzzed_commands_keep_the_round_trip() {
             placement: vec![n; 4],
             qos: None,
         }),
-        attach_op("g"),
+        attach_op("v", "g"),
         copied(2, 0, 1),
         delete(1, ""),
         take("v", "t", "g"),

@@ -149,6 +149,29 @@ fn replica_fault(e: &StorageError) -> bool {
     )
 }
 
+/// Why a fan-out's answers cannot be settled by removing failed replicas.
+enum Refusal {
+    /// A replica has seen a newer epoch: re-read the chunk's set (or stop being the writer).
+    Fenced,
+    /// A replica refused the request itself (no fault of the replica).
+    Refused(String),
+}
+
+fn refusal(outcomes: &[Outcome]) -> Option<Refusal> {
+    if outcomes
+        .iter()
+        .any(|(_, r)| matches!(r, Err(StorageError::StaleEpoch { .. })))
+    {
+        return Some(Refusal::Fenced);
+    }
+    outcomes.iter().find_map(|(n, r)| match r {
+        Err(e) if !replica_fault(e) => Some(Refusal::Refused(format!(
+            "replica {n} refused the request: {e}"
+        ))),
+        _ => None,
+    })
+}
+
 /// A replicated write's options (FUA is set per request where the initiator asked).
 fn write_opts(epoch: u64, seq: u64) -> WriteOpts {
     WriteOpts {
@@ -501,21 +524,16 @@ impl Volume {
                 }
             }))
             .await;
-            if outcomes
-                .iter()
-                .any(|(_, r)| matches!(r, Err(StorageError::StaleEpoch { .. })))
-            {
-                self.fenced(c, view.epoch).await?;
-                continue;
-            }
-            if let Some((n, Err(e))) = outcomes
-                .iter()
-                .find(|(_, r)| matches!(r, Err(e) if !replica_fault(e)))
-            {
-                c.set_ready(false);
-                return Err(DeviceError::Write(std::io::Error::other(format!(
-                    "replica {n} refused the request: {e}"
-                ))));
+            match refusal(&outcomes) {
+                Some(Refusal::Fenced) => {
+                    self.fenced(c, view.epoch).await?;
+                    continue;
+                }
+                Some(Refusal::Refused(why)) => {
+                    c.set_ready(false);
+                    return Err(DeviceError::Write(std::io::Error::other(why)));
+                }
+                None => {}
             }
             // A failed joiner only fails its rebuild; the set decides the outcome.
             let joining_failed = view

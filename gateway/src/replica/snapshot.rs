@@ -39,7 +39,7 @@ use ironsan_storage::chunk::ChunkId;
 use ironsan_storage::Error as StorageError;
 
 use super::chunk::{Chunk, View};
-use super::{replica_fault, unavailable, write_opts, Verdict, Volume, MAX_WRITES};
+use super::{refusal, unavailable, write_opts, Refusal, Verdict, Volume, MAX_WRITES};
 use crate::device::DeviceError;
 
 /// Fill piece: the unit read from the source snapshot and written to the replicas.
@@ -245,20 +245,13 @@ impl Volume {
                 (node.clone(), r)
             }))
             .await;
-            if outcomes
-                .iter()
-                .any(|(_, r)| matches!(r, Err(StorageError::StaleEpoch { .. })))
-            {
-                self.fenced(c, view.epoch).await?;
-                continue;
-            }
-            if let Some((n, Err(e))) = outcomes
-                .iter()
-                .find(|(_, r)| matches!(r, Err(e) if !replica_fault(e)))
-            {
-                return Err(unavailable(format!(
-                    "replica {n} refused the snapshot: {e}"
-                )));
+            match refusal(&outcomes) {
+                Some(Refusal::Fenced) => {
+                    self.fenced(c, view.epoch).await?;
+                    continue;
+                }
+                Some(Refusal::Refused(why)) => return Err(unavailable(why)),
+                None => {}
             }
             let verdicts: Vec<Verdict> = outcomes
                 .into_iter()
