@@ -6,8 +6,10 @@
 # replicas in 8 MiB chunks is attached to the gateway; the guest (run.sh
 # --scenario storage-kill) makes ext4 on it and writes and fsyncs files. When
 # the guest reports its write phase started, we wait KILL_AFTER seconds and
-# kill -9 the storage daemon holding the most chunks of the volume. The guest
-# goes on writing, then checks e2fsck and every sha256. Meanwhile we poll
+# take a snapshot of the volume and kill -9 the storage daemon holding the most
+# chunks of the volume. The guest goes on writing, then checks e2fsck and every
+# sha256. After the rebuild, the snapshot must hold a clean ext4 (after journal
+# replay) with every file fsynced before it was taken. Meanwhile we poll
 # `ironsan status --json` until the manager has declared the node down and
 # reports degraded_chunks 0 and recovery_tasks 0: the replicas were rebuilt.
 
@@ -81,6 +83,53 @@ sk_poll_status() {
   done
 }
 
+# sk_snapshot: a snapshot of the volume while the guest writes and fsyncs files (just before
+# the kill); S0 := the files the guest had reported fsynced when the snapshot was asked for.
+sk_snapshot() {
+  local t0 t1
+  S0=$(tr -d '\r' < "$WORK/vm-$VM_PHASE/console.log" | grep -c '^IVM-PROG ')
+  t0=$(date +%s.%N)
+  if "$BIN" volume snapshot create "$SK_VOL" under-writes --manager "$MGR" > "$SK/snapshot.out" 2>&1; then
+    t1=$(date +%s.%N)
+    pass "storage-kill: snapshot $SK_VOL@under-writes taken while the guest writes ($S0 files fsynced before it; $(awk -v a="$t0" -v b="$t1" 'BEGIN{printf "%.2f", b - a}')s)"
+  else
+    sed 's/^/  /' "$SK/snapshot.out"; fail "storage-kill: snapshot of $SK_VOL taken while the guest writes"; S0=
+  fi
+}
+
+# sk_snapshot_check: after the kill and the rebuild, the snapshot (read through its read-only
+# target) is a filesystem that a crash would have left: the journal replays, e2fsck finds it
+# clean, and every file fsynced before the snapshot was asked for reads its sha256.
+sk_snapshot_check() {
+  local img=$SK/snapshot.img url="iscsi://127.0.0.1:$PORT/$SK_IQN:under-writes/0" n=0 bad=0 rc t w f sz sum
+  [ -n "${S0:-}" ] || return
+  for i in $(seq 50); do qemu-img info "$url" > /dev/null 2>&1 && break; sleep 0.2; done
+  if ! qemu-img convert -f raw -O raw "$url" "$img" > "$SK/snapshot-copy.out" 2>&1; then
+    sed 's/^/  /' "$SK/snapshot-copy.out"; fail "storage-kill: the snapshot reads through its target after the rebuild"; return
+  fi
+  pass "storage-kill: the snapshot reads whole through $SK_IQN:under-writes after the rebuild"
+  e2fsck -fy "$img" > "$SK/snapshot-fsck1.out" 2>&1; rc=$?
+  if [ "$rc" -le 1 ] && e2fsck -fn "$img" > "$SK/snapshot-fsck2.out" 2>&1; then
+    pass "storage-kill: the snapshot's ext4 replays its journal and e2fsck -fn finds it clean (first pass exit $rc)"
+  else
+    sed 's/^/  /' "$SK/snapshot-fsck1.out" "$SK/snapshot-fsck2.out" | head -n 20
+    fail "storage-kill: the snapshot's filesystem is clean after journal replay (e2fsck -fy exit $rc)"
+    return
+  fi
+  while read -r _ t w f sz _ _ sum; do
+    n=$((n + 1))
+    debugfs -R "dump /$w/$f $SK/snapshot-file" "$img" > /dev/null 2>&1
+    [ "$(sha256sum < "$SK/snapshot-file" 2>/dev/null | cut -d' ' -f1)" = "$sum" ] \
+      || { bad=$((bad + 1)); [ "$bad" -le 5 ] && echo "  $w/$f ($sz bytes, fsynced at uptime $t): sha256 differs in the snapshot"; }
+  done < <(tr -d '\r' < "$WORK/vm-$VM_PHASE/console.log" | grep '^IVM-PROG ' | head -n "$S0")
+  if [ "$n" -eq "$S0" ] && [ "$bad" -eq 0 ]; then
+    pass "storage-kill: all $n files fsynced before the snapshot read back from it with their sha256"
+  else
+    fail "storage-kill: files fsynced before the snapshot in it ($bad of $n differ; $S0 expected)"
+  fi
+  rm -f "$img" "$SK/snapshot-file"
+}
+
 sk_stop() {   # sk_stop NAME PID: SIGTERM, exit status 0 within 30 s
   local name=$1 pid=$2 rc
   if ! kill -0 "$pid" 2>/dev/null; then
@@ -149,6 +198,7 @@ storage_kill() {
     if grep -q '^INFO write phase ended' "$WORK/run-$VM_PHASE.out"; then
       fail "storage-kill: the guest was still writing ${KILL_AFTER}s into its write phase"
     fi
+    sk_snapshot
     k0=$(tr -d '\r' < "$WORK/vm-$VM_PHASE/console.log" | grep -c '^IVM-PROG ')
     kill -KILL "${PIDS[$victim]}"; t_kill=$(date +%s.%N)
     wait "${PIDS[$victim]}" 2>/dev/null
@@ -184,6 +234,7 @@ storage_kill() {
     fail "storage-kill: replicas rebuilt within ${RECOVERY_TIMEOUT}s of the kill (status: $SK/status.log)"
     "$BIN" status --manager "$MGR" 2>&1 | sed 's/^/  /'
   fi
+  sk_snapshot_check
   sk_nodes > "$SK/nodes.after"
   sed 's/^/  node after: /' "$SK/nodes.after"
   total=$(awk -v v="$victim" '$1 != v { s += $3 } END { print s + 0 }' "$SK/nodes.after")

@@ -8,7 +8,9 @@
 # daemons, gateway), a 3-replica volume, and the guest writing and fsyncing
 # files while one storage daemon holding replicas is killed with SIGKILL; the
 # filesystem must stay clean and every file intact, and the manager must
-# report every chunk rebuilt (degraded_chunks 0, recovery_tasks 0).
+# report every chunk rebuilt (degraded_chunks 0, recovery_tasks 0). A snapshot
+# taken just before the kill must then read back as a clean ext4 (after journal
+# replay) holding every file fsynced before it.
 # Then rolling-upgrade: 3 managers, 3 storage daemons and a gateway, each
 # restarted in turn as Kubernetes rolls them (SIGTERM, start, /readyz 200)
 # while the guest writes and fsyncs files; no I/O error, e2fsck clean, every
