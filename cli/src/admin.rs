@@ -523,7 +523,7 @@ pub async fn run_volume(args: VolumeArgs) -> anyhow::Result<()> {
         }
         VolumeCmd::List => {
             let mut vols = c
-                .list_volumes(pb::ListVolumesRequest {})
+                .list_volumes(pb::ListVolumesRequest::default())
                 .await
                 .map_err(|e| explain(e, ""))?
                 .volumes;

@@ -115,7 +115,7 @@ async fn volumes_bad_input_and_restart() {
         assert_eq!(e.code(), code, "{req:?}: {e}");
     }
     let all = c
-        .list_volumes(ListVolumesRequest {})
+        .list_volumes(ListVolumesRequest::default())
         .await
         .unwrap()
         .into_inner()
@@ -278,7 +278,7 @@ async fn volumes_bad_input_and_restart() {
 
     // Restart from RocksDB: everything is still there.
     let before = c
-        .list_volumes(ListVolumesRequest {})
+        .list_volumes(ListVolumesRequest::default())
         .await
         .unwrap()
         .into_inner();
@@ -288,7 +288,7 @@ async fn volumes_bad_input_and_restart() {
     g.leader(Duration::from_secs(10)).await;
     let mut c = client(&g.addr(1)).await;
     let again = c
-        .list_volumes(ListVolumesRequest {})
+        .list_volumes(ListVolumesRequest::default())
         .await
         .unwrap()
         .into_inner();

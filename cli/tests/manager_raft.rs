@@ -276,7 +276,7 @@ async fn list_on(g: &Group, addr: &str, within: Duration) -> Vec<Volume> {
     let deadline = Instant::now() + within;
     let mut c = one(addr);
     loop {
-        match c.list_volumes(ListVolumesRequest {}).await {
+        match c.list_volumes(ListVolumesRequest::default()).await {
             Ok(r) => return r.into_inner().volumes,
             Err(e) if retryable(e.code()) && Instant::now() < deadline => {
                 tokio::time::sleep(Duration::from_millis(50)).await;
@@ -539,7 +539,7 @@ fn partitioned_leader_steps_down_and_converges() {
                 (r, cut_at.elapsed())
             },
             async {
-                let r = c2.list_volumes(ListVolumesRequest {}).await;
+                let r = c2.list_volumes(ListVolumesRequest::default()).await;
                 (r, cut_at.elapsed())
             },
         );
@@ -572,7 +572,7 @@ fn partitioned_leader_steps_down_and_converges() {
         let (mut c1, mut c2, mut c3) = (oldc.clone(), oldc.clone(), oldc.clone());
         let (w, l, r) = tokio::join!(
             c1.create_volume(create_req("during-partition-2")),
-            c2.list_volumes(ListVolumesRequest {}),
+            c2.list_volumes(ListVolumesRequest::default()),
             c3.get_volume(by_name("before-0")),
         );
         check!(

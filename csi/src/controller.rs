@@ -642,7 +642,7 @@ impl Controller for ControllerService {
         let req = request.into_inner();
         let mut vols = self
             .mgr
-            .list_volumes(pb::ListVolumesRequest {})
+            .list_volumes(pb::ListVolumesRequest::default())
             .await
             .map_err(|e| manager_status("list volumes", &e))?
             .volumes;

@@ -3,13 +3,14 @@
 //!
 //! Its [`Standing`] (the gateway's `/readyz`): registered, and the manager answered recently.
 //!
-//! Every `poll` it lists the volumes. One attached to this gateway and not yet served is
-//! opened ([`Volume::open`] attaches again, so the new writer epoch fences this gateway's own
-//! previous life) and exported; one served but no longer attached here (detached, or taken
-//! over by another gateway once the lease ran out) is closed and its target removed, ending
-//! its sessions. A volume whose lease was lost while still attached here (the manager was
-//! unreachable for longer than the lease) is reopened. Growth is picked up and announced to
-//! initiators as CAPACITY DATA HAS CHANGED.
+//! It lists the volumes as a long poll: the manager answers when they change, or after `poll`
+//! (a manager without long polls answers at once, and the gateway then waits `poll`). One
+//! attached to this gateway and not yet served is opened ([`Volume::open`] attaches again, so
+//! the new writer epoch fences this gateway's own previous life) and exported; one served but
+//! no longer attached here (detached, or taken over by another gateway once the lease ran out)
+//! is closed and its target removed, ending its sessions. A volume whose lease was lost while
+//! still attached here (the manager was unreachable for longer than the lease) is reopened.
+//! Growth is picked up and announced to initiators as CAPACITY DATA HAS CHANGED.
 //!
 //! A volume whose attachment is `readonly` (published read-only for CSI ReadOnlyMany, several
 //! nodes logged in to this one target) is exported write-protected: the target itself refuses
@@ -86,6 +87,10 @@ impl Default for ClusterConfig {
     }
 }
 
+/// Least time between two passes when the manager long-polls (a burst of changes is taken
+/// a few at a time rather than one pass each).
+const MIN_PASS: Duration = Duration::from_millis(20);
+
 /// The manager unanswered this long (at least; or five polls) makes the gateway unready: by a
 /// lease's length it could no longer serve I/O anyway.
 const CONTACT_STALE: Duration = Duration::from_secs(10);
@@ -158,6 +163,8 @@ pub async fn serve_attached(
     // Per served volume: the names of its snapshots exported as read-only targets.
     let mut snapshots: HashMap<String, HashSet<String>> = HashMap::new();
     let mut registered = false;
+    // What the last answer's volumes reflect (`ListVolumesResponse.changed`).
+    let mut changed = 0;
     loop {
         // Announce this gateway and its portal (CSI publishes volumes to registered gateways
         // only); retried every pass until the manager takes it.
@@ -176,9 +183,25 @@ pub async fn serve_attached(
                 Err(e) => tracing::warn!(error = %e, "cannot register the gateway yet"),
             }
         }
-        match mgr.list_volumes(ListVolumesRequest {}).await {
+        // A long poll: answered at once when the volumes changed since the last answer (a
+        // snapshot asked for, an attach, a resize...), else after `poll`.
+        let req = ListVolumesRequest {
+            changed_after: changed,
+            wait_ms: u32::try_from(cfg.poll.as_millis()).unwrap_or(u32::MAX),
+        };
+        let listed = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            r = mgr.list_volumes(req) => r,
+        };
+        // A manager without long polls (0) answers at once: then the loop sleeps `poll`.
+        let mut pause = cfg.poll;
+        match listed {
             Ok(list) => {
                 standing.contact();
+                if list.changed != 0 {
+                    changed = list.changed;
+                    pause = MIN_PASS;
+                }
                 let mine: HashMap<&str, &pb::Volume> = list
                     .volumes
                     .iter()
@@ -265,7 +288,7 @@ pub async fn serve_attached(
         }
         tokio::select! {
             _ = shutdown.cancelled() => break,
-            _ = tokio::time::sleep(cfg.poll) => {}
+            _ = tokio::time::sleep(pause) => {}
         }
     }
     // The targets stay until the portal has drained its sessions (Gateway::serve flushes);

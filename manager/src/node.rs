@@ -139,6 +139,7 @@ pub struct RaftNode {
     id: u64,
     tx: mpsc::Sender<Msg>,
     status: watch::Receiver<RaftStatus>,
+    changed: watch::Receiver<u64>,
     state: Arc<RwLock<State>>,
     addrs: Arc<RwLock<BTreeMap<u64, String>>>,
     thread: Arc<std::sync::Mutex<Option<std::thread::JoinHandle<()>>>>,
@@ -211,6 +212,9 @@ impl RaftNode {
             id: cfg.id,
             ..Default::default()
         });
+        // A restart replays the log after the snapshot: the snapshot's index stands for
+        // everything before it.
+        let (changed_tx, changed) = watch::channel(applied);
         let transport = Transport::new(cfg.id, runtime, addrs.clone(), Reporter(tx.clone()));
         let mut driver = Driver {
             snapshot_index: log.latest_snapshot().map_or(0, |s| s.get_metadata().index),
@@ -221,6 +225,7 @@ impl RaftNode {
             addrs: addrs.clone(),
             transport,
             status_tx,
+            changed_tx,
             rx,
             next_tag: 1,
             proposals: HashMap::new(),
@@ -243,6 +248,7 @@ impl RaftNode {
             id: cfg.id,
             tx,
             status,
+            changed,
             state,
             addrs,
             thread: Arc::new(std::sync::Mutex::new(Some(thread))),
@@ -259,6 +265,12 @@ impl RaftNode {
 
     pub fn watch_status(&self) -> watch::Receiver<RaftStatus> {
         self.status.clone()
+    }
+
+    /// The index of the last applied command that changed what gateways serve (volumes,
+    /// attachments, snapshots, gateways; not lease renewals): what `ListVolumes` long polls on.
+    pub fn watch_changed(&self) -> watch::Receiver<u64> {
+        self.changed.clone()
     }
 
     /// [`RaftStatus::ready`] of the latest status, without copying it.
@@ -456,6 +468,7 @@ struct Driver {
     addrs: Arc<RwLock<BTreeMap<u64, String>>>,
     transport: Transport,
     status_tx: watch::Sender<RaftStatus>,
+    changed_tx: watch::Sender<u64>,
     rx: mpsc::Receiver<Msg>,
     next_tag: u64,
     proposals: HashMap<u64, oneshot::Sender<Result<ApplyResult, Error>>>,
@@ -665,6 +678,7 @@ impl Driver {
         *self.state_mut() = state;
         self.applied = snap.get_metadata().index;
         self.snapshot_index = self.applied;
+        self.changed_tx.send_replace(self.applied);
         info!(
             member = self.cfg.id,
             index = self.applied,
@@ -693,7 +707,13 @@ impl Driver {
                         .filter(|(m, _)| *m == self.cfg.id)
                         .and_then(|(_, tag)| self.proposals.remove(&tag));
                     let result = match Command::decode(e.data.as_ref()) {
-                        Ok(cmd) => Ok(self.state_mut().apply(&cmd)),
+                        Ok(cmd) => {
+                            let r = self.state_mut().apply(&cmd);
+                            if changes_volumes(&cmd) {
+                                self.changed_tx.send_replace(e.index);
+                            }
+                            Ok(r)
+                        }
                         Err(err) => {
                             // Skipped identically on every member: the log stays in agreement.
                             warn!(index = e.index, error = %err, "undecodable command skipped");
@@ -868,6 +888,20 @@ impl Driver {
             }
         });
     }
+}
+
+/// Whether a command may change what `ListVolumes` answers to gateways. The frequent
+/// bookkeeping (lease renewals, usage, no-ops) does not, so a long poll is not woken by it.
+fn changes_volumes(cmd: &Command) -> bool {
+    use ironsan_common::proto::manager::command::Op;
+    !matches!(
+        cmd.op,
+        None | Some(Op::Noop(_))
+            | Some(Op::Renew(_))
+            | Some(Op::NodeUsage(_))
+            | Some(Op::MemberSeen(_))
+            | Some(Op::ClearOrphans(_))
+    )
 }
 
 #[cfg(test)]

@@ -55,6 +55,9 @@ struct Inner {
     channels: Mutex<HashMap<String, Channel>>,
 }
 
+/// Longest a `ListVolumes` long poll waits (its caller's call timeout is 5 s by default).
+const MAX_LIST_WAIT_MS: u32 = 10_000;
+
 fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -581,19 +584,28 @@ impl manager_server::Manager for Service {
 
     async fn list_volumes(
         &self,
-        _: Request<pb::ListVolumesRequest>,
+        req: Request<pb::ListVolumesRequest>,
     ) -> Result<Response<pb::ListVolumesResponse>, Status> {
+        let req = req.into_inner();
         if !self.is_leader() {
             if let Ok(mut leader) = self.leader() {
-                if let Ok(resp) = leader.list_volumes(pb::ListVolumesRequest {}).await {
+                if let Ok(resp) = leader.list_volumes(req).await {
                     return Ok(resp);
                 }
             }
         }
+        if req.wait_ms > 0 {
+            // A long poll: until a change past what the caller saw, or the wait is over.
+            let wait = Duration::from_millis(req.wait_ms.min(MAX_LIST_WAIT_MS).into());
+            let mut changed = self.node().watch_changed();
+            let _ = tokio::time::timeout(wait, changed.wait_for(|&c| c != req.changed_after)).await;
+        }
+        // Taken before the read: a change after it wakes the caller's next poll at once.
+        let changed = *self.node().watch_changed().borrow();
         self.read().await?;
         let volumes = self.node().state().volumes();
         let volumes = volumes.into_iter().map(|v| self.volume_view(v)).collect();
-        Ok(Response::new(pb::ListVolumesResponse { volumes }))
+        Ok(Response::new(pb::ListVolumesResponse { volumes, changed }))
     }
 
     async fn resize_volume(

@@ -269,3 +269,128 @@ async fn snapshots_and_clones_through_a_follower() {
         s.stop(Duration::ZERO).await;
     }
 }
+
+/// `ListVolumes` as a long poll (what gateways do): through a follower, it waits while
+/// nothing changes (lease renewals do not count) and answers within a round trip of a change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn list_volumes_long_polls_on_changes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let servers = group(dir.path()).await;
+    let until = Instant::now() + Duration::from_secs(20);
+    let leader = loop {
+        let st = servers[0].node.status();
+        if st.leader != 0 {
+            break st.leader;
+        }
+        assert!(Instant::now() < until, "no leader");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let follower = servers
+        .iter()
+        .find(|s| s.node.id() != leader)
+        .expect("a follower");
+    let mut c = client(follower).await;
+    for n in ["s1", "s2", "s3"] {
+        c.register_node(pb::RegisterNodeRequest {
+            id: n.into(),
+            addr: "127.0.0.1:1".into(),
+            zone: String::new(),
+            disks: vec![pb::Disk {
+                path: "/d".into(),
+                state: pb::DiskState::DiskHealthy as i32,
+                capacity: 1 << 40,
+                free: 1 << 40,
+            }],
+        })
+        .await
+        .expect("node");
+    }
+    c.create_volume(pb::CreateVolumeRequest {
+        name: "v".into(),
+        size: 64 * MIB,
+        replicas: 3,
+        chunk_size: 64 * MIB,
+        qos: None,
+    })
+    .await
+    .expect("volume");
+    let a = c
+        .attach(pb::AttachRequest {
+            volume: vref("v"),
+            gateway: "g1".into(),
+            lease_ms: 0,
+            portal: String::new(),
+        })
+        .await
+        .expect("attach")
+        .into_inner();
+    let first = c
+        .list_volumes(pb::ListVolumesRequest::default())
+        .await
+        .expect("list")
+        .into_inner();
+    assert!(first.changed > 0, "the answer names its change index");
+
+    // Nothing changes but a lease renewal: the poll waits its whole time.
+    let poll = |changed_after| pb::ListVolumesRequest {
+        changed_after,
+        wait_ms: 700,
+    };
+    let mut c2 = c.clone();
+    let renewing = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        c2.renew(pb::RenewRequest {
+            volume: vref("v"),
+            gateway: "g1".into(),
+            writer_epoch: a.writer_epoch,
+        })
+        .await
+        .expect("renew");
+    });
+    let t = Instant::now();
+    let quiet = c
+        .list_volumes(poll(first.changed))
+        .await
+        .expect("poll")
+        .into_inner();
+    let waited = t.elapsed();
+    renewing.await.expect("renewal task");
+    assert!(
+        waited >= Duration::from_millis(650),
+        "answered after {waited:?}"
+    );
+    assert_eq!(quiet.changed, first.changed);
+
+    // A snapshot request wakes it at once.
+    let mut c3 = c.clone();
+    let asking = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        c3.create_snapshot(pb::CreateSnapshotRequest {
+            volume: vref("v"),
+            name: "s".into(),
+        })
+        .await
+        .expect("snapshot");
+    });
+    let t = Instant::now();
+    let woken = c
+        .list_volumes(pb::ListVolumesRequest {
+            changed_after: first.changed,
+            wait_ms: 5_000,
+        })
+        .await
+        .expect("poll")
+        .into_inner();
+    let waited = t.elapsed();
+    asking.await.expect("snapshot task");
+    assert!(
+        waited < Duration::from_millis(1_500),
+        "answered {waited:?} after the change"
+    );
+    assert!(woken.changed > first.changed);
+    assert_eq!(woken.volumes[0].snapshots.len(), 1, "{woken:?}");
+    // A stale index answers at once.
+    let t = Instant::now();
+    c.list_volumes(poll(first.changed)).await.expect("poll");
+    assert!(t.elapsed() < Duration::from_millis(500));
+}

@@ -311,6 +311,7 @@ impl Manager for Svc {
         self.handle("list_volumes", req, |s, _| {
             Ok(pb::ListVolumesResponse {
                 volumes: s.volumes.clone(),
+                changed: 0,
             })
         })
     }
