@@ -31,10 +31,10 @@
 //! keeps its old view until it rescans.
 //!
 //! QoS limits (`Volume.qos`) are followed too: set on a target before it is exported, and
-//! changed live on the poll that brings new values (so within `poll`), sessions untouched.
+//! changed live on the pass that brings new values, sessions untouched.
 //!
 //! Snapshot work named in the volume's record (a snapshot to take or delete, chunks to fill
-//! for a clone or restore) is started on every poll (`replica/snapshot.rs`), and each READY
+//! for a clone or restore) is started on every pass (`replica/snapshot.rs`), and each READY
 //! snapshot is exported write-protected as `VOLUME:SNAPSHOT`. A `work` attachment (the manager
 //! lending a detached volume to this gateway for snapshot work) is opened but not exported,
 //! and detached once its work is done.

@@ -103,7 +103,7 @@ fn is_zero(b: &[u8]) -> bool {
 }
 
 impl Volume {
-    /// Follows the manager's record of this volume (every poll of the serving gateway): starts
+    /// Follows the manager's record of this volume (every pass of the serving gateway): starts
     /// the snapshot work it names and the background fill of a clone or restore. At most one
     /// of each runs at a time; what is left is picked up on a later poll.
     pub fn follow(self: &Arc<Self>, v: &pb::Volume) {
