@@ -102,10 +102,8 @@ fn clone_req(name: &str, snapshot: &str, size: u64) -> pb::CloneVolumeRequest {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn snapshots_and_clones_through_a_follower() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let servers = group(dir.path()).await;
+/// A client of a follower (once a leader is known), with three storage nodes registered.
+async fn follower_with_nodes(servers: &[Server]) -> ManagerClient<Channel> {
     let until = Instant::now() + Duration::from_secs(20);
     let leader = loop {
         let st = servers[0].node.status();
@@ -120,7 +118,6 @@ async fn snapshots_and_clones_through_a_follower() {
         .find(|s| s.node.id() != leader)
         .expect("a follower");
     let mut c = client(follower).await;
-
     for n in ["s1", "s2", "s3"] {
         c.register_node(pb::RegisterNodeRequest {
             id: n.into(),
@@ -136,6 +133,14 @@ async fn snapshots_and_clones_through_a_follower() {
         .await
         .expect("node");
     }
+    c
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshots_and_clones_through_a_follower() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let servers = group(dir.path()).await;
+    let mut c = follower_with_nodes(&servers).await;
     for g in ["g1", "g2"] {
         c.register_gateway(pb::RegisterGatewayRequest {
             id: g.into(),
@@ -276,35 +281,7 @@ async fn snapshots_and_clones_through_a_follower() {
 async fn list_volumes_long_polls_on_changes() {
     let dir = tempfile::tempdir().expect("tempdir");
     let servers = group(dir.path()).await;
-    let until = Instant::now() + Duration::from_secs(20);
-    let leader = loop {
-        let st = servers[0].node.status();
-        if st.leader != 0 {
-            break st.leader;
-        }
-        assert!(Instant::now() < until, "no leader");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
-    let follower = servers
-        .iter()
-        .find(|s| s.node.id() != leader)
-        .expect("a follower");
-    let mut c = client(follower).await;
-    for n in ["s1", "s2", "s3"] {
-        c.register_node(pb::RegisterNodeRequest {
-            id: n.into(),
-            addr: "127.0.0.1:1".into(),
-            zone: String::new(),
-            disks: vec![pb::Disk {
-                path: "/d".into(),
-                state: pb::DiskState::DiskHealthy as i32,
-                capacity: 1 << 40,
-                free: 1 << 40,
-            }],
-        })
-        .await
-        .expect("node");
-    }
+    let mut c = follower_with_nodes(&servers).await;
     c.create_volume(pb::CreateVolumeRequest {
         name: "v".into(),
         size: 64 * MIB,
