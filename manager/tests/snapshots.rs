@@ -519,8 +519,9 @@ fn bad_clones_are_refused() {
     assert!(m.contains("not ready"), "{m}");
 }
 
-#[test]
-fn copies_clear_the_source_and_release_an_internal_snapshot() {
+/// Volume "v" held by g1, its READY internal snapshot `clone.c` (as a clone of its present
+/// makes one), and the clone "c" of it.
+fn clone_of_internal() -> (State, Snapshot, Volume) {
     let mut st = cluster();
     attach(&mut st, T0, "g1");
     let e = epoch(&st, "v");
@@ -530,14 +531,19 @@ fn copies_clear_the_source_and_release_an_internal_snapshot() {
         Op::CreateSnapshot(pb::CreateSnapshotCmd {
             volume: vref("v"),
             name: "clone.c".into(),
-            gateway: String::new(),
-            lease_ms: 0,
             internal: true,
+            ..Default::default()
         }),
     ));
     assert!(s.internal);
-    snapshot(run(&mut st, T0, done(s.id, e, false, "")));
+    let s = snapshot(run(&mut st, T0, done(s.id, e, false, "")));
     let c = volume(run(&mut st, T0, clone_op("c", s.id, 0, 2)));
+    (st, s, c)
+}
+
+#[test]
+fn copies_clear_the_source_and_release_an_internal_snapshot() {
+    let (mut st, s, c) = clone_of_internal();
     // The clone's own gateway copies.
     let ca = attachment(run(&mut st, T0, attach_op("c", "g2")));
     refused(
@@ -671,21 +677,7 @@ fn a_source_volume_outlives_its_fills_and_takes_its_snapshots_along() {
 
 #[test]
 fn deleting_a_clone_releases_its_internal_snapshot() {
-    let mut st = cluster();
-    attach(&mut st, T0, "g1");
-    let e = epoch(&st, "v");
-    let s = snapshot(run(
-        &mut st,
-        T0,
-        Op::CreateSnapshot(pb::CreateSnapshotCmd {
-            volume: vref("v"),
-            name: "clone.c".into(),
-            internal: true,
-            ..Default::default()
-        }),
-    ));
-    snapshot(run(&mut st, T0, done(s.id, e, false, "")));
-    volume(run(&mut st, T0, clone_op("c", s.id, 0, 2)));
+    let (mut st, s, _) = clone_of_internal();
     run(
         &mut st,
         T0,
